@@ -1,0 +1,42 @@
+// Expert FFN activations: SwiGLU and GeGLU on h = [gate | up], ReLU and GELU (exact erf form) on h.
+#include "cpu/kernels.h"
+#include "core/threads.h"
+#include "cpu/common.h"
+
+namespace moe_ext::cpu::MOE_EXT_CPU_NS {
+
+namespace {
+
+float silu(float z) { return z / (1.f + expf(-z)); }
+float gelu(float z) { return 0.5f * z * (1.f + erff(z * 0.70710678118654752f)); }
+// NaN stays NaN (a max() would turn it into 0).
+float relu(float z) { return z > 0.f ? z : (z <= 0.f ? 0.f : z); }
+
+float apply(Activation activation, float z) {
+  switch (activation) {
+    case Activation::swiglu: return silu(z);
+    case Activation::geglu:
+    case Activation::gelu: return gelu(z);
+    case Activation::relu: return relu(z);
+  }
+  return z;
+}
+
+}  // namespace
+
+void activate(const float* h, int64_t M, int64_t f, Activation activation, float* out) {
+  const bool gated = is_gated(activation);
+  const int64_t h_cols = gated ? 2 * f : f;
+  const int threads = num_threads();
+  MOE_EXT_PARALLEL_FOR(threads)
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = h + m * h_cols;
+    float* dst = out + m * f;
+    if (gated)
+      for (int64_t i = 0; i < f; ++i) dst[i] = apply(activation, row[i]) * row[f + i];
+    else
+      for (int64_t i = 0; i < f; ++i) dst[i] = apply(activation, row[i]);
+  }
+}
+
+}  // namespace moe_ext::cpu::MOE_EXT_CPU_NS

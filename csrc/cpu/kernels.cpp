@@ -1,0 +1,10 @@
+#include "cpu/kernels.h"
+
+namespace moe_ext::cpu::MOE_EXT_CPU_NS {
+
+const Kernels& kernels() {
+  static const Kernels table{route, gather_rows, grouped_gemm, activate, unpermute};
+  return table;
+}
+
+}  // namespace moe_ext::cpu::MOE_EXT_CPU_NS

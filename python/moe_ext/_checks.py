@@ -1,0 +1,110 @@
+"""Argument checks of the public API (SPEC §5).
+
+Every failure raises TypeError (wrong kind of object or dtype) or ValueError (wrong rank, shape, value,
+layout), with a message of the form "<argument>: expected <what>; got <what came>". Checks of index
+*values* (ids in range, offsets non-decreasing, rows in range) run in C++ (csrc/core/checks.cpp), in one
+pass over the data, with messages of the same form.
+"""
+import numbers
+
+import numpy as np
+
+INT32_MAX = np.iinfo(np.int32).max
+FLOAT_DTYPES = (np.dtype(np.float32),)
+INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+
+
+def fail(error, name, expected, got):
+    raise error(f"{name}: expected {expected}; got {got}")
+
+
+def _dtype_names(dtypes):
+    return " or ".join(str(d) for d in dtypes)
+
+
+def _array(value, name, ndim, dtypes):
+    if not isinstance(value, np.ndarray):
+        fail(TypeError, name, "a numpy.ndarray", type(value).__name__)
+    if value.dtype not in dtypes:
+        fail(TypeError, name, f"dtype {_dtype_names(dtypes)}", f"dtype {value.dtype}")
+    if value.ndim != ndim:
+        fail(ValueError, name, f"a {ndim}-d array", f"a {value.ndim}-d array of shape {value.shape}")
+    if not value.flags.c_contiguous:
+        fail(ValueError, name, "a C-contiguous array", f"a non-contiguous array (strides {value.strides})")
+    return value
+
+
+def float_array(value, name, ndim):
+    """A C-contiguous float array of the given rank."""
+    return _array(value, name, ndim, FLOAT_DTYPES)
+
+
+def index_array(value, name, ndim):
+    """A C-contiguous int32 array; int64 is accepted and narrowed only when every value fits."""
+    value = _array(value, name, ndim, INDEX_DTYPES)
+    if value.dtype == np.int32 or value.size == 0:
+        return value.astype(np.int32, copy=False)
+    low, high = int(value.min()), int(value.max())
+    for bad in (low, high):
+        if not -INT32_MAX - 1 <= bad <= INT32_MAX:
+            fail(ValueError, name, "int64 values that fit in int32", f"{bad}")
+    return value.astype(np.int32)
+
+
+def optional_float_array(value, name, shape):
+    if value is None:
+        return None
+    value = float_array(value, name, len(shape))
+    expect_shape(value, name, shape)
+    return value
+
+
+def expect_shape(value, name, shape, how=""):
+    """Checks value.shape against `shape`, whose None entries match anything."""
+    if len(shape) != value.ndim or any(want is not None and want != got for want, got in zip(shape, value.shape)):
+        wanted = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+        fail(ValueError, name, f"shape {wanted}{how}", f"shape {value.shape}")
+
+
+def integer(value, name, low, high=None):
+    """A Python or NumPy integer (not a bool) in [low, high]."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        fail(TypeError, name, "an integer", f"{value!r} ({type(value).__name__})")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        expected = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+        fail(ValueError, name, expected, value)
+    return value
+
+
+def optional_integer(value, name, low, high=None):
+    return None if value is None else integer(value, name, low, high)
+
+
+def real(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        fail(TypeError, name, "a real number", f"{value!r} ({type(value).__name__})")
+    value = float(value)
+    if not np.isfinite(value):
+        fail(ValueError, name, "a finite number", value)
+    return value
+
+
+def boolean(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        fail(TypeError, name, "a bool", f"{value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def choice(value, name, options):
+    if not isinstance(value, str):
+        fail(TypeError, name, "a str", f"{value!r} ({type(value).__name__})")
+    if value not in options:
+        fail(ValueError, name, "one of " + ", ".join(repr(o) for o in options), repr(value))
+    return value
+
+
+def copies_fit(T, k, name="topk_ids"):
+    """Rows of the permuted copies are int32: T*k must fit."""
+    if T * k > INT32_MAX:
+        fail(ValueError, name, f"T*k <= {INT32_MAX} token copies", f"T*k = {T}*{k} = {T * k}")
