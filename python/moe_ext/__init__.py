@@ -5,7 +5,7 @@ Semantics: docs/api.md. The CPU tier is chosen at import (MOE_EXT_ISA overrides 
 """
 from importlib import metadata as _metadata
 
-from . import _checks, _core
+from . import _checks, _core, reference
 from ._api import (experts, grouped_gemm, load_balancing_loss, moe, permute, route, router_z_loss,
                    unpermute)
 from ._types import PermuteResult
