@@ -8,7 +8,9 @@ namespace moe_ext::cpu::MOE_EXT_CPU_NS {
 namespace {
 
 float silu(float z) { return z / (1.f + expf(-z)); }
-float gelu(float z) { return 0.5f * z * (1.f + erff(z * 0.70710678118654752f)); }
+// 0.5 z (1 + erf(z/sqrt2)) written with erfc, which keeps its relative accuracy in the negative tail
+// where 1 + erf cancels.
+float gelu(float z) { return 0.5f * z * erfcf(-z * 0.70710678118654752f); }
 // NaN stays NaN (a max() would turn it into 0).
 float relu(float z) { return z > 0.f ? z : (z <= 0.f ? 0.f : z); }
 
