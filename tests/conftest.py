@@ -48,13 +48,14 @@ TINY = np.finfo(np.float64).tiny
 # --------------------------------------------------------------------------------------------------
 # Fixtures
 # --------------------------------------------------------------------------------------------------
-def _runs_on_kernels(module_name):
-    """test_reference.py checks the NumPy reference only: it is not repeated per ISA tier."""
-    return module_name.rsplit(".", 1)[-1] != "test_reference"
+def _runs_on_kernels(module):
+    """test_reference.py checks the NumPy reference only: it is not repeated per ISA tier. A module that
+    handles tiers itself (the CLI's subprocesses, the fuzzer's per-example draw) sets PER_TIER = False."""
+    return module.__name__.rsplit(".", 1)[-1] != "test_reference" and getattr(module, "PER_TIER", True)
 
 
 def pytest_generate_tests(metafunc):
-    if "isa" in metafunc.fixturenames and _runs_on_kernels(metafunc.module.__name__):
+    if "isa" in metafunc.fixturenames and _runs_on_kernels(metafunc.module):
         tiers = moe_ext.available_isas()
         metafunc.parametrize("isa", tiers, ids=tiers, indirect=True)
 

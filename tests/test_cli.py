@@ -18,9 +18,7 @@ def run_cli(*args, **env):
                           env=environment, timeout=600)
 
 
-@pytest.fixture(params=[None])
-def isa():
-    """The CLI runs in its own process; no need to repeat it per tier."""
+PER_TIER = False  # the CLI runs in its own processes; once is enough
 
 
 def test_info_names_build_and_tiers():

@@ -143,7 +143,9 @@ def test_route_grouped_excludes_groups(rng):
     w = random_router(rng, E, d) * 1e-3  # small logits: the bias decides
     bias = np.array([5.0, -5.0, 3.0, 3.0, -5.0, -5.0, -5.0, -5.0], np.float32)
     bias += (rng.random(E) * 1e-2).astype(np.float32)
-    w_, ids, _ = check_route(x, w, 2, scoring="sigmoid", bias=bias, n_group=4, topk_group=1)
+    with unchanged(x, w, bias):
+        _, ids = moe_ext.route(x, w, 2, scoring="sigmoid", bias=bias, n_group=4, topk_group=1)
+    # (the order of experts 2 and 3 is decided by tiny differences: not checked here)
     # group 0 = {5, -5} sums lower than group 1 = {3, 3}: expert 0 is never chosen
     np.testing.assert_array_equal(np.sort(ids, axis=1), np.tile([2, 3], (T, 1)))
 
@@ -206,8 +208,8 @@ def test_route_exact_ties_pick_lower_id_duplicated_rows(rng, scoring):
     np.testing.assert_array_equal(probs[:, 0], probs[:, 2])
     np.testing.assert_array_equal(probs[:, 0], probs[:, 6])
     np.testing.assert_array_equal(probs[:, 1], probs[:, 4])
-    # the first slot is always the lowest id of its tie class: 0, 1 or 3, never 2, 4, 6 or 7
-    assert set(ids[:, 0].tolist()) <= {0, 1, 3}
+    # the first slot is always the lowest id of its tie class {0,2,6}, {1,4}, {3,7}, {5}
+    assert set(ids[:, 0].tolist()) <= {0, 1, 3, 5}
     # and the reference agrees exactly (d = 1: the float32 and float64 orders agree)
     want_w, want_ids, _ = _reference(x, w, k, scoring=scoring)
     np.testing.assert_array_equal(ids, want_ids)
@@ -243,22 +245,28 @@ def test_route_exact_ties_integer_inputs(rng, scoring):
     assert (sorted_p[:, :k] == sorted_p[:, 1:k + 1]).any()
 
 
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("E,n_group,topk_group,k", [(8, 4, 1, 2), (8, 4, 2, 3), (8, 8, 3, 2), (16, 4, 2, 4)])
-def test_route_grouped_exact_ties_pick_lower_group(rng, E, n_group, topk_group, k):
+def test_route_grouped_exact_ties_pick_lower_group(rng, E, n_group, topk_group, k, scoring):
     """Groups with identical experts tie exactly: the lower group is kept first."""
-    T, d = 50, 2
+    T, d = 60, 2
     size = E // n_group
     x = rng.integers(-2, 3, size=(T, d)).astype(np.float32)
     pattern = rng.integers(-2, 3, size=(n_group // 2, size, d)).astype(np.float32)
     w = np.ascontiguousarray(np.repeat(pattern, 2, axis=0).reshape(E, d))  # groups 2i and 2i+1 equal
-    weights, ids, probs = moe_ext.route(x, w, k, scoring="sigmoid", n_group=n_group,
-                                        topk_group=topk_group, return_probs=True)
-    want_w, want_ids, want_probs = _reference(x, w, k, scoring="sigmoid", n_group=n_group,
-                                              topk_group=topk_group)
-    margins = selection_margins(want_probs, k, n_group, topk_group, exact_ties_ok=True)
-    assert (margins > SELECTION_MARGIN).all()
-    np.testing.assert_array_equal(ids, want_ids)
-    assert_close(weights, want_w, ROUTE_RTOL, "topk_weights")
+    kw = dict(scoring=scoring, n_group=n_group, topk_group=topk_group)
+    weights, ids, probs = moe_ext.route(x, w, k, return_probs=True, **kw)
+    want_w, want_ids, want_probs = _reference(x, w, k, **kw)
+    # exact ties are decided alike in float32 and float64; mathematical ties that round differently
+    # (e.g. sigmoid(z) + sigmoid(-z) = 1 in two groups) are not: those rows are left out
+    clear = selection_margins(want_probs, k, n_group, topk_group, exact_ties_ok=True) > SELECTION_MARGIN
+    assert clear.mean() >= 0.6
+    np.testing.assert_array_equal(ids[clear], want_ids[clear])
+    assert_close(weights[clear], want_w[clear], ROUTE_RTOL, "topk_weights")
+    # tied groups: an expert of group 2i+1 is only chosen when group 2i is chosen too
+    for row in ids.tolist():
+        groups = {e // size for e in row}
+        assert all(g - 1 in groups for g in groups if g % 2 == 1), row
 
 
 # ------------------------------------------------------------------------------------------ NaN/Inf

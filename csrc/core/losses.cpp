@@ -30,10 +30,15 @@ double router_z_loss(const float* logits, int64_t T, int64_t E) {
   for (int64_t t = 0; t < T; ++t) {
     const float* row = logits + t * E;
     double max = -INFINITY;
-    for (int64_t e = 0; e < E; ++e) max = std::fmax(max, static_cast<double>(row[e]));
+    bool any_nan = false;
+    for (int64_t e = 0; e < E; ++e) {
+      any_nan |= std::isnan(row[e]);
+      max = std::fmax(max, static_cast<double>(row[e]));
+    }
     double sum = 0.0;
     for (int64_t e = 0; e < E; ++e) sum += std::exp(static_cast<double>(row[e]) - max);
-    const double lse = std::isinf(max) ? max : max + std::log(sum);
+    // An infinite max decides the row on its own (and would make inf - inf below); NaN wins over all.
+    const double lse = any_nan ? NAN : std::isinf(max) ? max : max + std::log(sum);
     total += lse * lse;
   }
   return total / static_cast<double>(T);
