@@ -95,7 +95,7 @@ def test_experts_duplicate_ids_in_a_row(rng):
     ids[0] = [2, 2, 2]
     weights = random_topk_weights(rng, T, 3)
     check_experts(x, w13, w2, weights, ids, "swiglu")
-    check_experts(x, w13, w2, weights, ids, "gelu" if False else "swiglu", capacity=2)
+    check_experts(x, w13, w2, weights, ids, "swiglu", capacity=2)
 
 
 def test_experts_int64_ids_same_as_int32(rng):
@@ -129,7 +129,11 @@ def test_activation_functions_elementwise(rng, activation):
     z64 = f64(z)
     h = np.concatenate([z64, 2 * z64], axis=1) if activation in GATED else z64
     want = ref.activate(h, activation)
-    np.testing.assert_allclose(y, want, rtol=2e-6, atol=0)
+    # a few float32 ulps relative, plus an absolute slack for the cancellation in 1 + erf(z) near
+    # z << 0 (float32 1 + erff(z) is off by ~ulp(1)/2, times 0.5|z|) and silu's expf
+    up = np.abs(2 * z64) if activation in GATED else 1.0
+    slack = 1e-7 * np.maximum(1.0, np.abs(z64)) * np.maximum(1.0, up)
+    assert (np.abs(f64(y) - want) <= 2e-6 * np.abs(want) + slack).all()
     if activation in ("gelu", "geglu"):
         tanh_gelu = 0.5 * z64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z64 + 0.044715 * z64 ** 3)))
         if activation == "geglu":
@@ -246,8 +250,11 @@ def test_moe_equals_route_then_experts(rng, activation, options):
     assert y.tobytes() == y2.tobytes()
 
 
-@pytest.mark.parametrize("options", ["mixtral", "deepseek", "capacity", "sigmoid-scale"])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+MOE_REF_CASES = [("swiglu", "mixtral"), ("geglu", "deepseek"), ("relu", "capacity"),
+                 ("gelu", "sigmoid-scale"), ("swiglu", "capacity")]
+
+
+@pytest.mark.parametrize("activation,options", MOE_REF_CASES, ids=[f"{a}-{o}" for a, o in MOE_REF_CASES])
 @pytest.mark.parametrize("T,d,f,E,k", SHAPES, ids=SHAPE_IDS)
 def test_moe_matches_reference(rng, T, d, f, E, k, activation, options):
     """Against the float64 reference on the tokens whose routing is clear (ids cannot differ by

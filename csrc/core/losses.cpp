@@ -10,7 +10,7 @@ namespace moe_ext {
 
 double load_balancing_loss(const float* probs, const int32_t* topk_ids, int64_t T, int64_t E, int64_t k) {
   check_expert_ids(topk_ids, T * k, E, "topk_ids");
-  if (T == 0) return 0.0;
+  if (T == 0 || k == 0) return 0.0;  // no copies: nothing is unbalanced
   int64_t* copies = thread_workspace().get<int64_t>(Scratch::cursor, E);
   for (int64_t e = 0; e < E; ++e) copies[e] = 0;
   for (int64_t i = 0; i < T * k; ++i) ++copies[topk_ids[i]];

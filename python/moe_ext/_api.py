@@ -57,7 +57,7 @@ def permute(x, topk_ids, num_experts, *, capacity=None):
     with .num_dropped. See docs/api.md §2."""
     x = check.float_array(x, "x", 2)
     topk_ids = _ids(topk_ids, x.shape[0])
-    num_experts = check.integer(num_experts, "num_experts", 1)
+    num_experts = check.integer(num_experts, "num_experts", 1, check.INT32_MAX)  # ids are int32
     capacity = check.optional_integer(capacity, "capacity", 0)
     return PermuteResult(*_core.permute(x, topk_ids, num_experts, capacity))
 
@@ -125,7 +125,7 @@ def moe(x, w_router, w13_or_w1, w2, top_k, *, activation="swiglu", scoring="soft
 
 def load_balancing_loss(probs, topk_ids, num_experts):
     """Switch/GShard auxiliary loss E * sum_e f_e * P_e (f_e over the T*k copies). Returns a float."""
-    num_experts = check.integer(num_experts, "num_experts", 1)
+    num_experts = check.integer(num_experts, "num_experts", 1, check.INT32_MAX)
     probs = check.float_array(probs, "probs", 2)
     check.expect_shape(probs, "probs", (None, num_experts), " (T, E) with E = num_experts")
     topk_ids = _ids(topk_ids, probs.shape[0])

@@ -10,6 +10,7 @@ import numbers
 import numpy as np
 
 INT32_MAX = np.iinfo(np.int32).max
+INT64_MAX = np.iinfo(np.int64).max
 FLOAT_DTYPES = (np.dtype(np.float32),)
 INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
@@ -66,27 +67,30 @@ def expect_shape(value, name, shape, how=""):
         fail(ValueError, name, f"shape {wanted}{how}", f"shape {value.shape}")
 
 
-def integer(value, name, low, high=None):
-    """A Python or NumPy integer (not a bool) in [low, high]."""
+def integer(value, name, low, high=INT64_MAX):
+    """A Python or NumPy integer (not a bool) in [low, high] (the C++ core takes int64)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         fail(TypeError, name, "an integer", f"{value!r} ({type(value).__name__})")
     value = int(value)
-    if value < low or (high is not None and value > high):
-        expected = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-        fail(ValueError, name, expected, value)
+    if value < low or value > high:
+        fail(ValueError, name, f"an integer in [{low}, {high}]", value)
     return value
 
 
-def optional_integer(value, name, low, high=None):
+def optional_integer(value, name, low, high=INT64_MAX):
     return None if value is None else integer(value, name, low, high)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def real(value, name):
+    """A real number that float32 represents as a finite value (the kernels compute in float32)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         fail(TypeError, name, "a real number", f"{value!r} ({type(value).__name__})")
     value = float(value)
-    if not np.isfinite(value):
-        fail(ValueError, name, "a finite number", value)
+    if not abs(value) <= FLOAT32_MAX:
+        fail(ValueError, name, f"a finite number of magnitude <= {FLOAT32_MAX:.6g} (float32)", value)
     return value
 
 
