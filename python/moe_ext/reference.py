@@ -8,8 +8,9 @@ Each function computes exactly what ``docs/api.md`` states, written for clarity 
   ``topk_weights`` and ``probs`` come back in that compute dtype.
 * Index outputs (``topk_ids``, ``expert_offsets``, ``perm_rows``) are ``np.int32``.
 * GELU is the exact erf form ``0.5 * z * (1 + erf(z / sqrt(2)))`` (PyTorch's
-  ``F.gelu(approximate="none")``), used by both ``gelu`` and ``geglu``; erf is ``math.erf`` evaluated in
-  float64 and rounded to the compute dtype.
+  ``F.gelu(approximate="none")``), used by both ``gelu`` and ``geglu``, evaluated as the equal
+  ``0.5 * z * erfc(-z / sqrt(2))`` with ``math.erfc`` in float64 (then rounded to the compute dtype):
+  ``1 + erf`` cancels to 0 for z below about -6 even in float64, where erfc keeps full relative accuracy.
 * Arguments are not validated beyond what NumPy itself checks.
 * ``T = 0`` works everywhere and returns empty arrays of the documented shapes.
 
@@ -80,16 +81,17 @@ def silu(z):
         return z / (one + np.exp(-z))
 
 
-_erf = np.vectorize(math.erf, otypes=[np.float64])
+_erfc = np.vectorize(math.erfc, otypes=[np.float64])
 
 
 def gelu(z):
-    """Exact GELU: 0.5 * z * (1 + erf(z / sqrt(2))), erf from math.erf (float64, then the dtype of z)."""
+    """Exact GELU: 0.5 * z * (1 + erf(z / sqrt(2))) = 0.5 * z * erfc(-z / sqrt(2)), erfc from math.erfc
+    (float64, then the dtype of z)."""
     z = np.asarray(z)
     dt = z.dtype
-    erf = _erf((z / dt.type(math.sqrt(2.0))).astype(np.float64)).astype(dt)
+    erfc = _erfc((-z / dt.type(math.sqrt(2.0))).astype(np.float64)).astype(dt)
     with np.errstate(invalid="ignore", over="ignore"):
-        return dt.type(0.5) * z * (dt.type(1) + erf)
+        return dt.type(0.5) * z * erfc
 
 
 def relu(z):
