@@ -1,7 +1,8 @@
 """Shared fixtures and helpers of the moe_ext test suite.
 
 * ``isa`` (autouse): every test runs once per CPU tier this machine has (``moe_ext.available_isas()``),
-  except the tests of ``test_reference.py``, which never call the kernels and run exactly once.
+  except the tests of ``test_reference.py``, which never call the kernels, and of modules that set
+  ``PER_TIER = False``: those run exactly once, with ``isa`` None.
 * ``rng``: a NumPy Generator seeded from the test's node id (fresh, reproducible data per test).
 * helpers: ``rel_err``, ``random_*`` input makers, ``unchanged`` (inputs bit-identical after a call),
   ``f64`` (cast to float64 for the reference) and the tolerance constants below.
@@ -64,7 +65,7 @@ def pytest_generate_tests(metafunc):
 def isa(request):
     """Select the CPU tier of this test's parameter for its duration, then restore the previous one."""
     name = getattr(request, "param", None)
-    if name is None:  # test_reference.py: no tier
+    if name is None:  # test_reference.py or PER_TIER = False: no tier
         yield None
         return
     previous = moe_ext.get_isa()
@@ -178,19 +179,34 @@ def unchanged(*arrays):
 
 
 def selection_margins(keys, top_k, n_group=None, topk_group=None, exact_ties_ok=False):
-    """Per row of float64 selection keys [T, E] (NaN counts as -inf), the smallest gap that decides the
-    reference's selection: between consecutive keys among the k+1 best allowed ones (the order of the
-    ids matters too) and, for grouped selection, between the topk_group-th and the next group score. inf when nothing is decided. With exact_ties_ok, gaps of exactly 0 (exact ties,
-    which the tie rule decides identically in float32 and float64) are not counted."""
+    """Per row of float64 selection keys [T, E] (NaN counts as -inf), the smallest change of a key that
+    could change the reference's selection; inf when nothing can. For the experts: the gaps between
+    consecutive keys among the k+1 best allowed ones (the order of the ids matters too); for grouped
+    selection also the gap between the topk_group-th and the next group score.
+
+    With exact_ties_ok, keys that are exactly equal are fine (the lower-id rule decides them alike in
+    float32 and float64) and the margin is the smallest gap between *distinct* values that matter: all
+    distinct keys down to the k-th, and the next distinct key below it (which rounding could merge into
+    the tie: float32 saturates sigmoid(20) to 1.0 where float64 does not)."""
     keys = np.where(np.isnan(keys), -np.inf, np.asarray(keys, dtype=np.float64))
     T, E = keys.shape
     margins = np.full(T, np.inf)
 
-    def smallest_gap(sorted_desc, n):
-        gaps = sorted_desc[:n - 1] - sorted_desc[1:n]
+    def boundary_gap(sorted_desc, n, order_matters):
+        """Smallest decisive gap for choosing the n best of sorted_desc."""
+        if n >= len(sorted_desc) and not order_matters:
+            return np.inf
+        with np.errstate(invalid="ignore"):
+            if not exact_ties_ok:
+                top = sorted_desc[:n + 1]
+                gaps = top[:-1] - top[1:] if order_matters else top[n - 1:n] - top[n:n + 1]
+            else:
+                distinct = np.unique(sorted_desc)[::-1]  # descending distinct values
+                pos = int(np.nonzero(distinct == sorted_desc[n - 1])[0][0])
+                lo = 0 if order_matters else max(pos - 1, 0)
+                rel = distinct[lo:pos + 2]
+                gaps = rel[:-1] - rel[1:]
         gaps = np.nan_to_num(gaps, nan=0.0)  # -inf - -inf: undecided
-        if exact_ties_ok:
-            gaps = gaps[gaps != 0]
         return np.min(gaps) if gaps.size else np.inf
 
     for t in range(T):
@@ -202,11 +218,10 @@ def selection_margins(keys, top_k, n_group=None, topk_group=None, exact_ties_ok=
             with np.errstate(invalid="ignore"):
                 gscore = top2[:, 0] if size == 1 else top2[:, 0] + top2[:, 1]
             gscore = np.where(np.isnan(gscore), -np.inf, gscore)
-            if topk_group < n_group:  # only the boundary between kept and dropped groups matters
-                sg = np.sort(gscore)[::-1]
-                margins[t] = min(margins[t], smallest_gap(sg[topk_group - 1:], 2))
+            if topk_group < n_group:  # only the membership of the kept groups matters
+                margins[t] = min(margins[t], boundary_gap(np.sort(gscore)[::-1], topk_group, False))
             kept = np.argsort(-gscore, kind="stable")[:topk_group]
             allowed = np.sort(np.concatenate([np.arange(g * size, (g + 1) * size) for g in kept]))
         sk = np.sort(row[allowed])[::-1]
-        margins[t] = min(margins[t], smallest_gap(sk, min(top_k + 1, len(sk))))
+        margins[t] = min(margins[t], boundary_gap(sk, top_k, True))
     return margins

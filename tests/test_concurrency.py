@@ -174,11 +174,22 @@ RACE_SCRIPT = textwrap.dedent("""
     import numpy as np
     import moe_ext
     rng = np.random.default_rng(0)
-    T, d, E, k = 64, 8, 256, 4
+    T, d, f, E, k = 64, 8, 16, 256, 4
     x = rng.standard_normal((T, d)).astype(np.float32)
     w = rng.standard_normal((E, d)).astype(np.float32)
+    a = rng.standard_normal((96, 40)).astype(np.float32)         # grouped_gemm: 3 experts x 32 rows
+    wg = rng.standard_normal((3, 72, 40)).astype(np.float32)
+    offsets = np.array([0, 32, 64, 96], np.int32)
+    wr = rng.standard_normal((4, d)).astype(np.float32)          # moe: 4 experts
+    w13 = rng.standard_normal((4, 2 * f, d)).astype(np.float32)
+    w2 = rng.standard_normal((4, d, f)).astype(np.float32)
+    calls = [lambda: moe_ext.route(x, w, k, return_probs=True),
+             lambda: moe_ext.grouped_gemm(a, wg, offsets),
+             lambda: moe_ext.moe(x, wr, w13, w2, 2)]
+    def bits(r):
+        return [v.tobytes() for v in (r if isinstance(r, tuple) else (r,))]
     moe_ext.set_num_threads(1)
-    want = [a.tobytes() for a in moe_ext.route(x, w, k, return_probs=True)]
+    want = [bits(c()) for c in calls]
     stop = threading.Event()
     def toggle():
         i = 0
@@ -189,13 +200,13 @@ RACE_SCRIPT = textwrap.dedent("""
                 time.sleep(0)
     bad = []
     def work():
-        for _ in range(3):  # fresh threads: fresh, small per-thread workspaces
-            got = [a.tobytes() for a in moe_ext.route(x, w, k, return_probs=True)]
-            if got != want:
-                bad.append(1)
+        for _ in range(2):  # fresh threads: fresh, small per-thread workspaces
+            for c, expected in zip(calls, want):
+                if bits(c()) != expected:
+                    bad.append(1)
     toggler = threading.Thread(target=toggle)
     toggler.start()
-    for rep in range(150):
+    for rep in range(120):
         workers = [threading.Thread(target=work) for _ in range(4)]
         for t in workers: t.start()
         for t in workers: t.join()
@@ -206,14 +217,14 @@ RACE_SCRIPT = textwrap.dedent("""
 
 
 def test_set_num_threads_while_calls_run(isa):
-    """set_num_threads from one thread while others run route: no crash, hang or wrong result (the
-    scratch sized for the old thread count must not be used by more threads). Run in a subprocess so
+    """set_num_threads from one thread while others run route, grouped_gemm and moe: no crash, hang or
+    wrong result (per-thread scratch sized for the old thread count must not be used by more threads). Run in a subprocess so
     that memory corruption cannot take the test session down."""
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(moe_ext.__file__)), MOE_EXT_ISA=isa)
     try:
         proc = subprocess.run([sys.executable, "-c", RACE_SCRIPT], env=env, capture_output=True, text=True,
-                              timeout=60)
+                              timeout=15)
     except subprocess.TimeoutExpired:
-        pytest.fail("hung (timeout 60 s) while set_num_threads changed during route calls")
+        pytest.fail("hung (timeout 15 s) while set_num_threads changed during calls")
     assert proc.returncode == 0, f"exit status {proc.returncode}: {proc.stderr[-2000:]}"
     assert "mismatches 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]

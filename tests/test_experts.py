@@ -43,6 +43,13 @@ def test_experts_matches_reference(rng, T, d, f, E, k, activation, capacity):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_experts_large_dims(rng, activation):
+    """d and f past the GEMMs' blocking sizes (a few hundred), many rows per expert."""
+    T, d, f, E, k = 60, 300, 270, 4, 2
+    check_experts(*random_routing(rng, T, d, E, k, activation, f), activation, capacity=None)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_experts_capacity_values(rng, activation):
     """capacity 0 drops everything (exact zeros); 1, 2 and large drop as permute does; a capacity no
     expert reaches is bit-identical to no capacity."""
@@ -67,13 +74,14 @@ def test_experts_capacity_drops_later_tokens(rng):
     y = moe_ext.experts(x, w13, w2, weights, ids, capacity=4)
     np.testing.assert_array_equal(y[4:], np.zeros((T - 4, d), np.float32))
     full = moe_ext.experts(x, w13, w2, weights, ids)
-    assert y[:4].tobytes() == full[:4].tobytes()
+    # (not bit-identical: an expert's GEMM may block its rows differently for 4 rows than for 10)
+    assert_close(y[:4], full[:4], GEMM_RTOL, "kept tokens")
 
 
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 def test_experts_equals_composed_ops(rng, activation):
-    """experts == permute -> grouped_gemm -> activation -> grouped_gemm -> unpermute. With ReLU the
-    NumPy activation is exact, so the composition is bit-identical; with SwiGLU within rounding."""
+    """experts == permute -> grouped_gemm -> activation -> grouped_gemm -> unpermute, composed from the
+    public ops (to rounding: the fused path is free to block its GEMMs differently)."""
     T, d, f, E, k = 45, 37, 29, 6, 3
     x, w13, w2, weights, ids = random_routing(rng, T, d, E, k, activation, f)
     y = moe_ext.experts(x, w13, w2, weights, ids, activation=activation, capacity=9)
@@ -81,10 +89,7 @@ def test_experts_equals_composed_ops(rng, activation):
     h = moe_ext.grouped_gemm(x_perm, w13, offsets)
     a = np.ascontiguousarray(ref.activate(h, activation), dtype=np.float32)
     y_comp = moe_ext.unpermute(moe_ext.grouped_gemm(a, w2, offsets), rows, weights)
-    if activation == "relu":
-        assert y.tobytes() == y_comp.tobytes()
-    else:
-        assert_close(y, y_comp, GEMM_RTOL, "composed")
+    assert_close(y, y_comp, GEMM_RTOL, "composed")
 
 
 def test_experts_duplicate_ids_in_a_row(rng):
@@ -282,8 +287,9 @@ def test_moe_matches_reference(rng, T, d, f, E, k, activation, options):
 
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 def test_moe_nan_token_stays_in_its_row(rng, scoring):
-    """Observed and required: a NaN in x[t] makes route's weights for t NaN, so y[t] is all NaN;
-    every other row is bit-identical to the run without the NaN (without a capacity)."""
+    """Observed and required: a NaN in x[t] makes route's weights for t NaN (and its ids 0..k-1), so
+    y[t] is all NaN; every other row keeps its routing and its value. (Only to rounding: token t's new
+    ids change the experts' row counts, and the GEMM may block an expert's rows by their count.)"""
     T, d, f, E, k = 26, 24, 16, 6, 2
     x, wr = random_x(rng, T, d), random_router(rng, E, d)
     w13, w2 = random_expert_weights(rng, E, d, f)
@@ -292,7 +298,10 @@ def test_moe_nan_token_stays_in_its_row(rng, scoring):
     y = moe_ext.moe(x, wr, w13, w2, k, scoring=scoring)
     assert np.isnan(y[9]).all()
     others = np.setdiff1d(np.arange(T), [9])
-    assert y[others].tobytes() == clean[others].tobytes()
+    assert_close(y[others], clean[others], GEMM_RTOL, "other tokens")
+    weights, ids = moe_ext.route(x, wr, k, scoring=scoring)
+    np.testing.assert_array_equal(ids[9], np.arange(k))
+    assert np.isnan(weights[9]).all() and not np.isnan(weights[others]).any()
 
 
 def test_moe_e1_and_empty(rng):

@@ -63,6 +63,7 @@ int main(int argc, char** argv) {
   const auto w13 = random_vector(E * 2 * f * d, 1.f / std::sqrt(float(d)), gen);
   const auto w2 = random_vector(E * d * f, 1.f / std::sqrt(float(f)), gen);
   std::vector<float> weights(T * k), x_perm(T * k * d), hidden(T * k * 2 * f), activated(T * k * f), y(T * d);
+  std::vector<float> panels(moe_ext::num_threads() * moe_ext::kGemmScratchFloats);
   std::vector<int32_t> ids(T * k), offsets(E + 1), perm_rows(T * k);
   moe_ext::RouteConfig config;
   config.top_k = k;
@@ -80,13 +81,13 @@ int main(int argc, char** argv) {
     moe_ext::permute_gather(x.data(), perm_rows.data(), T, k, d, x_perm.data());
   });
   const double gemm1_ms = median_ms(repeats, [&] {
-    kern.grouped_gemm(x_perm.data(), w13.data(), offsets.data(), E, 2 * f, d, hidden.data());
+    kern.grouped_gemm(x_perm.data(), w13.data(), offsets.data(), E, 2 * f, d, moe_ext::num_threads(), hidden.data(), panels.data());
   });
   const double act_ms = median_ms(repeats, [&] {
     kern.activate(hidden.data(), M, f, moe_ext::Activation::swiglu, activated.data());
   });
   const double gemm2_ms = median_ms(repeats, [&] {
-    kern.grouped_gemm(activated.data(), w2.data(), offsets.data(), E, d, f, x_perm.data());
+    kern.grouped_gemm(activated.data(), w2.data(), offsets.data(), E, d, f, moe_ext::num_threads(), x_perm.data(), panels.data());
   });
   const double unpermute_ms = median_ms(repeats, [&] {
     kern.unpermute(x_perm.data(), perm_rows.data(), weights.data(), T, k, d, y.data());

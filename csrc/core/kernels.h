@@ -11,23 +11,28 @@
 namespace moe_ext {
 
 struct Kernels {
+  // Kernels with per-thread scratch take the thread count their scratch was sized for (`threads`), so a
+  // concurrent set_num_threads() cannot make them index past it.
   // Router GEMM, scoring and top-k selection for T tokens. `scratch` holds route_scratch_floats(E) floats
-  // per thread of num_threads(). `probs` may be null.
+  // per thread. `probs` may be null.
   void (*route)(const float* x, const float* w_router, int64_t T, int64_t d, int64_t E,
-                const RouteConfig& config, float* scratch, float* topk_weights, int32_t* topk_ids,
-                float* probs);
+                const RouteConfig& config, int threads, float* scratch, float* topk_weights,
+                int32_t* topk_ids, float* probs);
   // x_perm[perm_rows[t, j]] = x[t] for every slot with perm_rows >= 0.
   void (*gather_rows)(const float* x, const int32_t* perm_rows, int64_t T, int64_t k, int64_t d,
                       float* x_perm);
   // out[rows of e] = a[rows of e] @ w[e]^T; rows of e are offsets[e]..offsets[e+1]-1; M = offsets[E].
+  // `scratch` holds kGemmScratchFloats floats per thread (packed weight panels).
   void (*grouped_gemm)(const float* a, const float* w, const int32_t* offsets, int64_t E, int64_t N,
-                       int64_t K, float* out);
+                       int64_t K, int threads, float* out, float* scratch);
   // Gated: h [M, 2f] -> out [M, f]; otherwise h [M, f] -> out [M, f] (may alias h).
   void (*activate)(const float* h, int64_t M, int64_t f, Activation activation, float* out);
   // y[t] = sum_j weights[t, j] * y_perm[perm_rows[t, j]], slots in order, -1 rows skipped.
   void (*unpermute)(const float* y_perm, const int32_t* perm_rows, const float* weights, int64_t T,
                     int64_t k, int64_t d, float* y);
 };
+
+constexpr int64_t kGemmScratchFloats = 256 * 256;
 
 // Per thread: scores, keys, excluded flags, group scores, group flags.
 inline int64_t route_scratch_floats(int64_t E) { return 5 * E; }

@@ -11,8 +11,9 @@ void route(const float* x, const float* w_router, int64_t T, int64_t d, int64_t 
            float* topk_weights, int32_t* topk_ids, float* probs) {
   check_route_config(config, E);
   if (T == 0) return;
-  float* scratch = thread_workspace().get<float>(Scratch::route_rows, num_threads() * route_scratch_floats(E));
-  kernels().route(x, w_router, T, d, E, config, scratch, topk_weights, topk_ids, probs);
+  const int threads = num_threads();  // read once: the scratch is sized for exactly this many
+  float* scratch = thread_workspace().get<float>(Scratch::route_rows, threads * route_scratch_floats(E));
+  kernels().route(x, w_router, T, d, E, config, threads, scratch, topk_weights, topk_ids, probs);
 }
 
 int64_t permute_plan(const int32_t* topk_ids, int64_t T, int64_t k, int64_t E, int64_t capacity,
@@ -41,11 +42,20 @@ void permute_gather(const float* x, const int32_t* perm_rows, int64_t T, int64_t
   kernels().gather_rows(x, perm_rows, T, k, d, x_perm);
 }
 
+namespace {
+
+float* gemm_scratch(int threads) {
+  return thread_workspace().get<float>(Scratch::gemm_panels, threads * kGemmScratchFloats);
+}
+
+}  // namespace
+
 void grouped_gemm(const float* a, const float* w, const int32_t* expert_offsets, int64_t E, int64_t M,
                   int64_t N, int64_t K, float* out) {
   check_expert_offsets(expert_offsets, E, M, "expert_offsets");
   if (M == 0 || N == 0) return;
-  kernels().grouped_gemm(a, w, expert_offsets, E, N, K, out);
+  const int threads = num_threads();  // read once: the scratch is sized for exactly this many
+  kernels().grouped_gemm(a, w, expert_offsets, E, N, K, threads, out, gemm_scratch(threads));
 }
 
 void unpermute(const float* y_perm, int64_t M, const int32_t* perm_rows, const float* topk_weights,
@@ -69,10 +79,12 @@ void experts(const float* x, const float* w13_or_w1, const float* w2, const floa
   const Kernels& kern = kernels();
   if (M > 0) {
     kern.gather_rows(x, perm_rows, T, k, d, x_perm);
-    kern.grouped_gemm(x_perm, w13_or_w1, offsets, E, h_cols, d, hidden);
+    const int threads = num_threads();  // read once: the scratch is sized for exactly this many
+    float* panels = gemm_scratch(threads);
+    kern.grouped_gemm(x_perm, w13_or_w1, offsets, E, h_cols, d, threads, hidden, panels);
     kern.activate(hidden, M, f, activation, activated);
     // x_perm is dead after the first GEMM and has y_perm's shape [M, d].
-    kern.grouped_gemm(activated, w2, offsets, E, d, f, x_perm);
+    kern.grouped_gemm(activated, w2, offsets, E, d, f, threads, x_perm, panels);
   }
   if (T > 0) kern.unpermute(x_perm, perm_rows, topk_weights, T, k, d, y);  // dropped copies add nothing
 }

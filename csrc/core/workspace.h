@@ -17,6 +17,7 @@ enum class Scratch : int {
   x_perm,          // permuted tokens, reused for the expert outputs
   hidden,          // first GEMM's output [M, 2f] or [M, f]
   activated,       // activation output [M, f]
+  gemm_panels,     // per-OpenMP-thread packed weight panels of the grouped GEMM
   count
 };
 

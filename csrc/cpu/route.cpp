@@ -90,10 +90,9 @@ void route_token(const float* x, const float* w_router, int64_t d, int64_t E, co
 }  // namespace
 
 void route(const float* x, const float* w_router, int64_t T, int64_t d, int64_t E,
-           const RouteConfig& config, float* scratch, float* topk_weights, int32_t* topk_ids,
+           const RouteConfig& config, int threads, float* scratch, float* topk_weights, int32_t* topk_ids,
            float* probs) {
   const int64_t k = config.top_k, stride = route_scratch_floats(E);
-  const int threads = num_threads();
   MOE_EXT_PARALLEL_FOR(threads)
   for (int64_t t = 0; t < T; ++t) {
     float* mine = scratch + thread_index() * stride;

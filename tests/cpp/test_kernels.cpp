@@ -64,11 +64,13 @@ struct GemmShape { int64_t M, N, K, E; };
 
 TEST_P(TierTest, GroupedGemmMatchesPlainLoop) {
   for (GemmShape s : {GemmShape{0, 5, 7, 3}, {1, 1, 1, 1}, {17, 33, 45, 4}, {64, 48, 16, 8}, {37, 70, 129, 5},
-                      {9, 3, 200, 1}, {21, 17, 0, 3}}) {
+                      {9, 3, 200, 1}, {21, 17, 0, 3}, {70, 300, 530, 2}, {100, 513, 257, 3}, {31, 8, 9, 1}}) {
     const auto a = random_floats(s.M * s.K, gen), w = random_floats(s.E * s.N * s.K, gen);
     const auto offsets = random_offsets(s.M, s.E, gen);
     std::vector<float> out(s.M * s.N, NAN);
-    if (s.M > 0) kern().grouped_gemm(a.data(), w.data(), offsets.data(), s.E, s.N, s.K, out.data());
+    std::vector<float> panels(num_threads() * kGemmScratchFloats);
+    if (s.M > 0) kern().grouped_gemm(a.data(), w.data(), offsets.data(), s.E, s.N, s.K, num_threads(), out.data(),
+                                      panels.data());
     std::vector<double> want(s.M * s.N, 0.0);
     for (int64_t e = 0; e < s.E; ++e)
       for (int64_t m = offsets[e]; m < offsets[e + 1]; ++m)
