@@ -2,8 +2,8 @@
 
     python bench/forward.py --shape small --shape fine --repeats 5 --json bench/results/forward.json
 
-Same measurement as `moe-ext bench` (moe_ext.bench); the comparison against the peers (NumPy
-reference, PyTorch eager, torch._grouped_mm) is the SIMD issue's work.
+moe_ext alone (moe_ext.bench.report); the comparison against the peers (NumPy reference, PyTorch
+eager, torch._grouped_mm, dense), with ceilings and plots, is bench/run.py (= `moe-ext bench`).
 """
 import argparse
 import json
@@ -15,11 +15,12 @@ from moe_ext import bench
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", action="append", choices=sorted(bench.SHAPES))
+    parser.add_argument("--shape", action="append", choices=bench.SHAPE_CHOICES)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default="bench/results/forward.json")
     args = parser.parse_args()
-    rows = [bench.report(name, args.repeats) for name in args.shape or ["small"]]
+    names = [s.name for s in bench.workload.expand(args.shape or ["small"])]
+    rows = [bench.report(name, args.repeats) for name in names]
     for row in rows:
         print(f"{row['shape']:<8} p50 {row['p50_ms']:9.2f} ms  {row['tokens_per_s']:10.1f} tokens/s  "
               f"{row['gflop_per_s']:7.2f} GFLOP/s")

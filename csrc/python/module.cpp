@@ -40,6 +40,8 @@ const T* data_of(const py::array& a, const char* name, const Shape& shape) {
   if (!ok) throw py::value_error(std::string(name) + ": unexpected shape " + shape_str(a));
   if (!(a.flags() & py::array::c_style))
     throw py::value_error(std::string(name) + ": expected a C-contiguous array");
+  if (reinterpret_cast<uintptr_t>(a.data()) % alignof(T) != 0)
+    throw py::value_error(std::string(name) + ": expected an array aligned to its elements");
   return static_cast<const T*>(a.data());
 }
 

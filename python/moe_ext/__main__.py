@@ -36,17 +36,9 @@ def _check(args):
 
 
 def _bench(args):
-    import moe_ext
     from moe_ext import bench
 
-    print(f"moe_ext {moe_ext.__version__}, isa {moe_ext.get_isa()}, {moe_ext.get_num_threads()} threads, float32")
-    print(f"{'shape':<8} {'T':>5} {'d':>5} {'f':>6} {'E':>3} {'k':>2} {'p50 ms':>9} {'p95 ms':>9} "
-          f"{'tokens/s':>10} {'GFLOP/s':>8}")
-    for name in args.shape:
-        r = bench.report(name, args.repeats)
-        print(f"{name:<8} {r['T']:>5} {r['d']:>5} {r['f']:>6} {r['E']:>3} {r['k']:>2} {r['p50_ms']:>9.2f} "
-              f"{r['p95_ms']:>9.2f} {r['tokens_per_s']:>10.1f} {r['gflop_per_s']:>8.2f}")
-    return 0
+    return bench.run_args(args, ["moe-ext", "bench"] + list(args.argv))
 
 
 def main(argv=None):
@@ -59,13 +51,12 @@ def main(argv=None):
     check = commands.add_parser("check", help="parity of this install against the NumPy reference")
     check.add_argument("--isa", action="append", choices=["scalar", "avx2", "avx512"],
                        help="check only this tier (repeatable; default: every tier this CPU has)")
-    run = commands.add_parser("bench", help="time the fused MoE forward (tokens/s, GFLOP/s)")
-    run.add_argument("--shape", action="append", choices=sorted(bench.SHAPES),
-                     help="SPEC §6 shape (repeatable; default: small)")
-    run.add_argument("--repeats", type=int, default=5, help="timed runs per shape (default 5)")
+    run = commands.add_parser("bench", help="moe_ext against its peers on the SPEC §6 shapes (table, "
+                              "JSON, PNGs)", description=bench.__doc__.splitlines()[0])
+    bench.add_arguments(run)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    if args.command == "bench" and not args.shape:
-        args.shape = ["small"]
+    args.argv = argv[1:]
     return {"info": _info, "check": _check, "bench": _bench}[args.command](args)
 
 

@@ -32,6 +32,9 @@ def _array(value, name, ndim, dtypes):
         fail(ValueError, name, f"a {ndim}-d array", f"a {value.ndim}-d array of shape {value.shape}")
     if not value.flags.c_contiguous:
         fail(ValueError, name, "a C-contiguous array", f"a non-contiguous array (strides {value.strides})")
+    if not value.flags.aligned:  # e.g. a view at an odd offset of a byte buffer; the kernels load whole elements
+        fail(ValueError, name, f"an array aligned to its {value.itemsize}-byte elements",
+             "an unaligned array (pass a copy: array.copy())")
     return value
 
 

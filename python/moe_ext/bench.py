@@ -1,39 +1,34 @@
-"""`moe-ext bench`: time the fused MoE forward on the SPEC §6 shapes and print tokens/s and GFLOP/s.
+"""`moe-ext bench` (and bench/run.py): moe_ext against its peers on the SPEC §6 shapes.
 
-This is the short forward of the README's main job; the peer comparison lives in bench/ at the repo root.
+Every implementation is measured in the same process on the same arrays: moe_ext, the NumPy reference,
+PyTorch eager (the Hugging Face Mixtral loop over experts), torch._grouped_mm where it runs, and the
+dense FFN of the same active FLOPs; with warm-up, repeated timings, p50/p95/p99, tokens/s, GFLOP/s
+(SPEC §6 FLOPs), GB/s of expert weights touched for decode, the fraction of this machine's ceilings
+measured in the same run, and moe_ext's ratio to every peer and to the fastest one. Output: a terminal
+table (with a tqdm bar), a JSON file and two PNGs. torch, tqdm and matplotlib are optional
+(pip install 'moe_ext[bench]'): without them the torch rows, the bar or the PNGs are left out with a note.
+
+Python API: ``run(...)`` (moe_ext._bench.harness.run) returns the JSON document; ``report(name)`` times
+moe_ext alone on one shape (bench/forward.py).
 """
+import argparse
+import sys
 import time
 
 import numpy as np
 
 from . import _api
+from ._bench import ceiling, harness, peers, workload
+from ._bench.harness import run
+from ._bench.workload import QUICK, SHAPE_CHOICES, SHAPE_GROUPS, SHAPES, flops, make_inputs
 
-# name: (T, d, f, E, k), SPEC §6.
-SHAPES = {
-    "small": (512, 512, 1024, 8, 2),
-    "medium": (2048, 1024, 2048, 8, 2),
-    "mixtral": (1024, 4096, 14336, 8, 2),
-    "decode": (1, 4096, 14336, 8, 2),
-    "fine": (1024, 2048, 768, 64, 6),
-}
-
-
-def flops(T, d, f, E, k, gated=True):
-    """SPEC §6: 2*T*k*d*f*(3 gated, 2 otherwise) + 2*T*d*E (the router)."""
-    return 2 * T * k * d * f * (3 if gated else 2) + 2 * T * d * E
-
-
-def make_inputs(T, d, f, E, k, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((T, d), dtype=np.float32)
-    w_router = rng.standard_normal((E, d), dtype=np.float32)
-    w13 = rng.standard_normal((E, 2 * f, d), dtype=np.float32) * np.float32(d ** -0.5)
-    w2 = rng.standard_normal((E, d, f), dtype=np.float32) * np.float32(f ** -0.5)
-    return x, w_router, w13, w2
+__all__ = ["run", "main", "add_arguments", "report", "time_forward", "flops", "make_inputs", "SHAPES",
+           "SHAPE_GROUPS", "QUICK", "IMPLS"]
+IMPLS = peers.NAMES
 
 
 def time_forward(shape, repeats=5, warmup=1):
-    """Median, p95 and all seconds of `repeats` timed moe() calls after `warmup` untimed ones."""
+    """Median, p95 and all seconds of `repeats` timed moe_ext.moe() calls after `warmup` untimed ones."""
     T, d, f, E, k = shape
     x, w_router, w13, w2 = make_inputs(*shape)
     for _ in range(warmup):
@@ -47,6 +42,7 @@ def time_forward(shape, repeats=5, warmup=1):
 
 
 def report(name, repeats=5):
+    """moe_ext alone on one SPEC §6 shape: p50/p95 ms, tokens/s and GFLOP/s."""
     shape = SHAPES[name]
     T, d, f, E, k = shape
     median, p95, _ = time_forward(shape, repeats)
@@ -55,3 +51,57 @@ def report(name, repeats=5):
         "p50_ms": median * 1e3, "p95_ms": p95 * 1e3,
         "tokens_per_s": T / median, "gflop_per_s": flops(*shape) / median / 1e9,
     }
+
+
+def add_arguments(parser):
+    """The bench options, shared by `moe-ext bench` and bench/run.py."""
+    parser.add_argument("--shape", action="append", choices=SHAPE_CHOICES, metavar="NAME",
+                        help="SPEC §6 shape, repeatable: " + ", ".join(SHAPES) + "; decode = decode-1, "
+                             "decode-4 and decode-16; all = every shape; quick = "
+                             + " and ".join(QUICK) + " (the default)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the quick set (" + " and ".join(QUICK) + "), also the default without --shape")
+    parser.add_argument("--dtype", action="append", choices=peers.DTYPES,
+                        help="fp32 (default) and/or bf16, repeatable (moe_ext itself: fp32 only for now)")
+    parser.add_argument("--impl", action="append", choices=peers.NAMES,
+                        help="only these implementations, repeatable (default: all)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per row (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    parser.add_argument("--budget", type=float, default=harness.BUDGET_S, metavar="SECONDS",
+                        help="skip a peer whose first call takes longer (default %(default)g; 0: no limit)")
+    parser.add_argument("--json", default=harness.DEFAULT_JSON, metavar="PATH",
+                        help="JSON output (default %(default)s; '' for none)")
+    parser.add_argument("--png-dir", default=harness.DEFAULT_PNG_DIR, metavar="DIR",
+                        help="PNG plots directory (default %(default)s; '' for none)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # Hidden: custom shapes and small ceilings, for tests and quick experiments.
+    parser.add_argument("--shape-spec", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--ceiling-n", type=int, default=ceiling.COMPUTE_N, help=argparse.SUPPRESS)
+    parser.add_argument("--ceiling-mib", type=float, default=ceiling.BANDWIDTH_BYTES / 2**20,
+                        help=argparse.SUPPRESS)
+    return parser
+
+
+def run_args(args, argv=None):
+    """Run the benchmark from parsed add_arguments() options. Returns the exit status."""
+    try:
+        specs = [workload.parse_spec(s) for s in args.shape_spec]
+    except ValueError as e:
+        print(f"moe-ext bench: {e}", file=sys.stderr)
+        return 2
+    if args.repeats < 1 or args.warmup < 0:
+        print("moe-ext bench: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+    shapes = list(args.shape or []) + (QUICK if args.quick else []) + specs
+    run(shapes=shapes or QUICK, dtypes=args.dtype or ["fp32"], impls=args.impl, warmup=args.warmup,
+        repeats=args.repeats, budget_s=args.budget, json_path=args.json or None,
+        png_dir=args.png_dir or None, progress=not args.no_progress, ceiling_n=args.ceiling_n,
+        ceiling_bytes=int(args.ceiling_mib * 2**20), argv=argv)
+    return 0
+
+
+def main(argv=None, prog="bench/run.py"):
+    """bench/run.py's command line (the same options as `moe-ext bench`)."""
+    parser = add_arguments(argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0]))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_args(parser.parse_args(argv), [prog] + argv)

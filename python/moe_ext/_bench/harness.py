@@ -1,0 +1,390 @@
+"""Time every implementation on every (shape, dtype) in one process; table, JSON and plots.
+
+Per (shape, dtype, implementation): one first call (the first warm-up; it is timed, and a peer whose
+first call takes longer than the budget is skipped), the rest of the warm-up, then `repeats` timed calls.
+From the timed calls: p50/p95/p99 ms, tokens/s = T / p50, GFLOP/s = FLOPs (SPEC §6) / p50, for decode
+shapes GB/s = weight bytes touched / p50, the fraction of this run's ceiling (bandwidth for decode,
+compute otherwise), and the ratios: on a peer's row, moe_ext_speedup = that row's p50 / moe_ext's p50
+(> 1: moe_ext is faster); per (shape, dtype), ratio_vs_fastest_peer = the fastest MoE peer's p50 /
+moe_ext's p50 (the dense equivalent is not an MoE and is reported separately as ratio_vs_dense).
+"""
+import contextlib
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from . import ceiling, peers, workload
+
+DEFINITIONS = {
+    "flops": "SPEC §6: 2*T*k*d*f*3 (SwiGLU) + 2*T*d*E (router); the dense row: 2*T*d*(k*f)*3",
+    "bytes": "decode shapes only: (3*d*f * distinct experts moe_ext's float32 routing of x touched + E*d "
+             "router) * itemsize; the dense row: 3*d*(k*f) * itemsize",
+    "tokens_per_s": "T / p50",
+    "fraction_of_ceiling": "GFLOP/s / compute ceiling, or for decode shapes GB/s / bandwidth ceiling, "
+                           "both measured in this run in the row's dtype",
+    "moe_ext_speedup": "this row's p50 / moe_ext's p50 in the same (shape, dtype): > 1 means moe_ext "
+                       "is faster",
+    "ratio_vs_fastest_peer": "fastest MoE peer's p50 / moe_ext's p50 (peers: reference, torch_eager, "
+                             "torch_grouped_mm; dense excluded)",
+    "ratio_vs_dense": "dense p50 / moe_ext p50",
+    "dense": peers.Dense.description,
+    "reference": "moe_ext.reference.moe on float32 arrays: computes in float32 (fp32 only)",
+    "rel_err": "||y - y_moe_ext_fp32|| / ||y_moe_ext_fp32|| of the first call's output (MoE rows)",
+    "percentiles": "numpy.percentile (linear) over the timed calls",
+    "weights": "expert weights above 4M elements are a random N(0, 1/fan_in) pool tiled over the array "
+               "(values do not change timings); x and w_router are drawn in full",
+}
+BUDGET_S = 10.0
+DEFAULT_JSON = os.path.join("bench", "results", "bench.json")
+DEFAULT_PNG_DIR = os.path.join("bench", "results")
+FP32_MISMATCH = 1e-3  # a float32 MoE row further than this from moe_ext gets a note
+# A pause before each implementation: thread pools of the previous one (OpenBLAS, OpenMP) spin for a
+# while after their last call and would steal the cores from the next one on a small machine.
+SETTLE_S = 0.2
+
+
+def _percentiles(seconds):
+    ms = np.asarray(seconds) * 1e3
+    return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)}
+
+
+def measure(fn, warmup=1, repeats=5, budget_s=None):
+    """(status, first_call_s, seconds, output): the first call is timed (it is the first warm-up, or the
+    first repeat if warmup is 0); a first call over budget_s gives status "skipped" and no repeats."""
+    start = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - start
+    if budget_s and first > budget_s:
+        return "skipped", first, [], out
+    seconds = [] if warmup > 0 else [first]
+    for _ in range(max(warmup - 1, 0)):
+        fn()
+    while len(seconds) < repeats:
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return "ok", first, seconds, out
+
+
+@contextlib.contextmanager
+def _torch_settings(threads):
+    """torch.set_num_threads(threads) and inference mode for the run; restored afterwards."""
+    try:
+        import torch
+    except ImportError:
+        yield None
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            yield torch
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _blas_threads(threads):
+    """Limit NumPy's BLAS to `threads` if threadpoolctl is installed; yields what was done."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield "NumPy's BLAS default (threadpoolctl not installed)"
+        return
+    with threadpool_limits(limits=threads):
+        yield threads
+
+
+def _environment(torch):
+    env = {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform(),
+           "machine": platform.machine(), "processor": _cpu_model(), "cpu_count": os.cpu_count(),
+           "torch": getattr(torch, "__version__", None), "torch_threads": None}
+    if torch is not None:
+        env["torch_threads"] = torch.get_num_threads()
+    for name in ("tqdm", "matplotlib"):
+        try:
+            env[name] = __import__(name).__version__
+        except ImportError:
+            env[name] = None
+    return env
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _rel_err(got, want):
+    got = peers.as_numpy(got).astype(np.float64)
+    want = want.astype(np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), np.finfo(np.float64).tiny))
+
+
+class _Progress:
+    """tqdm over the runs when tqdm is installed (and stderr is a terminal); else silent. Table lines
+    go through write() so that they print above the bar."""
+
+    def __init__(self, total, enabled, out):
+        self.out, self.bar = out, None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True,
+                            disable=None)  # None: no bar when stderr is not a terminal
+
+    def status(self, text):
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+
+    def step(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(self, line):
+        if self.bar is not None:
+            self.bar.write(line, file=self.out)
+        else:
+            print(line, file=self.out, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt(value, spec, missing="-"):
+    return missing if value is None else format(value, spec)
+
+
+HEADER = (f"{'shape':<10} {'dtype':<5} {'impl':<17} {'p50 ms':>10} {'p95 ms':>10} {'p99 ms':>10} "
+          f"{'tokens/s':>11} {'GFLOP/s':>9} {'GB/s':>7} {'ceil %':>7} {'moe_ext x':>9}  note")
+
+
+def format_row(r):
+    ratio = r.get("ratio_vs_fastest_peer") if r["impl"] == "moe_ext" else r.get("moe_ext_speedup")
+    note = r.get("note") or ""
+    frac = r.get("fraction_of_ceiling")
+    return (f"{r['shape']:<10} {r['dtype']:<5} {r['impl']:<17} {_fmt(r.get('p50_ms'), '10.3f'):>10} "
+            f"{_fmt(r.get('p95_ms'), '10.3f'):>10} {_fmt(r.get('p99_ms'), '10.3f'):>10} "
+            f"{_fmt(r.get('tokens_per_s'), '11.1f'):>11} {_fmt(r.get('gflop_per_s'), '9.2f'):>9} "
+            f"{_fmt(r.get('gb_per_s'), '7.2f'):>7} {_fmt(None if frac is None else 100 * frac, '7.1f'):>7} "
+            f"{_fmt(ratio, '8.2f') + ('x' if ratio is not None else ''):>9}  {note}").rstrip()
+
+
+LEGEND = ("moe_ext x: on a peer's row, that row's p50 / moe_ext's p50 (> 1: moe_ext faster); on moe_ext's "
+          "row, the fastest MoE peer's p50 / moe_ext's p50 (dense excluded). ceil %: of this run's compute "
+          "ceiling, decode rows of its bandwidth ceiling. GB/s: expert weights touched (decode rows).")
+
+
+def run(shapes=None, dtypes=("fp32",), impls=None, warmup=1, repeats=5, budget_s=BUDGET_S,
+        json_path=DEFAULT_JSON, png_dir=DEFAULT_PNG_DIR, progress=True, out=None, ceiling_n=ceiling.COMPUTE_N,
+        ceiling_bytes=ceiling.BANDWIDTH_BYTES, seed=0, argv=None):
+    """Benchmark `shapes` (names, groups or workload.Shape; default the quick set) in `dtypes` for the
+    implementations `impls` (names; default all). Prints the table to `out` (a text stream, default
+    stdout), writes the JSON to json_path and the PNGs into png_dir (either falsy: not
+    written). Returns the JSON document (a dict)."""
+    import moe_ext
+
+    out = sys.stdout if out is None else out
+    shapes = _resolve_shapes(shapes or workload.QUICK)
+    dtypes = list(dict.fromkeys(dtypes))
+    for dt in dtypes:
+        if dt not in peers.DTYPES:
+            raise ValueError(f"dtype: expected one of {peers.DTYPES}, got {dt!r}")
+    impl_names = list(dict.fromkeys(impls or peers.NAMES))
+    for name in impl_names:
+        if name not in peers.BY_NAME:
+            raise ValueError(f"impl: expected one of {peers.NAMES}, got {name!r}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats >= 1 and warmup >= 0 expected, got {repeats}, {warmup}")
+    threads = moe_ext.get_num_threads()
+    notes = []
+    doc = {"schema": "moe_ext.bench/1", "created": datetime.datetime.now().astimezone().isoformat(),
+           "command": argv, "info": moe_ext.info(), "definitions": DEFINITIONS,
+           "settings": {"shapes": [s._asdict() for s in shapes], "dtypes": dtypes, "impls": impl_names,
+                        "warmup": warmup, "repeats": repeats, "budget_s": budget_s, "threads": threads,
+                        "ceiling_matmul_n": ceiling_n, "ceiling_bandwidth_bytes": ceiling_bytes},
+           "ceilings": {}, "results": [], "groups": [], "notes": notes, "files": {}}
+    print(f"moe_ext {moe_ext.__version__}, isa {moe_ext.get_isa()}, {threads} threads; "
+          f"warm-up {warmup}, {repeats} timed calls, budget {budget_s:g} s per call", file=out, flush=True)
+
+    with _torch_settings(threads) as torch, _blas_threads(threads) as blas:
+        doc["environment"] = _environment(torch)
+        doc["environment"]["blas_threads"] = blas
+        if torch is None:
+            notes.append("torch is not installed: the torch peers (torch_eager, torch_grouped_mm, dense) "
+                         "are skipped and the ceilings use NumPy only (pip install 'moe_ext[bench]')")
+        else:
+            notes.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads, inference_mode")
+        for dt in dtypes:
+            print(f"measuring the {dt} ceilings (matmul {ceiling_n}^3, {ceiling_bytes / 2**20:g} MiB "
+                  f"reads and GEMVs)...", file=out, flush=True)
+            c = ceiling.measure(dt, ceiling_n, ceiling_bytes)
+            doc["ceilings"][dt] = c
+            print(f"  {dt}: compute {_fmt(c['compute_gflop_per_s'], '.1f')} GFLOP/s ({c['compute_by']}), "
+                  f"bandwidth {_fmt(c['bandwidth_gb_per_s'], '.1f')} GB/s ({c['bandwidth_by']})",
+                  file=out, flush=True)
+
+        bar = _Progress(len(shapes) * len(dtypes) * len(impl_names), progress, out)
+        if progress and bar.bar is None:
+            try:
+                import tqdm  # noqa: F401
+            except ImportError:
+                notes.append("tqdm is not installed: no progress bar")
+        bar.write(HEADER)
+        work = workload.Workload(seed)
+        try:
+            for shape in shapes:
+                bar.status(f"{shape.name}: inputs")
+                work.load(shape)
+                touched = work.experts_touched() if shape.decode else None
+                baseline = None
+                for dt in dtypes:
+                    rows = []
+                    for name in impl_names:
+                        bar.status(f"{shape.name} {dt} {name}")
+                        time.sleep(SETTLE_S)
+                        row = _run_one(peers.BY_NAME[name], work, shape, dt, touched, warmup, repeats,
+                                       budget_s, doc["ceilings"][dt])
+                        output = row.pop("_output", None)
+                        if name == "moe_ext" and dt == "fp32" and output is not None:
+                            baseline = output
+                        if output is not None and peers.BY_NAME[name].kind == "moe":
+                            if baseline is None:
+                                baseline = work_baseline(work)
+                            row["rel_err"] = _rel_err(output, baseline)
+                            if dt == "fp32" and row["rel_err"] > FP32_MISMATCH:
+                                row["note"] = (row.get("note", "") + f" differs from moe_ext "
+                                               f"(rel err {row['rel_err']:.2g})").strip()
+                        del output
+                        rows.append(row)
+                        bar.step()
+                    group = _ratios(rows, shape, dt, touched)
+                    doc["groups"].append(group)
+                    doc["results"].extend(rows)
+                    for row in rows:
+                        bar.write(format_row(row))
+        finally:
+            bar.close()
+            work.release()
+
+    print(LEGEND, file=out)
+    for g in doc["groups"]:
+        if g["ratio_vs_fastest_peer"] is not None:
+            print(f"{g['shape']} {g['dtype']}: moe_ext {g['ratio_vs_fastest_peer']:.2f}x the fastest peer "
+                  f"({g['fastest_peer']})", file=out)
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        doc["files"]["json"] = json_path
+    if png_dir:
+        from . import plots
+
+        written, note = plots.write(doc, png_dir)
+        doc["files"]["png"] = written
+        if note:
+            notes.append(note)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+    for note in notes:
+        print(f"note: {note}", file=out)
+    for kind, path in doc["files"].items():
+        for p in path if isinstance(path, list) else [path]:
+            print(f"wrote {p}", file=out)
+    return doc
+
+
+def _resolve_shapes(items):
+    """Names, group names and workload.Shape objects -> [Shape] (duplicates dropped, order kept)."""
+    out = []
+    for item in items:
+        for s in [item] if isinstance(item, workload.Shape) else workload.expand([item]):
+            if s.name not in [o.name for o in out]:
+                out.append(s)
+    return out
+
+
+def work_baseline(work):
+    """moe_ext's float32 output of the loaded shape, the cross-check's ground truth."""
+    from .. import _api
+
+    return _api.moe(work.x, work.w_router, work.w13, work.w2, work.shape.k)
+
+
+def _run_one(peer, work, shape, dtype, touched, warmup, repeats, budget_s, ceilings):
+    T, d, f, E, k = shape.dims
+    row = {"shape": shape.name, "T": T, "d": d, "f": f, "E": E, "k": k, "dtype": dtype, "impl": peer.name,
+           "kind": peer.kind, "bound": "bandwidth" if shape.decode else "compute", "status": "ok",
+           "note": "", "first_call_s": None, "seconds": []}
+    try:
+        fn = peer.prepare(work, dtype)
+    except peers.Unavailable as e:
+        row.update(status=e.status, note=str(e))
+        return row
+    try:
+        status, first, seconds, output = measure(fn, warmup, repeats,
+                                                 None if peer.name == "moe_ext" else budget_s)
+    except Exception as e:  # noqa: BLE001 - a failing implementation is a row, not a crash
+        row.update(status="error", note=f"error: {type(e).__name__}: {str(e)[:200]}")
+        return row
+    row["first_call_s"] = first
+    if status == "skipped":
+        row.update(status="skipped", note=f"skipped (budget): first call {first:.1f} s > {budget_s:g} s")
+        return row
+    row["seconds"] = seconds
+    row.update(_percentiles(seconds))
+    p50 = row["p50_ms"] / 1e3
+    itemsize = 4 if dtype == "fp32" else 2
+    dense = peer.kind == "dense"
+    row["flop"] = workload.dense_flops(*shape.dims) if dense else workload.flops(*shape.dims)
+    row["tokens_per_s"] = T / p50
+    row["gflop_per_s"] = row["flop"] / p50 / 1e9
+    if shape.decode:
+        row["bytes"] = (workload.dense_bytes(d, f, k, itemsize) if dense
+                        else workload.weight_bytes(d, f, E, touched, itemsize))
+        row["gb_per_s"] = row["bytes"] / p50 / 1e9
+        peak = ceilings["bandwidth_gb_per_s"]
+        row["fraction_of_ceiling"] = row["gb_per_s"] / peak if peak else None
+    else:
+        peak = ceilings["compute_gflop_per_s"]
+        row["fraction_of_ceiling"] = row["gflop_per_s"] / peak if peak else None
+    row["_output"] = output
+    return row
+
+
+def _ratios(rows, shape, dtype, touched):
+    """Fill each row's moe_ext_speedup and return the (shape, dtype) summary."""
+    ok = {r["impl"]: r for r in rows if r["status"] == "ok"}
+    moe = ok.get("moe_ext")
+    for r in rows:
+        r["moe_ext_speedup"] = (r["p50_ms"] / moe["p50_ms"]) if (moe and r["impl"] in ok and
+                                                                r["impl"] != "moe_ext") else None
+    moe_peers = [r for name, r in ok.items() if name != "moe_ext" and r["kind"] == "moe"]
+    fastest = min(moe_peers, key=lambda r: r["p50_ms"]) if moe_peers else None
+    ratio = fastest["p50_ms"] / moe["p50_ms"] if (moe and fastest) else None
+    dense = ok.get("dense")
+    group = {"shape": shape.name, "dtype": dtype, "T": shape.T, "d": shape.d, "f": shape.f, "E": shape.E,
+             "k": shape.k, "decode": shape.decode, "experts_touched": touched,
+             "moe_ext_p50_ms": moe and moe["p50_ms"], "fastest_peer": fastest and fastest["impl"],
+             "fastest_peer_p50_ms": fastest and fastest["p50_ms"], "ratio_vs_fastest_peer": ratio,
+             "ratio_vs_dense": dense["p50_ms"] / moe["p50_ms"] if (moe and dense) else None}
+    for r in rows:
+        if r["impl"] == "moe_ext":
+            r["ratio_vs_fastest_peer"] = ratio
+            r["fastest_peer"] = group["fastest_peer"]
+            if ratio is not None and not r["note"]:
+                r["note"] = f"vs {fastest['impl']}"
+    return group
