@@ -18,7 +18,9 @@ namespace moe_ext::cpu::MOE_EXT_CPU_NS {
 
 namespace {
 
-constexpr int64_t kMicroRows = 6;               // 6 x 2 accumulator registers + 2 panel loads + 1 broadcast
+// Rows per microkernel: 2 x kMicroRows accumulators + 2 panel loads + 1 broadcast must fit the register
+// file (32 registers with AVX-512, 16 below).
+constexpr int64_t kMicroRows = kLanes == 16 ? 8 : 6;
 constexpr int64_t kPanelCols = 2 * kLanes;      // two registers wide
 constexpr int64_t kColBlock = 256;              // a multiple of kPanelCols for every tier (8, 16, 32)
 constexpr int64_t kDepthBlock = 256;            // packed block kColBlock x kDepthBlock floats = 256 KiB: in L2
