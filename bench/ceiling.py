@@ -28,4 +28,4 @@ if __name__ == "__main__":
               f"bandwidth {c['bandwidth_gb_per_s'] or 0:.1f} GB/s ({c['bandwidth_by']})")
         for cand in c["candidates"]:
             value = f"{cand['value']:.1f} {cand['unit']}" if cand["value"] is not None else cand["note"]
-            print(f"  {cand['name']:<13} {cand['what']:<8} {cand['size'] or '':<24} {value}")
+            print(f"  {cand['name']:<13} {cand['what']:<8} {cand['size'] or '':<30} {value}")

@@ -44,8 +44,8 @@ def test_check_passes_on_every_tier():
     assert re.search(r"^\d+ passed, 0 failed$", result.stdout, re.M)
 
 
-def test_bench_prints_tokens_per_second():
-    result = run_cli("bench", "--repeats", "1")
+def test_bench_prints_tokens_per_second(tmp_path):
+    result = run_cli("bench", "--repeats", "1", "--json", str(tmp_path / "bench.json"), "--png-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "tokens/s" in result.stdout and re.search(r"^small\s", result.stdout, re.M)
 

@@ -4,7 +4,8 @@ Per (shape, dtype, implementation): one first call (the first warm-up; it is tim
 first call takes longer than the budget is skipped), the rest of the warm-up, then `repeats` timed calls.
 From the timed calls: p50/p95/p99 ms, tokens/s = T / p50, GFLOP/s = FLOPs (SPEC §6) / p50, for decode
 shapes GB/s = weight bytes touched / p50, the fraction of this run's ceiling (bandwidth for decode,
-compute otherwise), and the ratios: on a peer's row, moe_ext_speedup = that row's p50 / moe_ext's p50
+compute otherwise; the ceilings are measured before the first and after the last implementation, the
+best pass counts), and the ratios: on a peer's row, moe_ext_speedup = that row's p50 / moe_ext's p50
 (> 1: moe_ext is faster); per (shape, dtype), ratio_vs_fastest_peer = the fastest MoE peer's p50 /
 moe_ext's p50 (the dense equivalent is not an MoE and is reported separately as ratio_vs_dense).
 """
@@ -26,20 +27,22 @@ DEFINITIONS = {
              "router) * itemsize; the dense row: 3*d*(k*f) * itemsize",
     "tokens_per_s": "T / p50",
     "fraction_of_ceiling": "GFLOP/s / compute ceiling, or for decode shapes GB/s / bandwidth ceiling, "
-                           "both measured in this run in the row's dtype",
+                           "in the row's dtype; each ceiling is the best of two passes of this run, "
+                           "one before the first implementation and one after the last",
     "moe_ext_speedup": "this row's p50 / moe_ext's p50 in the same (shape, dtype): > 1 means moe_ext "
                        "is faster",
     "ratio_vs_fastest_peer": "fastest MoE peer's p50 / moe_ext's p50 (peers: reference, torch_eager, "
                              "torch_grouped_mm; dense excluded)",
     "ratio_vs_dense": "dense p50 / moe_ext p50",
-    "dense": peers.Dense.description,
+    "dense": peers.Dense.description + "; its weights are views of the first k experts' weights "
+             "(the same bytes read as [2*k*f, d] and [d, k*f]; values do not change a dense FFN's time)",
     "reference": "moe_ext.reference.moe on float32 arrays: computes in float32 (fp32 only)",
     "rel_err": "||y - y_moe_ext_fp32|| / ||y_moe_ext_fp32|| of the first call's output (MoE rows)",
     "percentiles": "numpy.percentile (linear) over the timed calls",
     "weights": "expert weights above 4M elements are a random N(0, 1/fan_in) pool tiled over the array "
                "(values do not change timings); x and w_router are drawn in full",
 }
-BUDGET_S = 10.0
+BUDGET_S = 60.0
 DEFAULT_JSON = os.path.join("bench", "results", "bench.json")
 DEFAULT_PNG_DIR = os.path.join("bench", "results")
 FP32_MISMATCH = 1e-3  # a float32 MoE row further than this from moe_ext gets a note
@@ -132,11 +135,11 @@ def _rel_err(got, want):
 
 
 class _Progress:
-    """tqdm over the runs when tqdm is installed (and stderr is a terminal); else silent. Table lines
-    go through write() so that they print above the bar."""
+    """A tqdm bar on stderr over the runs when tqdm is installed and stderr is a terminal; otherwise (and
+    unless disabled) one line per finished run on stderr, so that long runs show life in logs too."""
 
     def __init__(self, total, enabled, out):
-        self.out, self.bar = out, None
+        self.total, self.done, self.enabled, self.bar = total, 0, enabled, None
         if enabled:
             try:
                 from tqdm import tqdm
@@ -145,19 +148,22 @@ class _Progress:
             self.bar = tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True,
                             disable=None)  # None: no bar when stderr is not a terminal
 
+    @property
+    def shown(self):
+        return self.bar is not None and not self.bar.disable
+
     def status(self, text):
-        if self.bar is not None:
+        if self.shown:
             self.bar.set_postfix_str(text, refresh=True)
 
-    def step(self):
-        if self.bar is not None:
+    def step(self, row):
+        self.done += 1
+        if self.shown:
             self.bar.update(1)
-
-    def write(self, line):
-        if self.bar is not None:
-            self.bar.write(line, file=self.out)
-        else:
-            print(line, file=self.out, flush=True)
+        elif self.enabled:
+            what = f"p50 {row['p50_ms']:.3f} ms" if row["status"] == "ok" else row["note"]
+            print(f"[{self.done}/{self.total}] {row['shape']} {row['dtype']} {row['impl']}: {what}",
+                  file=sys.stderr, flush=True)
 
     def close(self):
         if self.bar is not None:
@@ -168,15 +174,16 @@ def _fmt(value, spec, missing="-"):
     return missing if value is None else format(value, spec)
 
 
-HEADER = (f"{'shape':<10} {'dtype':<5} {'impl':<17} {'p50 ms':>10} {'p95 ms':>10} {'p99 ms':>10} "
+def header(width=10):
+    return (f"{'shape':<{width}} {'dtype':<5} {'impl':<17} {'p50 ms':>10} {'p95 ms':>10} {'p99 ms':>10} "
           f"{'tokens/s':>11} {'GFLOP/s':>9} {'GB/s':>7} {'ceil %':>7} {'moe_ext x':>9}  note")
 
 
-def format_row(r):
+def format_row(r, width=10):
     ratio = r.get("ratio_vs_fastest_peer") if r["impl"] == "moe_ext" else r.get("moe_ext_speedup")
     note = r.get("note") or ""
     frac = r.get("fraction_of_ceiling")
-    return (f"{r['shape']:<10} {r['dtype']:<5} {r['impl']:<17} {_fmt(r.get('p50_ms'), '10.3f'):>10} "
+    return (f"{r['shape']:<{width}} {r['dtype']:<5} {r['impl']:<17} {_fmt(r.get('p50_ms'), '10.3f'):>10} "
             f"{_fmt(r.get('p95_ms'), '10.3f'):>10} {_fmt(r.get('p99_ms'), '10.3f'):>10} "
             f"{_fmt(r.get('tokens_per_s'), '11.1f'):>11} {_fmt(r.get('gflop_per_s'), '9.2f'):>9} "
             f"{_fmt(r.get('gb_per_s'), '7.2f'):>7} {_fmt(None if frac is None else 100 * frac, '7.1f'):>7} "
@@ -199,10 +206,10 @@ def run(shapes=None, dtypes=("fp32",), impls=None, warmup=1, repeats=5, budget_s
 
     out = sys.stdout if out is None else out
     shapes = _resolve_shapes(shapes or workload.QUICK)
-    dtypes = list(dict.fromkeys(dtypes))
     for dt in dtypes:
         if dt not in peers.DTYPES:
             raise ValueError(f"dtype: expected one of {peers.DTYPES}, got {dt!r}")
+    dtypes = [dt for dt in peers.DTYPES if dt in dtypes]  # fp32 first: its moe_ext output is the baseline
     impl_names = list(dict.fromkeys(impls or peers.NAMES))
     for name in impl_names:
         if name not in peers.BY_NAME:
@@ -228,22 +235,12 @@ def run(shapes=None, dtypes=("fp32",), impls=None, warmup=1, repeats=5, budget_s
                          "are skipped and the ceilings use NumPy only (pip install 'moe_ext[bench]')")
         else:
             notes.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads, inference_mode")
-        for dt in dtypes:
-            print(f"measuring the {dt} ceilings (matmul {ceiling_n}^3, {ceiling_bytes / 2**20:g} MiB "
-                  f"reads and GEMVs)...", file=out, flush=True)
-            c = ceiling.measure(dt, ceiling_n, ceiling_bytes)
-            doc["ceilings"][dt] = c
-            print(f"  {dt}: compute {_fmt(c['compute_gflop_per_s'], '.1f')} GFLOP/s ({c['compute_by']}), "
-                  f"bandwidth {_fmt(c['bandwidth_gb_per_s'], '.1f')} GB/s ({c['bandwidth_by']})",
-                  file=out, flush=True)
+        passes = {dt: [] for dt in dtypes}
+        _measure_ceilings(passes, "start", ceiling_n, ceiling_bytes, out)
 
         bar = _Progress(len(shapes) * len(dtypes) * len(impl_names), progress, out)
         if progress and bar.bar is None:
-            try:
-                import tqdm  # noqa: F401
-            except ImportError:
-                notes.append("tqdm is not installed: no progress bar")
-        bar.write(HEADER)
+            notes.append("tqdm is not installed: no progress bar")
         work = workload.Workload(seed)
         try:
             for shape in shapes:
@@ -257,7 +254,7 @@ def run(shapes=None, dtypes=("fp32",), impls=None, warmup=1, repeats=5, budget_s
                         bar.status(f"{shape.name} {dt} {name}")
                         time.sleep(SETTLE_S)
                         row = _run_one(peers.BY_NAME[name], work, shape, dt, touched, warmup, repeats,
-                                       budget_s, doc["ceilings"][dt])
+                                       budget_s)
                         output = row.pop("_output", None)
                         if name == "moe_ext" and dt == "fp32" and output is not None:
                             baseline = output
@@ -270,17 +267,27 @@ def run(shapes=None, dtypes=("fp32",), impls=None, warmup=1, repeats=5, budget_s
                                                f"(rel err {row['rel_err']:.2g})").strip()
                         del output
                         rows.append(row)
-                        bar.step()
-                    group = _ratios(rows, shape, dt, touched)
-                    doc["groups"].append(group)
+                        bar.step(row)
+                    doc["groups"].append(_ratios(rows, shape, dt, touched))
                     doc["results"].extend(rows)
-                    for row in rows:
-                        bar.write(format_row(row))
         finally:
             bar.close()
             work.release()
+        # Measured again at the end: a busy machine can depress one pass; the ceiling is the best of both.
+        _measure_ceilings(passes, "end", ceiling_n, ceiling_bytes, out)
+    for dt in dtypes:
+        doc["ceilings"][dt] = _combine(passes[dt])
+    _fractions(doc["results"], doc["ceilings"])
 
+    width = max([10] + [len(s.name) for s in shapes])
+    print(header(width), file=out)
+    for row in doc["results"]:
+        print(format_row(row, width), file=out)
     print(LEGEND, file=out)
+    for dt in dtypes:
+        print(f"ceilings {dt} (best of the start and end passes): compute "
+              f"{_ceiling_text(doc['ceilings'][dt], 'compute', 'GFLOP/s')}, bandwidth "
+              f"{_ceiling_text(doc['ceilings'][dt], 'bandwidth', 'GB/s')}", file=out)
     for g in doc["groups"]:
         if g["ratio_vs_fastest_peer"] is not None:
             print(f"{g['shape']} {g['dtype']}: moe_ext {g['ratio_vs_fastest_peer']:.2f}x the fastest peer "
@@ -307,6 +314,54 @@ def run(shapes=None, dtypes=("fp32",), impls=None, warmup=1, repeats=5, budget_s
     return doc
 
 
+def _measure_ceilings(passes, label, n, nbytes, out):
+    for dt, got in passes.items():
+        print(f"measuring the {dt} ceilings ({label} of the run: matmul {n}^3, {nbytes / 2**20:g} MiB reads, "
+              f"copies and GEMVs)...", file=out, flush=True)
+        c = ceiling.measure(dt, n, nbytes)
+        c["pass"] = label
+        got.append(c)
+        print(f"  {dt}: compute {_ceiling_text(c, 'compute', 'GFLOP/s')}, "
+              f"bandwidth {_ceiling_text(c, 'bandwidth', 'GB/s')}", file=out, flush=True)
+
+
+def _combine(passes):
+    """The best compute and the best bandwidth over the passes, with every pass kept."""
+    out = {"passes": passes}
+    for kind, key in (("compute", "compute_gflop_per_s"), ("bandwidth", "bandwidth_gb_per_s")):
+        best = max((p for p in passes if p[key] is not None), key=lambda p: p[key], default=None)
+        out[key] = best and best[key]
+        out[kind + "_by"] = best and f"{best[kind + '_by']}, {best['pass']}"
+    out["candidates"] = [dict(c, **{"pass": p["pass"]}) for p in passes for c in p["candidates"]]
+    return out
+
+
+def _fractions(rows, ceilings):
+    """fraction_of_ceiling of every measured row: GB/s over the bandwidth ceiling for decode shapes,
+    GFLOP/s over the compute ceiling otherwise, in the row's dtype."""
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        c = ceilings[row["dtype"]]
+        if row["bound"] == "bandwidth":
+            value, peak = row["gb_per_s"], c["bandwidth_gb_per_s"]
+        else:
+            value, peak = row["gflop_per_s"], c["compute_gflop_per_s"]
+        row["fraction_of_ceiling"] = value / peak if peak else None
+        if peak and value > peak:
+            extra = "above this run's ceiling (a busy machine during both ceiling passes?)"
+            row["note"] = f"{row['note']}; {extra}" if row["note"] else extra
+
+
+def _ceiling_text(c, kind, unit):
+    value = c[f"{kind}_gflop_per_s" if kind == "compute" else f"{kind}_gb_per_s"]
+    if value is None:
+        reasons = {cand["note"] for cand in c["candidates"]
+                   if (cand["what"] == "compute") == (kind == "compute") and cand.get("note")}
+        return "n/a (" + "; ".join(sorted(reasons)) + ")"
+    return f"{value:.1f} {unit} ({c[kind + '_by']})"
+
+
 def _resolve_shapes(items):
     """Names, group names and workload.Shape objects -> [Shape] (duplicates dropped, order kept)."""
     out = []
@@ -324,7 +379,7 @@ def work_baseline(work):
     return _api.moe(work.x, work.w_router, work.w13, work.w2, work.shape.k)
 
 
-def _run_one(peer, work, shape, dtype, touched, warmup, repeats, budget_s, ceilings):
+def _run_one(peer, work, shape, dtype, touched, warmup, repeats, budget_s):
     T, d, f, E, k = shape.dims
     row = {"shape": shape.name, "T": T, "d": d, "f": f, "E": E, "k": k, "dtype": dtype, "impl": peer.name,
            "kind": peer.kind, "bound": "bandwidth" if shape.decode else "compute", "status": "ok",
@@ -356,11 +411,6 @@ def _run_one(peer, work, shape, dtype, touched, warmup, repeats, budget_s, ceili
         row["bytes"] = (workload.dense_bytes(d, f, k, itemsize) if dense
                         else workload.weight_bytes(d, f, E, touched, itemsize))
         row["gb_per_s"] = row["bytes"] / p50 / 1e9
-        peak = ceilings["bandwidth_gb_per_s"]
-        row["fraction_of_ceiling"] = row["gb_per_s"] / peak if peak else None
-    else:
-        peak = ceilings["compute_gflop_per_s"]
-        row["fraction_of_ceiling"] = row["gflop_per_s"] / peak if peak else None
     row["_output"] = output
     return row
 

@@ -16,6 +16,8 @@ f..2f-1) and w2 [E,d,f]; y[t] = sum_j weight[t,j] * w2[e] @ (silu(gate[e] @ x[t]
   index_add_; only where torch._grouped_mm runs on this CPU in this dtype (probed first).
 * ``dense``: not an MoE: one dense SwiGLU FFN of intermediate size k*f (no router), i.e. the same FLOPs
   per token as the k active experts, timed with torch: what the active compute costs without routing.
+  Its weights are views of the first k experts' weights, the same bytes read as [2*k*f, d] and
+  [d, k*f] (a dense FFN's time does not depend on its values; no extra gigabytes for Mixtral).
 
 torch tensors come from the same arrays: torch.from_numpy (no copy) for fp32, .to(torch.bfloat16) for
 bf16. The harness runs every call under torch.inference_mode() with torch.set_num_threads equal to
