@@ -8,22 +8,14 @@ namespace moe_ext::cpu::MOE_EXT_CPU_NS {
 
 namespace {
 
-float silu(float z) { return z / (1.f + expf(-z)); }
 // 0.5 z (1 + erf(z/sqrt2)) written with erfc, which keeps its relative accuracy in the negative tail
 // where 1 + erf cancels.
 float gelu(float z) { return 0.5f * z * erfcf(-z * 0.70710678118654752f); }
 // NaN stays NaN (a max() would turn it into 0).
 float relu(float z) { return z > 0.f ? z : (z <= 0.f ? 0.f : z); }
 
-float apply(Activation activation, float z) {
-  switch (activation) {
-    case Activation::swiglu: return silu(z);
-    case Activation::geglu:
-    case Activation::gelu: return gelu(z);
-    case Activation::relu: return relu(z);
-  }
-  return z;
-}
+// GeGLU, GELU and ReLU, element by element (SwiGLU has its vector path below).
+float apply(Activation activation, float z) { return activation == Activation::relu ? relu(z) : gelu(z); }
 
 // SwiGLU on whole registers: the expf of the scalar path is the layer's costliest call otherwise.
 // The tail of a row goes through the same vector code via a lane buffer, so every element of a row is

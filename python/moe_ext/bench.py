@@ -8,49 +8,18 @@ measured in the same run, and moe_ext's ratio to every peer and to the fastest o
 table (with a tqdm bar), a JSON file and two PNGs. torch, tqdm and matplotlib are optional
 (pip install 'moe_ext[bench]'): without them the torch rows, the bar or the PNGs are left out with a note.
 
-Python API: ``run(...)`` (moe_ext._bench.harness.run) returns the JSON document; ``report(name)`` times
-moe_ext alone on one shape (bench/forward.py).
+Python API: ``run(...)`` (moe_ext._bench.harness.run) returns the JSON document.
 """
 import argparse
 import sys
-import time
 
-import numpy as np
-
-from . import _api
 from ._bench import ceiling, harness, peers, workload
 from ._bench.harness import run
 from ._bench.workload import QUICK, SHAPE_CHOICES, SHAPE_GROUPS, SHAPES, flops, make_inputs
 
-__all__ = ["run", "main", "add_arguments", "report", "time_forward", "flops", "make_inputs", "SHAPES",
+__all__ = ["run", "main", "add_arguments", "flops", "make_inputs", "SHAPES",
            "SHAPE_GROUPS", "QUICK", "IMPLS"]
 IMPLS = peers.NAMES
-
-
-def time_forward(shape, repeats=5, warmup=1):
-    """Median, p95 and all seconds of `repeats` timed moe_ext.moe() calls after `warmup` untimed ones."""
-    T, d, f, E, k = shape
-    x, w_router, w13, w2 = make_inputs(*shape)
-    for _ in range(warmup):
-        _api.moe(x, w_router, w13, w2, k)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _api.moe(x, w_router, w13, w2, k)
-        seconds.append(time.perf_counter() - start)
-    return float(np.median(seconds)), float(np.percentile(seconds, 95)), seconds
-
-
-def report(name, repeats=5):
-    """moe_ext alone on one SPEC §6 shape: p50/p95 ms, tokens/s and GFLOP/s."""
-    shape = SHAPES[name]
-    T, d, f, E, k = shape
-    median, p95, _ = time_forward(shape, repeats)
-    return {
-        "shape": name, "T": T, "d": d, "f": f, "E": E, "k": k, "repeats": repeats,
-        "p50_ms": median * 1e3, "p95_ms": p95 * 1e3,
-        "tokens_per_s": T / median, "gflop_per_s": flops(*shape) / median / 1e9,
-    }
 
 
 def add_arguments(parser):
