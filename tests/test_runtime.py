@@ -39,7 +39,8 @@ def test_info(isa):
     assert info["isa_available"] == [t for t in TIERS if t in info["isa_available"]]
     assert isinstance(info["num_threads"], int) and info["num_threads"] >= 1
     assert info["num_threads"] == moe_ext.get_num_threads()
-    assert info["cuda"] is False
+    cuda = info["cuda"]
+    assert isinstance(cuda["built"], bool) and cuda["available"] == (cuda["device_count"] > 0)
 
 
 def test_set_isa_roundtrip(isa):

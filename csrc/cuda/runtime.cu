@@ -18,8 +18,11 @@ const Discovery& discovery() {
     const cudaError_t status = cudaGetDeviceCount(&d.count);
     if (status != cudaSuccess) {
       d.count = 0;
-      d.error = cudaGetErrorString(status);
-      cudaGetLastError();  // clear the sticky-free error so later calls do not report it
+      // The runtime reports a missing driver (no libcuda) as an insufficient one: say both.
+      d.error = status == cudaErrorInsufficientDriver
+                    ? "no NVIDIA driver found, or it is older than this CUDA runtime (cudaErrorInsufficientDriver)"
+                    : std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
+      cudaGetLastError();  // clear it, so that no later check reports it again
     } else if (d.count == 0) {
       d.error = "no CUDA device";
     }

@@ -59,5 +59,20 @@ def info():
         "isa_available": available_isas(),
         "isa": get_isa(),
         "num_threads": get_num_threads(),
-        "cuda": build["cuda"],
+        "cuda": _cuda_info(),
     }
+
+
+def _cuda_info():
+    """Whether the CUDA kernels (module moe_ext._cuda) were built, and the devices they can see."""
+    try:
+        from . import _cuda
+    except ImportError:
+        return {"built": False, "available": False, "device_count": 0}
+    count = _cuda.device_count()
+    build = dict(_cuda.build_info())
+    info = {"built": True, "available": count > 0, "device_count": count,
+            "architectures": build["architectures"], "runtime_version": build["runtime_version"]}
+    if count == 0:
+        info["reason"] = _cuda.runtime_error()
+    return info

@@ -13,6 +13,8 @@ def _info(args):
         return 0
     width = max(len(key) for key in info)
     for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
         shown = ", ".join(value) if isinstance(value, list) else value
         print(f"{key:<{width}}  {shown}")
     return 0

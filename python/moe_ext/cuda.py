@@ -1,0 +1,410 @@
+"""moe_ext.cuda: the CUDA kernels on torch CUDA tensors (the launchers of `moe_ext._cuda` underneath).
+
+The torch custom ops (`moe_ext.torch`) register these as the CUDA kernels of `torch.ops.moe_ext.*`.
+Every function runs on `torch.cuda.current_stream()` of its tensors' device and allocates its outputs
+with torch (so the caching allocator and CUDA graphs see them). Nothing synchronises with the host except
+the optional value checks `check_ids=True` / `check_offsets=True`, which read one reduction back.
+
+Signatures (T tokens, d hidden, f intermediate, E experts, k top-k; M rows of the permuted layout):
+
+    available() -> bool                     # built with CUDA and a device is present
+    device_count() -> int                   # 0 without a GPU or driver (never raises)
+    route(x [T,d], w_router [E,d], top_k, *, scoring="softmax", renormalize=True, scale=1.0,
+          bias=None [E] f32, correction_bias=None [E] f32, n_group=None, topk_group=None,
+          return_probs=False) -> (topk_weights [T,k] f32, topk_ids [T,k] i32[, probs [T,E] f32])
+    permute(x [T,d], topk_ids [T,k], num_experts, *, capacity=None, check_ids=True)
+          -> (x_perm [M,d], expert_offsets [E+1] i32, perm_rows [T,k] i32)
+          M = T*k; with capacity C, M = min(T*k, E*C) and rows expert_offsets[E]..M-1 are zeros
+          (the kept count is only known on the device; no host synchronisation).
+    grouped_gemm(a [M,K], w [E,N,K], expert_offsets [E+1], *, activation=None, check_offsets=True)
+          -> out [M,N]; with activation="swiglu"/"geglu" -> act(gate) * up [M, N/2] (w = w13);
+             "relu"/"gelu" -> act(out) [M,N]. Rows expert_offsets[E]..M-1 are zeros.
+    activate(h [M,2f or f], activation) -> [M,f]
+    unpermute(y_perm [M,d], perm_rows [T,k], topk_weights [T,k] f32) -> y [T,d]
+    experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None,
+            check_ids=True) -> y [T,d]      # permute -> GEMM1 + fused activation -> GEMM2 -> unpermute
+    moe(x, w_router, w13_or_w1, w2, top_k, *, activation="swiglu", <route keywords>, capacity=None)
+          -> y [T,d]
+    # backward
+    grouped_gemm_backward(d_out [M,N], a [M,K], w [E,N,K], expert_offsets, *, need_a=True, need_w=True)
+          -> (d_a [M,K] or None, d_w [E,N,K] or None)   # d_a = d_out @ w[e]; d_w[e] = d_out[rows]^T a[rows]
+    activation_backward(h [M,2f or f], d_act [M,f], activation) -> d_h (shape of h)
+    unpermute_backward(dy [T,d], y_perm [M,d], perm_rows, topk_weights)
+          -> (d_y_perm [M,d], d_topk_weights [T,k] f32)
+    permute_backward(d_x_perm [M,d], perm_rows [T,k]) -> d_x [T,d]
+
+Dtypes: x, weights and every activation tensor share one dtype, float32, bfloat16 or float16
+(float32 is exact float32 math: no TF32); accumulation is float32; scores and top-k weights are float32;
+index tensors are int32 (int64 topk_ids are accepted and converted). All tensors contiguous, on one CUDA
+device. Errors: TypeError (not a tensor, wrong dtype), ValueError (shape, contiguity, values, a tensor
+on the wrong device), RuntimeError (moe_ext built without CUDA, or no CUDA device present).
+"""
+import torch
+
+try:
+    from . import _cuda
+except ImportError:  # a CPU-only build
+    _cuda = None
+
+__all__ = [
+    "available", "device_count", "route", "permute", "grouped_gemm", "activate", "unpermute", "experts",
+    "moe", "grouped_gemm_backward", "activation_backward", "unpermute_backward", "permute_backward",
+]
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_FLOATS = tuple(_DTYPE_CODES)
+_INDEX = (torch.int32,)
+_ACTIVATIONS = {"swiglu": 0, "geglu": 1, "relu": 2, "gelu": 3}
+_GATED = ("swiglu", "geglu")
+_SCORINGS = {"softmax": 0, "sigmoid": 1}
+
+
+def device_count():
+    """CUDA devices moe_ext._cuda sees: 0 without a GPU or driver, or in a CPU-only build."""
+    return _cuda.device_count() if _cuda is not None else 0
+
+
+def available():
+    return device_count() > 0
+
+
+# ------------------------------------------------------------------------------------------ checks
+def _fail(exc, name, expected, got):
+    raise exc(f"{name}: expected {expected}; got {got}")
+
+
+def _tensor(t, name, ndim, dtypes=_FLOATS, shape=None):
+    """A contiguous tensor of one of `dtypes`, rank `ndim` and `shape` (None entries match any size)."""
+    if not isinstance(t, torch.Tensor):
+        _fail(TypeError, name, "a torch.Tensor", type(t).__name__)
+    if t.dtype not in dtypes:
+        _fail(TypeError, name, "dtype " + " or ".join(str(d) for d in dtypes), str(t.dtype))
+    if t.dim() != ndim:
+        _fail(ValueError, name, f"a {ndim}-D tensor", f"shape {tuple(t.shape)}")
+    if shape is not None and any(want is not None and want != got for want, got in zip(shape, t.shape)):
+        wanted = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        _fail(ValueError, name, f"shape {wanted}", f"shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        _fail(ValueError, name, "a contiguous tensor", f"strides {t.stride()}")
+    return t
+
+
+def _same_dtype(pairs):
+    first_name, first = pairs[0]
+    for name, t in pairs[1:]:
+        if t.dtype != first.dtype:
+            _fail(TypeError, name, f"the dtype of {first_name} ({first.dtype})", str(t.dtype))
+
+
+def _integer(value, name, low, high=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(TypeError, name, "an int", type(value).__name__)
+    if value < low or (high is not None and value > high):
+        _fail(ValueError, name, f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}",
+              value)
+    return value
+
+
+def _choice(value, name, choices):
+    if value not in choices:
+        _fail(ValueError, name, "one of " + ", ".join(repr(c) for c in choices), repr(value))
+    return value
+
+
+def _device(fn, **tensors):
+    """The one CUDA device all given tensors are on; RuntimeError when CUDA is missing altogether."""
+    if _cuda is None:
+        raise RuntimeError(f"moe_ext.cuda.{fn}: this moe_ext was built without CUDA (no nvcc at build time)")
+    if device_count() == 0:
+        raise RuntimeError(f"moe_ext.cuda.{fn}: no CUDA device is available (CUDA runtime: "
+                           f"{_cuda.runtime_error()}); the CUDA kernels need an NVIDIA GPU (sm_80 or later)")
+    device = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device.type != "cuda":
+            _fail(ValueError, name, "a CUDA tensor", f"a tensor on {t.device}")
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            _fail(ValueError, name, f"a tensor on {device} (the device of the other arguments)", str(t.device))
+    return device
+
+
+def _stream(device):
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _ids(topk_ids, T, name="topk_ids"):
+    topk_ids = _tensor(topk_ids, name, 2, (torch.int32, torch.int64), (T, None))
+    return topk_ids
+
+
+def _check_id_values(topk_ids, E, name="topk_ids"):
+    if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= E):
+        _fail(ValueError, name, f"expert ids in [0, {E - 1}]",
+              f"values in [{int(topk_ids.min())}, {int(topk_ids.max())}]")
+
+
+def _check_offset_values(offsets, M, name="expert_offsets"):
+    o = offsets.cpu()
+    if int(o[0]) != 0 or int(o[-1]) != M or bool((o[1:] < o[:-1]).any()):
+        _fail(ValueError, name, f"a non-decreasing cover of 0..{M} (offsets[0] = 0, offsets[E] = {M})",
+              o.tolist() if o.numel() <= 16 else f"offsets[0] = {int(o[0])}, offsets[E] = {int(o[-1])}")
+
+
+# ------------------------------------------------------------------------------------------ forward
+def route(x, w_router, top_k, *, scoring="softmax", renormalize=True, scale=1.0, bias=None,
+          correction_bias=None, n_group=None, topk_group=None, return_probs=False):
+    x = _tensor(x, "x", 2)
+    w_router = _tensor(w_router, "w_router", 2, shape=(None, x.shape[1]))
+    _same_dtype([("x", x), ("w_router", w_router)])
+    E = w_router.shape[0]
+    if E < 1:
+        _fail(ValueError, "w_router", "at least one expert (E >= 1)", f"shape {tuple(w_router.shape)}")
+    top_k = _integer(top_k, "top_k", 1, E)
+    scoring = _choice(scoring, "scoring", tuple(_SCORINGS))
+    if bias is not None:
+        bias = _tensor(bias, "bias", 1, (torch.float32,), (E,))
+    if correction_bias is not None:
+        correction_bias = _tensor(correction_bias, "correction_bias", 1, (torch.float32,), (E,))
+    if (n_group is None) != (topk_group is None):
+        _fail(ValueError, "n_group", "n_group and topk_group both given or both None",
+              f"n_group={n_group!r}, topk_group={topk_group!r}")
+    device = _device("route", x=x, w_router=w_router, bias=bias, correction_bias=correction_bias)
+    T = x.shape[0]
+    weights = torch.empty((T, top_k), dtype=torch.float32, device=device)
+    ids = torch.empty((T, top_k), dtype=torch.int32, device=device)
+    probs = torch.empty((T, E), dtype=torch.float32, device=device) if return_probs else None
+    with torch.cuda.device(device):
+        _cuda.route(x.data_ptr(), w_router.data_ptr(), T, x.shape[1], E, _DTYPE_CODES[x.dtype], top_k,
+                    _SCORINGS[scoring], bool(renormalize), float(scale), _ptr(bias), _ptr(correction_bias),
+                    n_group or 0, topk_group or 0, weights.data_ptr(), ids.data_ptr(), _ptr(probs),
+                    _stream(device))
+    return (weights, ids, probs) if return_probs else (weights, ids)
+
+
+def _plan(topk_ids, E, capacity, device):
+    T, k = topk_ids.shape
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=device)
+    perm_rows = torch.empty((T, k), dtype=torch.int32, device=device)
+    scratch = torch.empty(max(_cuda.permute_scratch_bytes(T, k, E), 1), dtype=torch.uint8, device=device)
+    _cuda.permute_plan(topk_ids.data_ptr(), T, k, E, -1 if capacity is None else capacity, offsets.data_ptr(),
+                       perm_rows.data_ptr(), scratch.data_ptr(), _stream(device))
+    return offsets, perm_rows
+
+
+def _permuted_rows(T, k, E, capacity):
+    return T * k if capacity is None else min(T * k, E * capacity)
+
+
+def permute(x, topk_ids, num_experts, *, capacity=None, check_ids=True):
+    x = _tensor(x, "x", 2)
+    topk_ids = _ids(topk_ids, x.shape[0])
+    E = _integer(num_experts, "num_experts", 1, 2**31 - 1)
+    if capacity is not None:
+        capacity = _integer(capacity, "capacity", 0)
+    device = _device("permute", x=x, topk_ids=topk_ids)
+    if check_ids:
+        _check_id_values(topk_ids, E)
+    topk_ids = topk_ids.to(torch.int32)
+    T, k = topk_ids.shape
+    M = _permuted_rows(T, k, E, capacity)
+    with torch.cuda.device(device):
+        offsets, perm_rows = _plan(topk_ids, E, capacity, device)
+        padded = capacity is not None or not check_ids  # some rows may be owned by no copy
+        x_perm = (torch.zeros if padded else torch.empty)((M, x.shape[1]), dtype=x.dtype, device=device)
+        _cuda.gather_rows(x.data_ptr(), perm_rows.data_ptr(), T, k, x.shape[1], M, _DTYPE_CODES[x.dtype],
+                          x_perm.data_ptr(), _stream(device))
+    return x_perm, offsets, perm_rows
+
+
+def _epilogue(activation):
+    return -1 if activation is None else _ACTIVATIONS[_choice(activation, "activation", tuple(_ACTIVATIONS))]
+
+
+def grouped_gemm(a, w, expert_offsets, *, activation=None, check_offsets=True):
+    a = _tensor(a, "a", 2)
+    w = _tensor(w, "w", 3, shape=(None, None, a.shape[1]))
+    _same_dtype([("a", a), ("w", w)])
+    E, N, K = w.shape
+    if E < 1:
+        _fail(ValueError, "w", "at least one expert (E >= 1)", f"shape {tuple(w.shape)}")
+    expert_offsets = _tensor(expert_offsets, "expert_offsets", 1, _INDEX, (E + 1,))
+    epilogue = _epilogue(activation)
+    if activation in _GATED and N % 2:
+        _fail(ValueError, "w", f"an even number of rows N = 2f for activation {activation!r}", f"N = {N}")
+    device = _device("grouped_gemm", a=a, w=w, expert_offsets=expert_offsets)
+    M = a.shape[0]
+    if check_offsets:
+        _check_offset_values(expert_offsets, M)
+    out = torch.empty((M, N // 2 if activation in _GATED else N), dtype=a.dtype, device=device)
+    with torch.cuda.device(device):
+        _cuda.grouped_gemm(a.data_ptr(), w.data_ptr(), expert_offsets.data_ptr(), E, M, N, K, _DTYPE_CODES[a.dtype],
+                           epilogue, out.data_ptr(), _stream(device))
+    return out
+
+
+def activate(h, activation):
+    h = _tensor(h, "h", 2)
+    activation = _choice(activation, "activation", tuple(_ACTIVATIONS))
+    if activation in _GATED and h.shape[1] % 2:
+        _fail(ValueError, "h", f"an even number of columns 2f for {activation!r}", f"shape {tuple(h.shape)}")
+    device = _device("activate", h=h)
+    M, f = h.shape[0], h.shape[1] // 2 if activation in _GATED else h.shape[1]
+    out = torch.empty((M, f), dtype=h.dtype, device=device)
+    with torch.cuda.device(device):
+        _cuda.activate(h.data_ptr(), M, f, _ACTIVATIONS[activation], _DTYPE_CODES[h.dtype], out.data_ptr(),
+                       _stream(device))
+    return out
+
+
+def unpermute(y_perm, perm_rows, topk_weights):
+    y_perm = _tensor(y_perm, "y_perm", 2)
+    perm_rows = _tensor(perm_rows, "perm_rows", 2, _INDEX)
+    topk_weights = _tensor(topk_weights, "topk_weights", 2, (torch.float32,), tuple(perm_rows.shape))
+    device = _device("unpermute", y_perm=y_perm, perm_rows=perm_rows, topk_weights=topk_weights)
+    (T, k), (M, d) = perm_rows.shape, y_perm.shape
+    y = torch.empty((T, d), dtype=y_perm.dtype, device=device)
+    with torch.cuda.device(device):
+        _cuda.unpermute(y_perm.data_ptr(), perm_rows.data_ptr(), topk_weights.data_ptr(), T, k, d, M,
+                        _DTYPE_CODES[y_perm.dtype], y.data_ptr(), _stream(device))
+    return y
+
+
+def _expert_weights(x, w13_or_w1, w2, activation):
+    activation = _choice(activation, "activation", tuple(_ACTIVATIONS))
+    w2 = _tensor(w2, "w2", 3, shape=(None, x.shape[1], None))
+    E, d, f = w2.shape
+    rows = 2 * f if activation in _GATED else f
+    w13_or_w1 = _tensor(w13_or_w1, "w13_or_w1", 3, shape=(E, rows, d))
+    _same_dtype([("x", x), ("w13_or_w1", w13_or_w1), ("w2", w2)])
+    if E < 1:
+        _fail(ValueError, "w2", "at least one expert (E >= 1)", f"shape {tuple(w2.shape)}")
+    return w13_or_w1, w2, activation
+
+
+def _experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity, check_ids, device):
+    E, d, f = w2.shape
+    T, k = topk_ids.shape
+    x_perm, offsets, perm_rows = permute(x, topk_ids, E, capacity=capacity, check_ids=check_ids)
+    M = x_perm.shape[0]
+    code = _DTYPE_CODES[x.dtype]
+    stream = _stream(device)
+    with torch.cuda.device(device):
+        hidden = torch.empty((M, f), dtype=x.dtype, device=device)
+        _cuda.grouped_gemm(x_perm.data_ptr(), w13_or_w1.data_ptr(), offsets.data_ptr(), E, M, w13_or_w1.shape[1], d,
+                           code, _ACTIVATIONS[activation], hidden.data_ptr(), stream)
+        y_perm = torch.empty((M, d), dtype=x.dtype, device=device)
+        _cuda.grouped_gemm(hidden.data_ptr(), w2.data_ptr(), offsets.data_ptr(), E, M, d, f, code, -1,
+                           y_perm.data_ptr(), stream)
+        y = torch.empty((T, d), dtype=x.dtype, device=device)
+        _cuda.unpermute(y_perm.data_ptr(), perm_rows.data_ptr(), topk_weights.data_ptr(), T, k, d, M, code,
+                        y.data_ptr(), stream)
+    return y
+
+
+def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None, check_ids=True):
+    x = _tensor(x, "x", 2)
+    w13_or_w1, w2, activation = _expert_weights(x, w13_or_w1, w2, activation)
+    topk_ids = _ids(topk_ids, x.shape[0])
+    topk_weights = _tensor(topk_weights, "topk_weights", 2, (torch.float32,), tuple(topk_ids.shape))
+    if capacity is not None:
+        capacity = _integer(capacity, "capacity", 0)
+    device = _device("experts", x=x, w13_or_w1=w13_or_w1, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
+    return _experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity, check_ids, device)
+
+
+def moe(x, w_router, w13_or_w1, w2, top_k, *, activation="swiglu", scoring="softmax", renormalize=True,
+        scale=1.0, bias=None, correction_bias=None, n_group=None, topk_group=None, capacity=None):
+    x = _tensor(x, "x", 2)
+    w13_or_w1, w2, activation = _expert_weights(x, w13_or_w1, w2, activation)
+    if capacity is not None:
+        capacity = _integer(capacity, "capacity", 0)
+    weights, ids = route(x, w_router, top_k, scoring=scoring, renormalize=renormalize, scale=scale, bias=bias,
+                         correction_bias=correction_bias, n_group=n_group, topk_group=topk_group)
+    if w_router.shape[0] != w2.shape[0]:
+        _fail(ValueError, "w_router", f"{w2.shape[0]} experts (w2.shape[0])", f"shape {tuple(w_router.shape)}")
+    device = _device("moe", x=x, w13_or_w1=w13_or_w1, w2=w2)
+    # The router's ids are in range by construction: no host round trip to check them.
+    return _experts(x, w13_or_w1, w2, weights, ids, activation, capacity, False, device)
+
+
+# ------------------------------------------------------------------------------------------ backward
+def grouped_gemm_backward(d_out, a, w, expert_offsets, *, need_a=True, need_w=True):
+    a = _tensor(a, "a", 2)
+    w = _tensor(w, "w", 3, shape=(None, None, a.shape[1]))
+    E, N, K = w.shape
+    M = a.shape[0]
+    d_out = _tensor(d_out, "d_out", 2, shape=(M, N))
+    _same_dtype([("a", a), ("w", w), ("d_out", d_out)])
+    expert_offsets = _tensor(expert_offsets, "expert_offsets", 1, _INDEX, (E + 1,))
+    device = _device("grouped_gemm_backward", d_out=d_out, a=a, w=w, expert_offsets=expert_offsets)
+    code, stream = _DTYPE_CODES[a.dtype], _stream(device)
+    d_a = d_w = None
+    with torch.cuda.device(device):
+        if need_a:  # d_a[rows of e] = d_out[rows] @ w[e] = d_out[rows] @ (w[e]^T)^T: the forward kernel on w^T
+            w_t = torch.empty((E, K, N), dtype=w.dtype, device=device)
+            _cuda.transpose(w.data_ptr(), E, N, K, code, w_t.data_ptr(), stream)
+            d_a = torch.empty((M, K), dtype=a.dtype, device=device)
+            _cuda.grouped_gemm(d_out.data_ptr(), w_t.data_ptr(), expert_offsets.data_ptr(), E, M, K, N, code, -1,
+                               d_a.data_ptr(), stream)
+        if need_w:  # d_w[e] = d_out[rows]^T @ a[rows], reduced over the rows from the transposes
+            d_out_t = torch.empty((N, M), dtype=a.dtype, device=device)
+            a_t = torch.empty((K, M), dtype=a.dtype, device=device)
+            _cuda.transpose(d_out.data_ptr(), 1, M, N, code, d_out_t.data_ptr(), stream)
+            _cuda.transpose(a.data_ptr(), 1, M, K, code, a_t.data_ptr(), stream)
+            d_w = torch.empty((E, N, K), dtype=a.dtype, device=device)
+            _cuda.grouped_gemm_dw(d_out_t.data_ptr(), a_t.data_ptr(), expert_offsets.data_ptr(), E, M, N, K, code,
+                                  d_w.data_ptr(), stream)
+    return d_a, d_w
+
+
+def activation_backward(h, d_act, activation):
+    h = _tensor(h, "h", 2)
+    activation = _choice(activation, "activation", tuple(_ACTIVATIONS))
+    gated = activation in _GATED
+    if gated and h.shape[1] % 2:
+        _fail(ValueError, "h", f"an even number of columns 2f for {activation!r}", f"shape {tuple(h.shape)}")
+    M, f = h.shape[0], h.shape[1] // 2 if gated else h.shape[1]
+    d_act = _tensor(d_act, "d_act", 2, shape=(M, f))
+    _same_dtype([("h", h), ("d_act", d_act)])
+    device = _device("activation_backward", h=h, d_act=d_act)
+    d_h = torch.empty_like(h)
+    with torch.cuda.device(device):
+        _cuda.activation_backward(h.data_ptr(), d_act.data_ptr(), M, f, _ACTIVATIONS[activation],
+                                  _DTYPE_CODES[h.dtype], d_h.data_ptr(), _stream(device))
+    return d_h
+
+
+def unpermute_backward(dy, y_perm, perm_rows, topk_weights):
+    y_perm = _tensor(y_perm, "y_perm", 2)
+    perm_rows = _tensor(perm_rows, "perm_rows", 2, _INDEX)
+    (T, k), (M, d) = perm_rows.shape, y_perm.shape
+    topk_weights = _tensor(topk_weights, "topk_weights", 2, (torch.float32,), (T, k))
+    dy = _tensor(dy, "dy", 2, shape=(T, d))
+    _same_dtype([("y_perm", y_perm), ("dy", dy)])
+    device = _device("unpermute_backward", dy=dy, y_perm=y_perm, perm_rows=perm_rows, topk_weights=topk_weights)
+    d_y_perm = torch.zeros((M, d), dtype=y_perm.dtype, device=device)  # rows no copy maps to stay 0
+    d_weights = torch.empty((T, k), dtype=torch.float32, device=device)
+    with torch.cuda.device(device):
+        _cuda.unpermute_backward(dy.data_ptr(), y_perm.data_ptr(), perm_rows.data_ptr(), topk_weights.data_ptr(), T,
+                                 k, d, M, _DTYPE_CODES[dy.dtype], d_y_perm.data_ptr(), d_weights.data_ptr(),
+                                 _stream(device))
+    return d_y_perm, d_weights
+
+
+def permute_backward(d_x_perm, perm_rows):
+    d_x_perm = _tensor(d_x_perm, "d_x_perm", 2)
+    perm_rows = _tensor(perm_rows, "perm_rows", 2, _INDEX)
+    device = _device("permute_backward", d_x_perm=d_x_perm, perm_rows=perm_rows)
+    (T, k), (M, d) = perm_rows.shape, d_x_perm.shape
+    d_x = torch.empty((T, d), dtype=d_x_perm.dtype, device=device)
+    with torch.cuda.device(device):  # d_x[t] = sum_j d_x_perm[perm_rows[t, j]]: unpermute with unit weights
+        _cuda.unpermute(d_x_perm.data_ptr(), perm_rows.data_ptr(), 0, T, k, d, M, _DTYPE_CODES[d_x_perm.dtype],
+                        d_x.data_ptr(), _stream(device))
+    return d_x

@@ -1,0 +1,252 @@
+"""CUDA build, host-side logic and error handling: everything that runs without a GPU.
+
+* the build reports whether the CUDA kernels were built (moe_ext.info()["cuda"]) and `moe_ext._cuda`
+  imports with no GPU or driver (device_count() == 0, never an exception);
+* every launcher raises RuntimeError naming the missing device when none is present, after the argument
+  checks that need no device (ValueError);
+* the grouped GEMM's tile schedule (csrc/cuda/tile_schedule.h, exposed as _cuda.tile_schedule) against a
+  plain Python statement of it, on random, empty, clamped and tail-padded offsets;
+* moe_ext.cuda's argument validation on CPU tensors (TypeError/ValueError before any device is needed,
+  then RuntimeError "no CUDA device").
+GPU parity tests are in test_cuda_gpu.py.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import moe_ext
+
+PER_TIER = False  # nothing here runs a CPU kernel
+
+HAVE_CUDA_MODULE = importlib.util.find_spec("moe_ext._cuda") is not None
+needs_cuda_build = pytest.mark.skipif(not HAVE_CUDA_MODULE, reason="moe_ext built without CUDA (no nvcc)")
+
+
+def test_info_reports_cuda_build():
+    cuda = moe_ext.info()["cuda"]
+    assert cuda["built"] is HAVE_CUDA_MODULE
+    assert isinstance(cuda["device_count"], int) and cuda["device_count"] >= 0
+    assert cuda["available"] == (cuda["device_count"] > 0)
+    if os.environ.get("MOE_EXT_REQUIRE_CUDA_BUILD") == "1":  # CI sets it where nvcc is installed
+        assert cuda["built"], "nvcc is installed but moe_ext._cuda was not built"
+
+
+@needs_cuda_build
+def test_cuda_module_imports_without_a_device():
+    # A fresh process that hides every GPU: importing and counting must work, and count 0.
+    code = """
+        import moe_ext, moe_ext._cuda as c
+        n = c.device_count()
+        assert n == 0, n
+        info = moe_ext.info()["cuda"]
+        assert info["built"] and not info["available"] and info["device_count"] == 0 and info["reason"]
+        print("ok", c.runtime_error())
+    """
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
+
+
+@needs_cuda_build
+def test_build_info():
+    from moe_ext import _cuda
+    info = _cuda.build_info()
+    assert info["built"] and info["static_runtime"]
+    assert "80" in info["architectures"] and "90" in info["architectures"]
+    assert info["runtime_version"] >= 11000
+
+
+# Valid arguments (null pointers: they must never be reached without a device).
+LAUNCHES = {
+    "route": lambda c: c.route(0, 0, 4, 8, 4, 0, 2, 0, True, 1.0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "permute_plan": lambda c: c.permute_plan(0, 4, 2, 4, -1, 0, 0, 0, 0),
+    "gather_rows": lambda c: c.gather_rows(0, 0, 4, 2, 8, 8, 1, 0, 0),
+    "grouped_gemm": lambda c: c.grouped_gemm(0, 0, 0, 4, 8, 16, 8, 1, 0, 0, 0),
+    "grouped_gemm_dw": lambda c: c.grouped_gemm_dw(0, 0, 0, 4, 8, 16, 8, 2, 0, 0),
+    "transpose": lambda c: c.transpose(0, 2, 3, 4, 0, 0, 0),
+    "unpermute": lambda c: c.unpermute(0, 0, 0, 4, 2, 8, 8, 0, 0, 0),
+    "unpermute_backward": lambda c: c.unpermute_backward(0, 0, 0, 0, 4, 2, 8, 8, 0, 0, 0, 0),
+    "activate": lambda c: c.activate(0, 8, 4, 0, 1, 0, 0),
+    "activation_backward": lambda c: c.activation_backward(0, 0, 8, 4, 3, 2, 0, 0),
+}
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("name", sorted(LAUNCHES))
+def test_launcher_without_device_raises_runtime_error(name):
+    from moe_ext import _cuda
+    if _cuda.device_count() > 0:
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        LAUNCHES[name](_cuda)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("call, match", [
+    (lambda c: c.grouped_gemm(0, 0, 0, 4, 8, 16, 8, 7, -1, 0, 0), "dtype"),
+    (lambda c: c.grouped_gemm(0, 0, 0, 4, 8, 16, 8, 0, 9, 0, 0), "epilogue"),
+    (lambda c: c.grouped_gemm(0, 0, 0, 4, -1, 16, 8, 0, -1, 0, 0), "M"),
+    (lambda c: c.route(0, 0, 4, 8, 4, 0, 5, 0, True, 1.0, 0, 0, 0, 0, 0, 0, 0, 0), "top_k"),
+    (lambda c: c.route(0, 0, 4, 8, 4, 0, 2, 3, True, 1.0, 0, 0, 0, 0, 0, 0, 0, 0), "scoring"),
+    (lambda c: c.route(0, 0, 4, 8, 6, 0, 2, 0, True, 1.0, 0, 0, 4, 1, 0, 0, 0, 0), "n_group"),
+    (lambda c: c.permute_plan(0, 4, 2, 4, -5, 0, 0, 0, 0), "capacity"),
+    (lambda c: c.activate(0, 8, 4, 4, 1, 0, 0), "activation"),
+    (lambda c: c.transpose(0, 2, -3, 4, 0, 0, 0), "R"),
+])
+def test_launcher_argument_checks(call, match):
+    from moe_ext import _cuda
+    with pytest.raises(ValueError, match=match):
+        call(_cuda)
+
+
+# ------------------------------------------------------------------------------ tile schedule
+def schedule_reference(offsets, M, block_m):
+    """The rows schedule stated plainly: each expert's rows (offsets clamped to 0..M) in block_m pieces,
+    experts in order, then the tail rows offsets[E]..M-1 in block_m pieces as expert E."""
+    E = len(offsets) - 1
+    clamp = [min(max(int(o), 0), M) for o in offsets]
+    tiles = []
+    for e in range(E):
+        for begin in range(clamp[e], max(clamp[e + 1], clamp[e]), block_m):
+            tiles.append((e, begin, min(begin + block_m, max(clamp[e + 1], clamp[e]))))
+    for begin in range(clamp[E], M, block_m):
+        tiles.append((E, begin, min(begin + block_m, M)))
+    return tiles
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("block_m", [1, 16, 64])
+def test_tile_schedule_matches_reference(block_m):
+    from moe_ext import _cuda
+    rng = np.random.default_rng(block_m)
+    cases = [([0, 0], 0), ([0, 5], 5), ([0, 0, 0, 7], 7), ([0, 64, 128], 128), ([0, 65, 65, 200], 200)]
+    for _ in range(200):
+        E = int(rng.integers(1, 70))
+        counts = rng.integers(0, 150, size=E) * (rng.random(E) < 0.7)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        pad = int(rng.integers(0, 3)) * int(rng.integers(0, 100))  # capacity padding rows past offsets[E]
+        cases.append((offsets.tolist(), int(offsets[-1]) + pad))
+    for offsets, M in cases:
+        got = _cuda.tile_schedule(offsets, M, block_m)
+        assert [tuple(t) for t in got] == schedule_reference(offsets, M, block_m), (offsets, M)
+        assert len(got) <= _cuda.max_m_tiles(M, len(offsets) - 1, block_m)
+        # every row 0..M-1 in exactly one tile, each tile within one expert and at most block_m rows
+        covered = sorted(r for _, b, e in got for r in range(b, e))
+        assert covered == list(range(M))
+        assert all(0 < e - b <= block_m for _, b, e in got)
+
+
+@needs_cuda_build
+def test_tile_schedule_bound_is_tight_enough():
+    from moe_ext import _cuda
+    # worst case: every expert one row past a tile boundary
+    for E, block_m in [(8, 64), (64, 64), (3, 16)]:
+        offsets = list(np.cumsum([0] + [block_m + 1] * E))
+        M = offsets[-1]
+        assert len(_cuda.tile_schedule(offsets, M, block_m)) == 2 * E <= _cuda.max_m_tiles(M, E, block_m)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("offsets, M", [
+    ([0, 10, 5, 20], 20),      # decreasing
+    ([-4, 3, 99], 8),          # outside 0..M
+    ([5, 2, 1], 4),
+    ([0, 2**31 - 1], 3),
+])
+def test_tile_schedule_never_leaves_the_rows(offsets, M):
+    from moe_ext import _cuda
+    for e, begin, end in _cuda.tile_schedule(offsets, M, 4):
+        assert 0 <= begin < end <= M and 0 <= e <= len(offsets) - 1
+
+
+@needs_cuda_build
+def test_permute_scratch_bytes():
+    from moe_ext import _cuda
+    assert _cuda.permute_scratch_bytes(0, 2, 8) == 8 * 4  # totals only
+    assert _cuda.permute_scratch_bytes(1024, 2, 8) == (2048 // 256 + 1) * 8 * 4
+    assert _cuda.permute_scratch_bytes(10, 6, 12288) > 0
+
+
+# ------------------------------------------------------------------------------ moe_ext.cuda on CPU tensors
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture
+def mcuda():
+    from moe_ext import cuda
+    return cuda
+
+
+def test_module_reports_no_device(mcuda):
+    if mcuda.device_count() > 0:
+        pytest.skip("a CUDA device is present")
+    assert mcuda.available() is False
+
+
+def cpu_case():
+    T, d, f, E, k = 5, 8, 6, 4, 2
+    x = torch.randn(T, d, dtype=torch.bfloat16)
+    return dict(x=x, w13=torch.randn(E, 2 * f, d, dtype=torch.bfloat16), w2=torch.randn(E, d, f, dtype=torch.bfloat16),
+                weights=torch.rand(T, k), ids=torch.randint(0, E, (T, k), dtype=torch.int32),
+                w_router=torch.randn(E, d, dtype=torch.bfloat16), offsets=torch.tensor([0, 3, 3, 7, 10], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda m, c: m.grouped_gemm([1.0], c["w13"], c["offsets"]), TypeError, "a: expected a torch.Tensor"),
+    (lambda m, c: m.grouped_gemm(c["x"].to(torch.float64), c["w13"], c["offsets"]), TypeError, "a: expected dtype"),
+    (lambda m, c: m.grouped_gemm(c["x"], c["w13"].float(), c["offsets"]), TypeError, "w: expected the dtype of a"),
+    (lambda m, c: m.grouped_gemm(c["x"], c["w13"][:, :, :3].contiguous(), c["offsets"]), ValueError, "w: expected shape"),
+    (lambda m, c: m.grouped_gemm(c["x"], c["w13"], c["offsets"][:3]), ValueError, "expert_offsets: expected shape"),
+    (lambda m, c: m.grouped_gemm(c["x"], c["w13"], c["offsets"].long()), TypeError, "expert_offsets: expected dtype"),
+    (lambda m, c: m.grouped_gemm(c["x"], c["w13"], c["offsets"], activation="tanh"), ValueError, "activation"),
+    (lambda m, c: m.grouped_gemm(c["x"].t(), c["w13"], c["offsets"]), ValueError, "x|a"),
+    (lambda m, c: m.route(c["x"], c["w_router"], 9), ValueError, "top_k"),
+    (lambda m, c: m.route(c["x"], c["w_router"], 2, scoring="max"), ValueError, "scoring"),
+    (lambda m, c: m.route(c["x"], c["w_router"], 2, n_group=2), ValueError, "n_group"),
+    (lambda m, c: m.route(c["x"], c["w_router"], 2, bias=torch.zeros(3)), ValueError, "bias"),
+    (lambda m, c: m.permute(c["x"], c["ids"][:2], 4), ValueError, "topk_ids"),
+    (lambda m, c: m.permute(c["x"], c["ids"], 0), ValueError, "num_experts"),
+    (lambda m, c: m.permute(c["x"], c["ids"], 4, capacity=-1), ValueError, "capacity"),
+    (lambda m, c: m.unpermute(c["x"], c["ids"], c["weights"].double()), TypeError, "topk_weights"),
+    (lambda m, c: m.experts(c["x"], c["w13"], c["w2"], c["weights"], c["ids"], activation="relu"), ValueError,
+     "w13_or_w1"),
+    (lambda m, c: m.activation_backward(c["x"], c["x"], "swiglu"), ValueError, "d_act"),
+    (lambda m, c: m.grouped_gemm_backward(c["x"][:, :4].contiguous(), c["x"], c["w13"], c["offsets"]), ValueError,
+     "d_out"),
+])
+def test_argument_validation(mcuda, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(mcuda, cpu_case())
+
+
+@pytest.mark.parametrize("name", ["route", "permute", "grouped_gemm", "unpermute", "experts", "moe", "activate",
+                                  "grouped_gemm_backward", "activation_backward", "unpermute_backward",
+                                  "permute_backward"])
+def test_valid_cpu_call_without_device_is_runtime_error(mcuda, name):
+    if mcuda.device_count() > 0:
+        pytest.skip("a CUDA device is present (CPU tensors are a ValueError there)")
+    c = cpu_case()
+    perm_rows = torch.arange(10, dtype=torch.int32).reshape(5, 2)
+    calls = {
+        "route": lambda: mcuda.route(c["x"], c["w_router"], 2),
+        "permute": lambda: mcuda.permute(c["x"], c["ids"], 4),
+        "grouped_gemm": lambda: mcuda.grouped_gemm(c["x"].repeat(2, 1), c["w13"], c["offsets"], activation="swiglu"),
+        "unpermute": lambda: mcuda.unpermute(c["x"].repeat(2, 1), perm_rows, c["weights"]),
+        "experts": lambda: mcuda.experts(c["x"], c["w13"], c["w2"], c["weights"], c["ids"]),
+        "moe": lambda: mcuda.moe(c["x"], c["w_router"], c["w13"], c["w2"], 2),
+        "activate": lambda: mcuda.activate(c["x"], "geglu"),
+        "grouped_gemm_backward": lambda: mcuda.grouped_gemm_backward(
+            torch.zeros(10, 12, dtype=torch.bfloat16), c["x"].repeat(2, 1), c["w13"], c["offsets"]),
+        "activation_backward": lambda: mcuda.activation_backward(c["x"], c["x"][:, :4].contiguous(), "swiglu"),
+        "unpermute_backward": lambda: mcuda.unpermute_backward(c["x"], c["x"].repeat(2, 1), perm_rows, c["weights"]),
+        "permute_backward": lambda: mcuda.permute_backward(c["x"].repeat(2, 1), perm_rows),
+    }
+    with pytest.raises(RuntimeError, match="no CUDA device|built without CUDA"):
+        calls[name]()
