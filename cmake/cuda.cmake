@@ -5,7 +5,10 @@ if(NOT MOE_EXT_CUDA MATCHES "^(AUTO|ON|OFF)$")
   message(FATAL_ERROR "MOE_EXT_CUDA must be AUTO, ON or OFF; got '${MOE_EXT_CUDA}'")
 endif()
 set(MOE_EXT_CUDA_BUILT OFF)
-if(NOT MOE_EXT_CUDA STREQUAL "OFF")
+if(MOE_EXT_SANITIZE AND MOE_EXT_CUDA STREQUAL "AUTO")
+  # The sanitizers instrument host C++ only and nvcc rejects their flags: sanitizer builds are CPU builds.
+  message(STATUS "moe_ext: MOE_EXT_SANITIZE=ON: not building the CUDA kernels (MOE_EXT_CUDA=AUTO)")
+elseif(NOT MOE_EXT_CUDA STREQUAL "OFF")
   include(CheckLanguage)
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)
@@ -28,7 +31,13 @@ if(MOE_EXT_CUDA_BUILT)
   find_package(CUDAToolkit REQUIRED)
   message(STATUS "moe_ext: building the CUDA kernels (CUDA ${CUDAToolkit_VERSION}, archs ${CMAKE_CUDA_ARCHITECTURES})")
 
-  add_library(moe_ext_cuda STATIC
+  # Only the Python module uses the kernels so far: without it the library is a target, not built by default.
+  if(MOE_EXT_PYTHON)
+    set(exclude "")
+  else()
+    set(exclude EXCLUDE_FROM_ALL)
+  endif()
+  add_library(moe_ext_cuda STATIC ${exclude}
     csrc/cuda/runtime.cu csrc/cuda/route.cu csrc/cuda/permute.cu csrc/cuda/grouped_gemm.cu
     csrc/cuda/grouped_gemm_decode.cu csrc/cuda/elementwise.cu)
   target_include_directories(moe_ext_cuda PUBLIC ${CMAKE_CURRENT_SOURCE_DIR}/csrc)

@@ -250,3 +250,12 @@ def test_valid_cpu_call_without_device_is_runtime_error(mcuda, name):
     }
     with pytest.raises(RuntimeError, match="no CUDA device|built without CUDA"):
         calls[name]()
+
+
+def test_gpu_benchmark_refuses_without_a_device(mcuda):
+    if mcuda.device_count() > 0:
+        pytest.skip("a CUDA device is present")
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "gpu.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no CUDA device" in result.stderr
