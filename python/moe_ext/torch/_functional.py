@@ -66,8 +66,9 @@ def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", ca
     dtype (computed in float32), topk_ids [T, k] int32 or int64 (T = number of rows of x)."""
     shape = x.shape
     x = _flat(x)
-    topk_weights = topk_weights.reshape(x.shape[0], -1).float()
-    topk_ids = topk_ids.reshape(x.shape[0], -1)
+    k = topk_ids.shape[-1]
+    topk_weights = topk_weights.reshape(x.shape[0], k).float()
+    topk_ids = topk_ids.reshape(x.shape[0], k)
     if not _needs_grad(x, w13_or_w1, w2, topk_weights):
         return torch.ops.moe_ext.experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation,
                                          capacity).reshape(shape)

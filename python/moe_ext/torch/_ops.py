@@ -155,10 +155,10 @@ def route_backward_scores(grad_weights, grad_probs, probs, topk_ids, scoring, re
     weights = scale * s / S (renormalize, S = sum of the chosen scores s, S != 0) or scale * s, with
     s = probs[t, topk_ids[t]]; probs = softmax(logits) or sigmoid(logits). Plain torch ops on the small
     [T, E] tensors (traceable by torch.compile). The correction bias only selects: it has no gradient."""
-    d_probs = torch.zeros_like(probs) if grad_probs is None else grad_probs.float().clone()
+    d_probs = torch.zeros_like(probs) if grad_probs is None else grad_probs.to(probs.dtype).clone()
     if grad_weights is not None:
         ids = topk_ids.long()
-        g = grad_weights.float()
+        g = grad_weights.to(probs.dtype)
         s = probs.gather(1, ids)
         if renormalize:
             total = s.sum(1, keepdim=True)
