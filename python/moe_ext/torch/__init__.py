@@ -14,3 +14,4 @@ from ._module import MoE
 
 __all__ = ["route", "permute", "grouped_gemm", "activation", "unpermute", "experts", "moe",
            "load_balancing_loss", "router_z_loss", "RouteResult", "PermuteResult", "MoE"]
+from .parallel import ExpertParallelMoE  # noqa: E402,F401  (expert parallelism over torch.distributed)

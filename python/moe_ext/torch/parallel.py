@@ -35,8 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-# Parameters of MoE that carry an expert dimension first and are cut to the local block.
-EXPERT_PARAMETERS = ("w13", "w1", "w2")
+from . import _functional as F
+
+GATED = ("swiglu", "geglu")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -90,9 +91,10 @@ def local_expert_block(num_experts, rank, world_size):
 class ExpertParallelMoE(nn.Module):
     """An MoE layer whose experts are sharded over a torch.distributed process group.
 
-    Parameters (same names as `MoE`): `w_router [E, d]` (replicated), `w13 [E_l, 2f, d]` (gated
-    activations) or `w1 [E_l, f, d]`, and `w2 [E_l, d, f]`, where E_l = E / world_size and row i of the
-    expert parameters is expert `local_expert_ids[i]`. Build it from an unsharded layer with
+    Parameters (the names of `MoE`): `w_router [E, d]` and `router_bias [E]` (if any) replicated,
+    `w13 [E_l, 2f, d]` (gated activations) or `w1 [E_l, f, d]`, and `w2 [E_l, d, f]`, where
+    E_l = E / world_size and row i of the expert parameters is expert `local_expert_ids[i]`; a
+    `correction_bias [E]` buffer (replicated) if the layer has one. Build it from an unsharded layer with
     `ExpertParallelMoE.from_moe(moe, group)` on every rank.
 
     `forward(x)` takes this rank's tokens `[..., d]` (any number, zero included) and returns `[..., d]`,
@@ -100,73 +102,74 @@ class ExpertParallelMoE(nn.Module):
     (and run backward through it) the same number of times, in the same order.
 
     `capacity` (int >= 0) or `capacity_factor` (float > 0, giving C = ceil(factor * T_global * k / E) with
-    T_global the group's total token count) limit the copies each expert keeps, in the global token order
-    described in the module docstring. `last_num_dropped` holds the copies this rank's tokens lost.
+    T_global the group's total token count, one more all-reduce) limit the copies each expert keeps, in the
+    global token order described in the module docstring. After a forward: `last_expert_counts [E]` holds
+    the copies this rank's tokens sent to each expert (before drops), `last_num_dropped` the copies they
+    lost, and `last_splits` the (sent, received) rows per rank of the dispatch exchange.
     """
 
-    def __init__(self, w_router, w2, *, w13=None, w1=None, num_experts, top_k, activation="swiglu",
-                 routing=None, capacity=None, capacity_factor=None, group=None, extra=None):
+    def __init__(self, w_router, w13_or_w1, w2, *, num_experts, top_k, activation="swiglu",
+                 scoring="softmax", renormalize=True, scale=1.0, router_bias=None, correction_bias=None,
+                 n_group=None, topk_group=None, capacity=None, capacity_factor=None, group=None):
         super().__init__()
         self.group = group
         self.rank, self.world_size = _group_info(group)
         self.num_experts = int(num_experts)
         self.local_expert_ids = local_expert_block(self.num_experts, self.rank, self.world_size)
         self.num_local_experts = len(self.local_expert_ids)
-        if (w13 is None) == (w1 is None):
-            raise ValueError("ExpertParallelMoE: expected exactly one of w13 (gated) or w1")
         if capacity is not None and capacity_factor is not None:
-            raise ValueError("ExpertParallelMoE: capacity and capacity_factor both given; "
-                             "expected at most one")
+            raise ValueError("capacity_factor: expected None when capacity is given; "
+                             f"got capacity={capacity!r}, capacity_factor={capacity_factor!r}")
         if capacity is not None and (isinstance(capacity, bool) or int(capacity) != capacity
                                      or capacity < 0):
             raise ValueError(f"capacity: expected an int >= 0 or None; got {capacity!r}")
         if capacity_factor is not None and not (capacity_factor > 0 and math.isfinite(capacity_factor)):
             raise ValueError(f"capacity_factor: expected a finite float > 0 or None; got {capacity_factor!r}")
-        self.top_k = int(top_k)
-        self.activation = activation
-        self.routing = dict(routing or {})
+        self.top_k, self.activation = int(top_k), activation
+        self.scoring, self.renormalize, self.scale = scoring, bool(renormalize), float(scale)
+        self.n_group, self.topk_group = n_group, topk_group
         self.capacity = None if capacity is None else int(capacity)
         self.capacity_factor = capacity_factor
-        self.w_router = _param(w_router)
-        w_in = w13 if w13 is not None else w1
-        for name, w in (("w13" if w13 is not None else "w1", w_in), ("w2", w2)):
+        for name, w in (("w13_or_w1", w13_or_w1), ("w2", w2)):
             if w.dim() != 3 or w.shape[0] != self.num_local_experts:
-                raise ValueError(f"{name}: expected the local block ({self.num_local_experts}, ...) of "
+                raise ValueError(f"{name}: expected this rank's block ({self.num_local_experts}, ., .) of "
                                  f"the experts; got shape {tuple(w.shape)}")
-        if w13 is not None:
-            self.w13 = _param(w13)
+        self.w_router = _param(w_router)
+        self.router_bias = None if router_bias is None else _param(router_bias)
+        if correction_bias is not None:
+            self.register_buffer("correction_bias", correction_bias.detach().clone())
         else:
-            self.w1 = _param(w1)
+            self.correction_bias = None
+        if activation in GATED:
+            self.w13 = _param(w13_or_w1)
+        else:
+            self.w1 = _param(w13_or_w1)
         self.w2 = _param(w2)
-        for name, value in (extra or {}).items():  # other replicated parameters/buffers of MoE
-            if isinstance(value, nn.Parameter):
-                self.register_parameter(name, _param(value))
-            else:
-                self.register_buffer(name, value.detach().clone())
+        self.last_expert_counts = None
         self.last_num_dropped = 0
+        self.last_splits = None
 
-    # ------------------------------------------------------------------------------------------------
+    @property
+    def w13_or_w1(self):
+        return self.w13 if self.activation in GATED else self.w1
+
     @classmethod
     def from_moe(cls, moe, group=None):
-        """The shard of `moe` (a `moe_ext.torch.MoE`, identical on every rank) this rank keeps: its block
-        of experts (copied) and the router (copied). Routing and activation options are taken over."""
+        """The shard of `moe` (a `moe_ext.torch.MoE`, identical on every rank) that this rank keeps: its
+        block of experts and the router, copied; routing, activation and capacity options taken over."""
         rank, world = _group_info(group)
-        params = dict(moe.named_parameters(recurse=False))
-        for name in ("w_router", "w2"):
-            if name not in params:
-                raise TypeError(f"moe: expected an MoE module with parameter {name!r}; "
-                                f"got {type(moe).__name__} with {sorted(params)}")
-        E = params["w_router"].shape[0]
+        for name in ("w_router", "w2", "w13_or_w1", "top_k", "activation"):
+            if not hasattr(moe, name):
+                raise TypeError(f"moe: expected a moe_ext.torch.MoE (attribute {name!r}); "
+                                f"got {type(moe).__name__}")
+        E = moe.w_router.shape[0]
         block = local_expert_block(E, rank, world)
         local = slice(block.start, block.stop)
-        experts = {n: params.pop(n)[local] for n in EXPERT_PARAMETERS if n in params}
-        w_router = params.pop("w_router")
-        extra = dict(params)
-        extra.update(dict(moe.named_buffers(recurse=False)))
-        return cls(w_router, experts.pop("w2"), **experts, num_experts=E, top_k=moe.top_k,
-                   activation=moe.activation, routing=_routing_of(moe),
-                   capacity=getattr(moe, "capacity", None),
-                   capacity_factor=getattr(moe, "capacity_factor", None), group=group, extra=extra)
+        return cls(moe.w_router, moe.w13_or_w1[local], moe.w2[local], num_experts=E, top_k=moe.top_k,
+                   activation=moe.activation, scoring=moe.scoring, renormalize=moe.renormalize,
+                   scale=moe.scale, router_bias=moe.router_bias, correction_bias=moe.correction_bias,
+                   n_group=moe.n_group, topk_group=moe.topk_group, capacity=moe.capacity,
+                   capacity_factor=getattr(moe, "capacity_factor", None), group=group)
 
     def extra_repr(self):
         return (f"num_experts={self.num_experts}, local_expert_ids={self.local_expert_ids}, "
@@ -174,15 +177,17 @@ class ExpertParallelMoE(nn.Module):
 
     # ------------------------------------------------------------------------------------------------
     def forward(self, x):
-        from . import experts, permute, route, unpermute  # the functional API of moe_ext.torch
-
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         T, E, W, El = x.shape[0], self.num_experts, self.world_size, self.num_local_experts
-        w_in = self.w13 if hasattr(self, "w13") else self.w1
-        weights, ids = route(x, self.w_router, self.top_k, **self._routing_tensors())
-        x_perm, offsets, perm_rows = permute(x, ids, E)[:3]
-        counts = (offsets[1:] - offsets[:-1]).to(torch.int64).view(W, El)
+        weights, ids = F.route(x, self.w_router, self.top_k, scoring=self.scoring,
+                               renormalize=self.renormalize, scale=self.scale, bias=self.router_bias,
+                               correction_bias=self.correction_bias, n_group=self.n_group,
+                               topk_group=self.topk_group)[:2]
+        x_perm, offsets, perm_rows = F.permute(x, ids, E)[:3]
+        counts = (offsets[1:] - offsets[:-1]).to(torch.int64)
+        self.last_expert_counts = counts
+        counts = counts.view(W, El)
         recv_counts = _exchange_counts(counts, self.group)
 
         capacity = self._capacity(T)
@@ -197,49 +202,36 @@ class ExpertParallelMoE(nn.Module):
 
         send_splits = counts.sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
+        self.last_splits = (send_splits, recv_splits)
         x_recv = _AllToAll.apply(x_perm, send_splits, recv_splits, self.group)
         # Rows arrive by source rank, then local expert, then token: tell experts() whose each row is.
         local_ids = torch.repeat_interleave(
             torch.arange(El, device=x.device, dtype=torch.int32).repeat(W), recv_counts.reshape(-1),
             output_size=x_recv.shape[0]).view(-1, 1)
         ones = torch.ones(local_ids.shape, device=x.device, dtype=torch.float32)
-        y_recv = experts(x_recv, w_in, self.w2, ones, local_ids, activation=self.activation)
+        y_recv = _local_experts(x_recv, self.w13_or_w1, self.w2, ones, local_ids, self.activation)
         y_perm = _AllToAll.apply(y_recv, recv_splits, send_splits, self.group)
-        y = unpermute(y_perm, perm_rows, weights)
-        return y.reshape(shape)
-
-    def _routing_tensors(self):
-        """Routing options, with tensor-valued ones (bias, correction_bias) read from this module."""
-        options = dict(self.routing)
-        for name, attr in _TENSOR_OPTIONS.items():
-            if name in options and isinstance(options[name], str):
-                options[name] = getattr(self, options[name])
-        return options
+        return F.unpermute(y_perm, perm_rows, weights).reshape(shape)
 
     def _capacity(self, T):
         if self.capacity_factor is None:
             return self.capacity
-        total = torch.tensor([T], dtype=torch.int64,
-                             device=self.w2.device if self._nccl() else "cpu")
+        device = self.w2.device if dist.get_backend(self.group) == "nccl" else "cpu"
+        total = torch.tensor([T], dtype=torch.int64, device=device)
         dist.all_reduce(total, group=self.group)
         return math.ceil(self.capacity_factor * int(total) * self.top_k / self.num_experts)
 
-    def _nccl(self):
-        return dist.get_backend(self.group) == "nccl"
-
 
 # ----------------------------------------------------------------------------------------------------
-_TENSOR_OPTIONS = {"bias": "bias", "correction_bias": "correction_bias"}
-_ROUTING_ATTRIBUTES = ("scoring", "renormalize", "scale", "n_group", "topk_group")
-
-
-def _routing_of(moe):
-    """The routing options of an MoE module, tensor options referenced by attribute name."""
-    options = {}
-    for name in _ROUTING_ATTRIBUTES:
-        if hasattr(moe, name):
-            options[name] = getattr(moe, name)
-    return options
+def _local_experts(x, w13_or_w1, w2, weights, ids, activation):
+    """F.experts on the received rows. With no rows (a rank nobody routed to) F.experts fails as of
+    commit 3961140 (reshape of 0 elements to (0, -1)), so that case chains the per-step ops, which also
+    keeps the rank's expert weights in the graph (their gradient is then 0, not None)."""
+    if x.shape[0] > 0:
+        return F.experts(x, w13_or_w1, w2, weights, ids, activation=activation)
+    x_perm, offsets, perm_rows = F.permute(x, ids, w2.shape[0])[:3]
+    h = F.activation(F.grouped_gemm(x_perm, w13_or_w1, offsets), activation)
+    return F.unpermute(F.grouped_gemm(h, w2, offsets), perm_rows, weights)
 
 
 def _param(t):
