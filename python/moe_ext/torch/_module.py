@@ -53,8 +53,12 @@ class MoE(nn.Module):
         self.reset_parameters()
 
     @property
+    def w13_or_w1_name(self):
+        return "w13" if self.activation in GATED else "w1"
+
+    @property
     def w13_or_w1(self):
-        return self.w13 if self.activation in GATED else self.w1
+        return getattr(self, self.w13_or_w1_name)
 
     def reset_parameters(self):
         """nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every weight, router bias 0."""
@@ -116,9 +120,11 @@ class MoE(nn.Module):
         for flag in ("shared_expert", "shared_experts"):
             if getattr(block, flag, None) is not None:
                 raise ValueError(f"block: shared experts are not supported; got {type(block).__name__}.{flag}")
-        for flag in ("is_transposed", "is_concatenated", "has_bias"):
-            if getattr(experts, flag, False):
-                raise ValueError(f"block.experts: expected {flag}=False; got True")
+        # transformers' experts flags (integrations/moe.py): [gate; up] concatenated, [out, in] layout, no bias
+        for flag, ours in (("is_concatenated", True), ("is_transposed", False), ("has_bias", False),
+                           ("has_gate", True)):
+            if bool(getattr(experts, flag, ours)) != ours:
+                raise ValueError(f"block.experts: expected {flag}={ours}; got {not ours}")
         if getattr(gate, "bias", None) is not None:
             raise ValueError("block.gate: a router bias is not supported by from_hf")
         act = type(getattr(experts, "act_fn", None)).__name__
