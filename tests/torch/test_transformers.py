@@ -386,9 +386,16 @@ def test_fallback_custom_gate():
 # registration
 # --------------------------------------------------------------------------------------------------
 def test_registered_and_idempotent():
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
     assert hf.register() and hf.register()
     assert hf.is_registered() and ALL_EXPERTS_FUNCTIONS["moe_ext"] is hf.experts_forward
+    # transformers' interface already loaded (the order "transformers first"): registered at once
+    del ExpertsInterface._global_mapping["moe_ext"]
+    try:
+        assert not hf.is_registered()
+        assert hf.register_when_available() and hf.is_registered()
+    finally:
+        hf.register()
 
 
 SCRIPT_IMPORT_ORDER = """
@@ -415,8 +422,7 @@ SCRIPT_NO_TRANSFORMERS = """
 def test_import_registers(script):
     """`import moe_ext.torch` alone registers "moe_ext" (through moe_ext.torch.hf's import hook) whether
     transformers is imported before or after it, without importing transformers itself; and nothing
-    fails without transformers. (The other order, transformers first, is this process's: see
-    test_registered_and_idempotent.)"""
+    fails without transformers."""
     run = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
