@@ -12,7 +12,8 @@ starts after a barrier, and the iteration's time is the slowest rank's (all-redu
   (the exchange share of an iteration);
 - off-rank B/token: bytes that crossed to another rank per token, dispatch + combine, measured from the
   splits; the uniform-routing model is 2 * k * d * bytes * (W - 1) / W;
-- GB/s: those bytes (summed over ranks) / exch time: what the transport delivers here.
+- GB/s: those bytes (summed over ranks) / exch time: what the transport delivers here;
+- GFLOP/s: SPEC §6 FLOPs of the layer (2*T*k*d*f*(3 gated, 2 otherwise) + 2*T*d*E) / iteration time.
 Ranks get cores // W threads each (at least 1), so every world uses the same cores. On one machine the
 "link" is loopback TCP through gloo, and W > cores oversubscribes: read docs/expert_parallel.md before
 extrapolating.
@@ -100,7 +101,7 @@ def _rank_main(rank, W, store, args, results):
 
 def run_world(W, args):
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "moe_ext", "moe_ext.torch"])
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "moe_ext", "moe_ext.torch"])
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         procs = [ctx.Process(target=_rank_main, args=(r, W, os.path.join(tmp, "store"), args, results),
@@ -143,7 +144,7 @@ def main(argv=None):
           f"d={args.d} f={args.f} E={args.experts} k={args.top_k} {args.activation} fp32, {mode}, "
           f"median of {args.iters}")
     head = (f"{'W':>3} {'thr/rank':>8} {'T/rank':>7} {'tokens/s':>10} {'iter ms':>9} {'exch ms':>8} "
-            f"{'off-rank B/token':>16} {'model B/token':>13} {'GB/s':>6}")
+            f"{'off-rank B/token':>16} {'model B/token':>13} {'GB/s':>6} {'GFLOP/s':>8}")
     print(head)
     print("-" * len(head))
     for W in args.worlds:
@@ -153,8 +154,11 @@ def main(argv=None):
         per_token = r["off_bytes"] / T
         model = 2 * args.top_k * args.d * 4 * (W - 1) / W
         gbs = r["off_bytes"] / ex / 1e9 if r["off_bytes"] else float("nan")
+        gated = 3 if args.activation in ("swiglu", "geglu") else 2
+        flops = 2 * T * args.top_k * args.d * args.f * gated + 2 * T * args.d * args.experts
+        flops *= 3 if args.backward else 1  # backward: two GEMMs per forward GEMM
         print(f"{W:>3} {r['threads']:>8} {T // W:>7} {T / it:>10.0f} {it * 1e3:>9.2f} {ex * 1e3:>8.2f} "
-              f"{per_token:>16.0f} {model:>13.0f} {gbs:>6.2f}")
+              f"{per_token:>16.0f} {model:>13.0f} {gbs:>6.2f} {flops / it / 1e9:>8.1f}")
 
 
 if __name__ == "__main__":

@@ -46,12 +46,17 @@ COLLECTIVE_TIMEOUT_S = 30
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
-# (name, activation, top_k, experts per rank, capacity): small shapes, odd d, uneven splits.
-CASES = (
-    ("swiglu", "swiglu", 2, 3, None),
-    ("relu_k3_one_expert_per_rank", "relu", 3, 1, None),
-    ("swiglu_capacity", "swiglu", 2, 3, 3),
-)
+# Small shapes, odd d, uneven splits. per_rank: experts per rank (E = per_rank * W); capacity: the
+# layer's; capacity_factor: given to from_moe (the reference gets C = ceil(factor * T_global * k / E)).
+CASES = {
+    "swiglu": dict(activation="swiglu", top_k=2, per_rank=3),
+    "relu_k3_one_expert_per_rank": dict(activation="relu", top_k=3, per_rank=1),
+    "swiglu_capacity": dict(activation="swiglu", top_k=2, per_rank=3, capacity=3),
+    "geglu_capacity_factor": dict(activation="geglu", top_k=2, per_rank=3, capacity_factor=0.5),
+    "sigmoid_grouped_biases": dict(activation="swiglu", top_k=2, per_rank=4, scoring="sigmoid",
+                                   router_bias=True, correction_bias=True, n_group=2, topk_group=1,
+                                   scale=2.5),
+}
 D, F = 13, 10
 
 
@@ -69,69 +74,78 @@ def _rel(got, want):
     return float(torch.linalg.norm(got - want) / max(float(torch.linalg.norm(want)), 1e-300))
 
 
-def _make_layer(E, activation, top_k, capacity, seed, device):
+def _make_layer(E, seed, device, top_k, activation="swiglu", **options):
     """The unsharded layer, identical on every rank (same seed), with skewed routing: the router rows
-    of the last experts point against a direction u that every token carries, the first ones along it."""
+    of the last experts point against a direction u that every token carries, the first one along it."""
     import moe_ext.torch as mt
     gen = torch.Generator().manual_seed(seed)
-    moe = mt.MoE(D, F, E, top_k, activation=activation, capacity=capacity)
+    moe = mt.MoE(D, F, E, top_k, activation=activation, **options)
     u = torch.randn(D, generator=gen)
     u /= u.norm()
     with torch.no_grad():
         for name, p in moe.named_parameters():
             p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+        if moe.correction_bias is not None:
+            moe.correction_bias.copy_(torch.randn(E, generator=gen) * 0.1)
         dead = max(1, E // 4)  # these experts never win
         moe.w_router[E - dead:] = -4.0 * u
         moe.w_router[0] += 1.0 * u
     return moe.to(device), u.to(device)
 
 
-def _case(name, activation, top_k, per_rank, capacity, rank, W, group, device):
+def _case(name, rank, W, group, device, *, per_rank, top_k, capacity=None, capacity_factor=None,
+          **options):
     import moe_ext.torch as mt
     E = per_rank * W
     top_k = min(top_k, E)
     seed = 1000 + 17 * W + zlib.crc32(name.encode()) % 997  # same on every rank
-    moe, u = _make_layer(E, activation, top_k, capacity, seed, device)
-    gen = torch.Generator().manual_seed(seed + 1)
     sizes = _tokens_per_rank(W)
+    if capacity_factor is not None:  # what the sharded layer derives from the global token count
+        capacity = math.ceil(capacity_factor * sum(sizes) * top_k / E)
+    moe, u = _make_layer(E, seed, device, top_k, capacity=capacity, **options)
+    gen = torch.Generator().manual_seed(seed + 1)
     xs = [(torch.randn(n, D, generator=gen) + 3.0 * u.cpu()).to(device) for n in sizes]
     gs = [torch.randn(n, D, generator=gen).to(device) for n in sizes]
     x_r, g_r = xs[rank].clone().requires_grad_(True), gs[rank]
 
-    ep = mt.ExpertParallelMoE.from_moe(moe, group)
+    ep = mt.ExpertParallelMoE.from_moe(moe, group, capacity_factor=capacity_factor)
     assert list(ep.local_expert_ids) == list(range(rank * per_rank, (rank + 1) * per_rank))
     y = ep(x_r)
     (y * g_r).sum().backward()
-    out = {}
-
-    # Routing is skewed: some experts get no copies from anyone.
     with torch.no_grad():
-        ids = torch.cat([mt.route(x, moe.w_router, top_k)[1] for x in xs if x.shape[0]])
-        counts = torch.bincount(ids.reshape(-1).long().cpu(), minlength=E)
+        y_inference = ep(x_r)  # the fused no-grad path on the receiving side
+    out = {"y_no_grad": _rel(y_inference, y)}
+
+    x_all = torch.cat(xs)
+    with torch.no_grad():  # routing is skewed: some experts get no copies from anyone
+        moe(x_all)
+        counts = moe.last_expert_counts.cpu()
     out["idle_experts"] = int((counts == 0).sum()) if E > top_k else -1  # -1: k = E
 
-    w_name = "w13" if hasattr(moe, "w13") else "w1"
-    block = slice(rank * per_rank, (rank + 1) * per_rank)
-    if capacity is None:
+    params = dict(moe.named_parameters())
+    if capacity is None:  # each rank back-propagates its own tokens, then the gradients are summed
         x_ref = xs[rank].clone().requires_grad_(True)
         y_ref = moe(x_ref)
         (y_ref * g_r).sum().backward()
-        for p in moe.parameters():
+        for p in params.values():
             dist.all_reduce(p.grad, group=group)
-        y_ref, dx_ref = y_ref, x_ref.grad
+        dx_ref = x_ref.grad
     else:  # the unsharded layer on the concatenation (global token order), then this rank's rows
-        x_all = torch.cat(xs).requires_grad_(True)
+        x_all.requires_grad_(True)
         y_all = moe(x_all)
         (y_all * torch.cat(gs)).sum().backward()
         lo = sum(sizes[:rank])
         y_ref, dx_ref = y_all[lo:lo + sizes[rank]], x_all.grad[lo:lo + sizes[rank]]
         out["dropped_total"] = _all_sum(ep.last_num_dropped, group, device)
-    dist.all_reduce(ep.w_router.grad, group=group)
     out["y"] = _rel(y, y_ref)
     out["dx"] = _rel(x_r.grad, dx_ref)
-    out["d" + w_name] = _rel(getattr(ep, w_name).grad, getattr(moe, w_name).grad[block])
-    out["dw2"] = _rel(ep.w2.grad, moe.w2.grad[block])
-    out["dw_router"] = _rel(ep.w_router.grad, moe.w_router.grad)
+    block = slice(rank * per_rank, (rank + 1) * per_rank)
+    for pname, p in ep.named_parameters():
+        if pname in ("w_router", "router_bias"):  # replicated: all-reduce
+            dist.all_reduce(p.grad, group=group)
+            out["d" + pname] = _rel(p.grad, params[pname].grad)
+        else:
+            out["d" + pname] = _rel(p.grad, params[pname].grad[block])
     return out
 
 
@@ -146,7 +160,7 @@ def _errors(rank, W, device):
     import moe_ext.torch as mt
     out = {}
     if W > 1:
-        moe, _ = _make_layer(W + 1, "swiglu", 1, None, 5, device)
+        moe, _ = _make_layer(W + 1, 5, device, 1)
         try:
             mt.ExpertParallelMoE.from_moe(moe)
             out["indivisible"] = "no error"
@@ -165,7 +179,7 @@ def _rank_main(rank, W, store, backend, results):
             torch.cuda.set_device(device)
         dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=W,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        out = {c[0]: _case(*c, rank, W, None, device) for c in CASES}
+        out = {name: _case(name, rank, W, None, device, **case) for name, case in CASES.items()}
         out["errors"] = _errors(rank, W, device)
         dist.barrier()
         dist.destroy_process_group()
@@ -178,8 +192,10 @@ def _rank_main(rank, W, store, backend, results):
 # The parent: start a world, collect, never hang
 # --------------------------------------------------------------------------------------------------
 def _context():
+    # torch._dynamo too: the first call of a torch.library custom op imports it (seconds), once per rank
+    # unless the forkserver already has.
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "moe_ext", "moe_ext.torch"])
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "moe_ext", "moe_ext.torch"])
     return ctx
 
 
@@ -219,7 +235,7 @@ def world(request):
     return request.param, run_world(request.param)
 
 
-@pytest.mark.parametrize("case", [c[0] for c in CASES])
+@pytest.mark.parametrize("case", list(CASES))
 def test_matches_unsharded_layer(world, case):
     W, got = world
     worst = {}
@@ -249,7 +265,7 @@ def test_needs_initialised_process_group():
     import moe_ext.torch as mt
     if dist.is_initialized():
         pytest.skip("a process group is initialised in this process")
-    moe, _ = _make_layer(4, "swiglu", 2, None, 3, "cpu")
+    moe, _ = _make_layer(4, 3, "cpu", 2)
     with pytest.raises(RuntimeError, match="init_process_group"):
         mt.ExpertParallelMoE.from_moe(moe)
 

@@ -154,9 +154,10 @@ class ExpertParallelMoE(nn.Module):
         return self.w13 if self.activation in GATED else self.w1
 
     @classmethod
-    def from_moe(cls, moe, group=None):
+    def from_moe(cls, moe, group=None, *, capacity_factor=None):
         """The shard of `moe` (a `moe_ext.torch.MoE`, identical on every rank) that this rank keeps: its
-        block of experts and the router, copied; routing, activation and capacity options taken over."""
+        block of experts and the router, copied; routing, activation and capacity options taken over.
+        `capacity_factor` replaces the layer's `capacity` by ceil(factor * T_global * k / E)."""
         rank, world = _group_info(group)
         for name in ("w_router", "w2", "w13_or_w1", "top_k", "activation"):
             if not hasattr(moe, name):
@@ -168,8 +169,9 @@ class ExpertParallelMoE(nn.Module):
         return cls(moe.w_router, moe.w13_or_w1[local], moe.w2[local], num_experts=E, top_k=moe.top_k,
                    activation=moe.activation, scoring=moe.scoring, renormalize=moe.renormalize,
                    scale=moe.scale, router_bias=moe.router_bias, correction_bias=moe.correction_bias,
-                   n_group=moe.n_group, topk_group=moe.topk_group, capacity=moe.capacity,
-                   capacity_factor=getattr(moe, "capacity_factor", None), group=group)
+                   n_group=moe.n_group, topk_group=moe.topk_group,
+                   capacity=moe.capacity if capacity_factor is None else None,
+                   capacity_factor=capacity_factor, group=group)
 
     def extra_repr(self):
         return (f"num_experts={self.num_experts}, local_expert_ids={self.local_expert_ids}, "
