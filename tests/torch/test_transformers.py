@@ -408,21 +408,22 @@ SCRIPT_IMPORT_ORDER = """
     assert "moe_ext" in ALL_EXPERTS_FUNCTIONS
     print("ok")
 """
-SCRIPT_NO_TRANSFORMERS = """
-    import sys
-    sys.modules["transformers"] = None  # as if not installed: importing it raises ImportError
-    import moe_ext.torch
-    from moe_ext.torch import hf
-    assert hf.register() is False and not hf.is_registered()
-    print("ok")
-"""
-
-
-@pytest.mark.parametrize("script", [SCRIPT_IMPORT_ORDER, SCRIPT_NO_TRANSFORMERS], ids=["import_order", "absent"])
-def test_import_registers(script):
-    """`import moe_ext.torch` alone registers "moe_ext" (through moe_ext.torch.hf's import hook) whether
-    transformers is imported before or after it, without importing transformers itself; and nothing
-    fails without transformers."""
-    run = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                         timeout=300)
+def test_import_registers():
+    """`import moe_ext.torch` alone registers "moe_ext" (through moe_ext.torch.hf's import hook) when
+    transformers is imported after it, without importing transformers itself. (A fresh interpreter: this
+    one has transformers loaded.)"""
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT_IMPORT_ORDER)], capture_output=True,
+                         text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_without_transformers(monkeypatch):
+    """As if transformers were not installed (sys.modules entry None: importing it raises ImportError):
+    registration does nothing and raises nothing, and no import hook is left behind."""
+    for name in [n for n in sys.modules if n.startswith("transformers.")]:  # restored after the test
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    hooks = [f for f in sys.meta_path if isinstance(f, hf._RegisterOnImport)]
+    assert hf.register_when_available() is False
+    assert hf.register() is False
+    assert [f for f in sys.meta_path if isinstance(f, hf._RegisterOnImport)] == hooks
