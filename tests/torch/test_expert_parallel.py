@@ -166,6 +166,12 @@ def _errors(rank, W, device):
             out["indivisible"] = "no error"
         except ValueError as e:
             out["indivisible"] = str(e)
+    moe, _ = _make_layer(W, 5, device, 1)
+    try:
+        mt.ExpertParallelMoE.from_moe(moe)(torch.zeros(3, D + 1, device=device))
+        out["bad_x"] = "no error"
+    except ValueError as e:
+        out["bad_x"] = str(e)
     return out
 
 
@@ -181,6 +187,9 @@ def _rank_main(rank, W, store, backend, results):
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         out = {name: _case(name, rank, W, None, device, **case) for name, case in CASES.items()}
         out["errors"] = _errors(rank, W, device)
+        if W == 4:  # two process groups of 2 side by side: ranks, sizes and ownership are the group's
+            groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+            out["subgroup"] = _case("swiglu", rank % 2, 2, groups[rank // 2], device, **CASES["swiglu"])
         dist.barrier()
         dist.destroy_process_group()
         results.put((rank, out, None))
@@ -252,11 +261,24 @@ def test_matches_unsharded_layer(world, case):
         assert got[0][case]["dropped_total"] > 0, "the capacity should drop copies in this case"
 
 
-def test_indivisible_experts_raise(world):
+def test_subgroups(world):
+    """ExpertParallelMoE on a group that is not the world (two groups of 2 inside the world of 4)."""
     W, got = world
-    if W == 1:
-        pytest.skip("every E divides a world of 1")
+    if W != 4:
+        pytest.skip("the two groups of 2 run inside the world of 4")
     for rank in range(W):
+        for metric, err in got[rank]["subgroup"].items():
+            if metric not in ("idle_experts", "dropped_total"):
+                assert err <= RTOL, f"rank {rank}, subgroup, {metric}: relative error {err:.3g} > {RTOL}"
+
+
+def test_bad_configuration_raises(world):
+    W, got = world
+    for rank in range(W):
+        msg = got[rank]["errors"]["bad_x"]
+        assert msg.startswith("x: expected shape (..., 13)") and "(3, 14)" in msg, msg
+        if W == 1:
+            continue  # every E divides a world of 1
         msg = got[rank]["errors"]["indivisible"]
         assert "num_experts" in msg and str(W + 1) in msg and str(W) in msg, msg
 
@@ -271,9 +293,9 @@ def test_needs_initialised_process_group():
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.device_count() >= 2
-                         and dist.is_nccl_available()),
-                    reason="NCCL expert parallelism needs torch with CUDA, NCCL and >= 2 GPUs "
-                           "(NCCL cannot put two ranks on one GPU)")
+                         and dist.is_nccl_available() and moe_ext.info().get("cuda")),
+                    reason="NCCL expert parallelism needs torch with CUDA and NCCL, moe_ext built with "
+                           "CUDA, and >= 2 GPUs (NCCL cannot put two ranks on one GPU)")
 def test_nccl_on_gpu_tensors():
     got = run_world(2, backend="nccl")
     for rank in range(2):

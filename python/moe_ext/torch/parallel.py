@@ -180,6 +180,11 @@ class ExpertParallelMoE(nn.Module):
     # ------------------------------------------------------------------------------------------------
     def forward(self, x):
         shape = x.shape
+        if x.dim() < 1 or shape[-1] != self.w_router.shape[1]:
+            # Checked before the first collective; the other ranks still wait for this one until the
+            # group's timeout: an error on one rank cannot be reported to the others.
+            raise ValueError(f"x: expected shape (..., {self.w_router.shape[1]}) (d = w_router.shape[1]); "
+                             f"got {tuple(shape)}")
         x = x.reshape(-1, shape[-1])
         T, E, W, El = x.shape[0], self.num_experts, self.world_size, self.num_local_experts
         weights, ids = F.route(x, self.w_router, self.top_k, scoring=self.scoring,
