@@ -15,7 +15,7 @@ x_0, ..., x_{W-1} (the documented global token order), and its gradients need no
 The routing is skewed (a shared direction in x that the router of some experts opposes), so some experts
 get no copies at all; each case asserts that it happened.
 
-Tolerance: RTOL = 1e-5 relative (Frobenius) in float32. Both sides run the same kernels on the same rows;
+Tolerance: RTOL = 1e-5 relative (Frobenius) in float32 (bf16: see BF16_RTOL). Both sides run the same kernels on the same rows;
 the differences are only the order of float32 sums (an expert's dW over rows of several ranks, an
 all-reduce of partial gradients) and the GEMM's row blocking: a few ulp on values of norm ~1, far below it.
 
@@ -56,7 +56,12 @@ CASES = {
     "sigmoid_grouped_biases": dict(activation="swiglu", top_k=2, per_rank=4, scoring="sigmoid",
                                    router_bias=True, correction_bias=True, n_group=2, topk_group=1,
                                    scale=2.5),
+    # bf16 weights and activations (the exchange moves bf16 rows): both sides round their outputs and
+    # gradients to bf16 (u = 2^-8 ~ 3.9e-3), so an element may differ by an ulp where the float32 sums
+    # differ in order; the all-reduced gradients add one bf16 rounding per rank. BF16_RTOL = 1e-2.
+    "swiglu_bf16": dict(activation="swiglu", top_k=2, per_rank=3, dtype=torch.bfloat16),
 }
+BF16_RTOL = 1e-2
 D, F = 13, 10
 
 
@@ -87,14 +92,19 @@ def _make_layer(E, seed, device, top_k, activation="swiglu", **options):
             p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
         if moe.correction_bias is not None:
             moe.correction_bias.copy_(torch.randn(E, generator=gen) * 0.1)
-        dead = max(1, E // 4)  # these experts never win
-        moe.w_router[E - dead:] = -4.0 * u
+        dead = max(1, E // 4)  # these experts never win: logit -18 against O(1) for the others
+        moe.w_router[E - dead:] = -6.0 * u
         moe.w_router[0] += 1.0 * u
     return moe.to(device), u.to(device)
 
 
+def _along(noise, u):
+    """Tokens = noise orthogonal to u, plus 3 u: the dead experts' logits are exactly -18 (see above)."""
+    return noise - torch.outer(noise @ u, u) + 3.0 * u
+
+
 def _case(name, rank, W, group, device, *, per_rank, top_k, capacity=None, capacity_factor=None,
-          **options):
+          dtype=torch.float32, **options):
     import moe_ext.torch as mt
     E = per_rank * W
     top_k = min(top_k, E)
@@ -103,9 +113,10 @@ def _case(name, rank, W, group, device, *, per_rank, top_k, capacity=None, capac
     if capacity_factor is not None:  # what the sharded layer derives from the global token count
         capacity = math.ceil(capacity_factor * sum(sizes) * top_k / E)
     moe, u = _make_layer(E, seed, device, top_k, capacity=capacity, **options)
+    moe = moe.to(dtype)
     gen = torch.Generator().manual_seed(seed + 1)
-    xs = [(torch.randn(n, D, generator=gen) + 3.0 * u.cpu()).to(device) for n in sizes]
-    gs = [torch.randn(n, D, generator=gen).to(device) for n in sizes]
+    xs = [_along(torch.randn(n, D, generator=gen), u.cpu()).to(device, dtype) for n in sizes]
+    gs = [torch.randn(n, D, generator=gen).to(device, dtype) for n in sizes]
     x_r, g_r = xs[rank].clone().requires_grad_(True), gs[rank]
 
     ep = mt.ExpertParallelMoE.from_moe(moe, group, capacity_factor=capacity_factor)
@@ -254,8 +265,9 @@ def test_matches_unsharded_layer(world, case):
                 continue
             worst[metric] = max(worst.get(metric, 0.0), err)
     print(f"world {W} {case}: max relative errors {worst}")
+    rtol = BF16_RTOL if CASES[case].get("dtype") == torch.bfloat16 else RTOL
     for metric, err in worst.items():
-        assert err <= RTOL, f"world {W}, {case}, {metric}: relative error {err:.3g} > {RTOL}"
+        assert err <= rtol, f"world {W}, {case}, {metric}: relative error {err:.3g} > {rtol}"
     assert got[0][case]["idle_experts"] != 0, "the skewed routing should leave some expert idle"
     if "dropped_total" in got[0][case]:
         assert got[0][case]["dropped_total"] > 0, "the capacity should drop copies in this case"
