@@ -86,7 +86,10 @@ def _plan(self, hidden_states):
         if bool(getattr(self, flag, not wrong)) == wrong:
             return reason
     gated = bool(getattr(self, "has_gate", True))
-    if gated and getattr(getattr(self, "_apply_gate", None), "__func__", None) is not _default_apply_gate():
+    # the class's gate must be transformers' default (split, act(gate) * up), and no instance override;
+    # (looked up on the class and in vars(): comparing a bound method's __func__ does not trace in dynamo)
+    if gated and (getattr(type(self), "_apply_gate", None) is not _default_apply_gate()
+                  or "_apply_gate" in vars(self)):
         return "a custom gate (_apply_gate)"
     act = _activation_name(getattr(self, "act_fn", None))
     activation = _ACTIVATIONS.get((act, gated))
