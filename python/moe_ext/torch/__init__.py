@@ -11,6 +11,7 @@ from . import _ops  # registers torch.ops.moe_ext.*
 from ._functional import (PermuteResult, RouteResult, activation, experts, grouped_gemm, load_balancing_loss,
                           moe, permute, route, router_z_loss, unpermute)
 from ._module import MoE
+from . import hf  # noqa: E402,F401  registers "moe_ext" with transformers' experts interface (SPEC §7)
 
 __all__ = ["route", "permute", "grouped_gemm", "activation", "unpermute", "experts", "moe",
            "load_balancing_loss", "router_z_loss", "RouteResult", "PermuteResult", "MoE"]
