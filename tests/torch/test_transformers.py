@@ -17,8 +17,6 @@ forward (bit-identical output) with a warning. The kernels' tiers are covered by
 once (PER_TIER = False) on the default tier, to keep the file fast.
 """
 import math
-import pathlib
-import re
 import subprocess
 import sys
 import textwrap
@@ -409,16 +407,6 @@ SCRIPT_IMPORT_ORDER = """
     assert "moe_ext" in ALL_EXPERTS_FUNCTIONS
     print("ok")
 """
-# `import moe_ext.torch` must import moe_ext.torch.hf (SPEC §7). That is one line in
-# python/moe_ext/torch/__init__.py (`from . import hf  # registers "moe_ext" with transformers`), a file
-# owned by the torch-ops work; until it is there this test is an expected failure. strict: once the line
-# is in, the XPASS fails the suite, so that this marker is removed with it.
-_INIT_IMPORTS_HF = re.search(r"^from \. import (.*[ ,])?hf\b|^from \.hf import|^import moe_ext\.torch\.hf",
-                             pathlib.Path(moe_ext.torch.__file__).read_text(), re.MULTILINE) is not None
-
-
-@pytest.mark.xfail(not _INIT_IMPORTS_HF, strict=True,
-                   reason="moe_ext/torch/__init__.py does not import .hf yet (see the comment above)")
 def test_import_registers():
     """`import moe_ext.torch` alone registers "moe_ext" (through moe_ext.torch.hf's import hook) when
     transformers is imported after it, without importing transformers itself. (A fresh interpreter: this
