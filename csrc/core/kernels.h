@@ -30,6 +30,18 @@ struct Kernels {
   // y[t] = sum_j weights[t, j] * y_perm[perm_rows[t, j]], slots in order, -1 rows skipped.
   void (*unpermute)(const float* y_perm, const int32_t* perm_rows, const float* weights, int64_t T,
                     int64_t k, int64_t d, float* y);
+
+  // Backward kernels (csrc/cpu/*_backward.cpp; the C++ API is core/backward.h).
+  // dst [cols, rows] = src [rows, cols]^T, src rows `ld` floats apart.
+  void (*transpose)(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst);
+  // grad_h [M, 2f] (gated) or [M, f] from grad_act [M, f] and the activation's input h.
+  void (*activation_backward)(const float* grad_act, const float* h, int64_t M, int64_t f, Activation activation,
+                              float* grad_h);
+  // grad_y_perm (zeroed by the caller) += w * grad_y per slot; grad_weights [T, k]. threads = 1 when
+  // perm_rows may repeat a row.
+  void (*unpermute_backward)(const float* grad_y, const float* y_perm, const int32_t* perm_rows,
+                             const float* weights, int64_t T, int64_t k, int64_t d, int threads,
+                             float* grad_y_perm, float* grad_weights);
 };
 
 constexpr int64_t kGemmScratchFloats = 256 * 256;

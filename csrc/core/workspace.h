@@ -18,6 +18,9 @@ enum class Scratch : int {
   hidden,          // first GEMM's output [M, 2f] or [M, f]
   activated,       // activation output [M, f]
   gemm_panels,     // per-OpenMP-thread packed weight panels of the grouped GEMM
+  backward_lhs,    // backward: a transposed GEMM operand (core/backward.cpp)
+  backward_rhs,    // backward: the other transposed GEMM operand
+  backward_marks,  // backward: rows seen (repeat detection) or ones (permute_backward's weights)
   count
 };
 

@@ -3,7 +3,8 @@
 namespace moe_ext::cpu::MOE_EXT_CPU_NS {
 
 const Kernels& kernels() {
-  static const Kernels table{route, gather_rows, grouped_gemm, activate, unpermute};
+  static const Kernels table{route, gather_rows, grouped_gemm, activate, unpermute,
+                               transpose, activation_backward, unpermute_backward};
   return table;
 }
 

@@ -14,6 +14,11 @@ void grouped_gemm(const float* a, const float* w, const int32_t* offsets, int64_
 void activate(const float* h, int64_t M, int64_t f, Activation activation, float* out);
 void unpermute(const float* y_perm, const int32_t* perm_rows, const float* weights, int64_t T,
                int64_t k, int64_t d, float* y);
+void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst);
+void activation_backward(const float* grad_act, const float* h, int64_t M, int64_t f, Activation activation,
+                         float* grad_h);
+void unpermute_backward(const float* grad_y, const float* y_perm, const int32_t* perm_rows, const float* weights,
+                        int64_t T, int64_t k, int64_t d, int threads, float* grad_y_perm, float* grad_weights);
 const Kernels& kernels();
 
 }  // namespace moe_ext::cpu::MOE_EXT_CPU_NS

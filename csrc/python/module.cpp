@@ -16,6 +16,7 @@
 #include "core/workspace.h"
 
 namespace py = pybind11;
+void bind_backward(py::module_& m);  // csrc/python/bind_backward.cpp
 using namespace moe_ext;  // NOLINT: the C++ API is called moe_ext::op below
 
 namespace {
@@ -289,4 +290,5 @@ PYBIND11_MODULE(_core, m) {
   m.def("workspace_bytes", [] { return thread_workspace().bytes_held(); },
         "Scratch bytes held by the calling thread's workspace.");
   m.def("build_info", &build_info);
+  bind_backward(m);
 }

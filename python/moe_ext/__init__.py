@@ -8,6 +8,8 @@ from importlib import metadata as _metadata
 from . import _checks, _core, reference
 from ._api import (experts, grouped_gemm, load_balancing_loss, moe, permute, route, router_z_loss,
                    unpermute)
+from ._backward import (activation, activation_backward, grouped_gemm_backward, permute_backward,
+                        unpermute_backward)
 from ._types import PermuteResult
 
 try:
@@ -17,7 +19,8 @@ except _metadata.PackageNotFoundError:  # imported from a source tree
 
 __all__ = [
     "route", "permute", "grouped_gemm", "unpermute", "experts", "moe", "load_balancing_loss",
-    "router_z_loss", "PermuteResult", "info", "available_isas", "get_isa", "set_isa",
+    "router_z_loss", "activation", "activation_backward", "grouped_gemm_backward", "unpermute_backward",
+    "permute_backward", "PermuteResult", "info", "available_isas", "get_isa", "set_isa",
     "get_num_threads", "set_num_threads", "__version__",
 ]
 

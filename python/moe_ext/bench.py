@@ -43,6 +43,9 @@ def add_arguments(parser):
     parser.add_argument("--png-dir", default=harness.DEFAULT_PNG_DIR, metavar="DIR",
                         help="PNG plots directory (default %(default)s; '' for none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--mode", choices=("forward", "train"), default="forward",
+                        help="forward (default) or train: forward+backward of one layer vs the PyTorch peers "
+                             "(shapes small and medium by default; moe_ext._bench.train)")
     # Hidden: custom shapes and small ceilings, for tests and quick experiments.
     parser.add_argument("--shape-spec", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--ceiling-n", type=int, default=ceiling.COMPUTE_N, help=argparse.SUPPRESS)
@@ -62,6 +65,13 @@ def run_args(args, argv=None):
         print("moe-ext bench: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
     shapes = list(args.shape or []) + (QUICK if args.quick else []) + specs
+    if args.mode == "train":
+        from ._bench import train
+        train_shapes = [s.name for s in workload.expand(list(args.shape or []) + (QUICK if args.quick else []))]
+        train.run(shapes=train_shapes + list(args.shape_spec) or list(train.TRAIN_SHAPES),
+                  dtypes=args.dtype or ["fp32", "bf16"], warmup=args.warmup, repeats=args.repeats,
+                  json_path=args.json or None)
+        return 0
     run(shapes=shapes or QUICK, dtypes=args.dtype or ["fp32"], impls=args.impl, warmup=args.warmup,
         repeats=args.repeats, budget_s=args.budget, json_path=args.json or None,
         png_dir=args.png_dir or None, progress=not args.no_progress, ceiling_n=args.ceiling_n,

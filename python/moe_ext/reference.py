@@ -39,6 +39,11 @@ __all__ = [
     "activate",
     "GATED_ACTIVATIONS",
     "ACTIVATIONS",
+    "activation",
+    "activation_backward",
+    "grouped_gemm_backward",
+    "unpermute_backward",
+    "permute_backward",
 ]
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -334,3 +339,77 @@ def router_z_loss(logits):
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         lse = m[:, 0] + np.log(np.sum(np.exp(logits - m), axis=-1))
         return float(np.mean(lse * lse))
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. backward (the gradients autograd of moe_ext.torch computes; docs/api.md "Backward")
+# --------------------------------------------------------------------------------------------------
+def activation(h, activation="swiglu"):
+    """The same as activate(h, activation) (the name of the public op)."""
+    return activate(h, activation)
+
+
+def _gelu_grad(z):
+    """d gelu / dz = Phi(z) + z phi(z) = 0.5 erfc(-z / sqrt2) + z exp(-z^2 / 2) / sqrt(2 pi)."""
+    dt = z.dtype
+    erfc = _erfc((-z / dt.type(math.sqrt(2.0))).astype(np.float64)).astype(dt)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return dt.type(0.5) * erfc + z * np.exp(-z * z / dt.type(2)) / dt.type(math.sqrt(2 * math.pi))
+
+
+def activation_backward(grad_act, h, activation="swiglu"):
+    """dL/dh given grad_act = dL/d activate(h, activation)."""
+    dt = _float_dtype(grad_act, h)
+    h = np.asarray(h, dtype=dt)
+    g = np.asarray(grad_act, dtype=dt)
+    if activation in GATED_ACTIVATIONS:
+        f = h.shape[1] // 2
+        gate, up = h[:, :f], h[:, f:]
+        if activation == "swiglu":
+            s = sigmoid(gate)
+            act, act_grad = silu(gate), s * (1 + gate * (1 - s))
+        else:
+            act, act_grad = gelu(gate), _gelu_grad(gate)
+        return np.concatenate([g * up * act_grad, g * act], axis=1)
+    if activation == "relu":
+        return g * (h > 0)
+    if activation == "gelu":
+        return g * _gelu_grad(h)
+    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+
+def grouped_gemm_backward(grad_out, a, w, expert_offsets):
+    """(grad_a, grad_w) of grouped_gemm: grad_a[rows] = grad_out[rows] @ w[e],
+    grad_w[e] = grad_out[rows].T @ a[rows] (0 for experts without rows)."""
+    dt = _float_dtype(grad_out, a, w)
+    g, a, w = (np.asarray(v, dtype=dt) for v in (grad_out, a, w))
+    o = np.asarray(expert_offsets)
+    grad_a = np.zeros_like(a)
+    grad_w = np.zeros_like(w)
+    for e in range(w.shape[0]):
+        lo, hi = int(o[e]), int(o[e + 1])
+        grad_a[lo:hi] = g[lo:hi] @ w[e]
+        grad_w[e] = g[lo:hi].T @ a[lo:hi]
+    return grad_a, grad_w
+
+
+def unpermute_backward(grad_y, y_perm, perm_rows, topk_weights):
+    """(grad_y_perm, grad_topk_weights) of unpermute."""
+    dt = _float_dtype(grad_y, y_perm, topk_weights)
+    g, y_perm, w = (np.asarray(v, dtype=dt) for v in (grad_y, y_perm, topk_weights))
+    rows = np.asarray(perm_rows)
+    grad_y_perm = np.zeros_like(y_perm)
+    grad_w = np.zeros(rows.shape, dtype=dt)
+    for t, j in np.ndindex(*rows.shape):
+        r = rows[t, j]
+        if r >= 0:
+            grad_y_perm[r] += w[t, j] * g[t]
+            grad_w[t, j] = g[t] @ y_perm[r]
+    return grad_y_perm, grad_w
+
+
+def permute_backward(grad_x_perm, perm_rows):
+    """grad_x of permute's x_perm: grad_x[t] = sum_j grad_x_perm[perm_rows[t, j]] (-1 skipped)."""
+    g = np.asarray(grad_x_perm, dtype=_float_dtype(grad_x_perm))
+    rows = np.asarray(perm_rows)
+    return unpermute(g, rows, np.ones(rows.shape, dtype=g.dtype))

@@ -1,0 +1,34 @@
+// The C++ API of the backward pass (what autograd of the PyTorch ops runs), on raw row-major float32
+// arrays, plus the activation forward the backward needs to recompute. Names and semantics: docs/api.md
+// "Backward". Each call is deterministic: no atomics, every sum in an order fixed by the data.
+#pragma once
+#include <cstdint>
+
+#include "core/types.h"
+
+namespace moe_ext {
+
+// out [M, f] = act(h); h [M, 2f] (gated) or [M, f].
+void activation(const float* h, int64_t M, int64_t f, Activation activation, float* out);
+// grad_h (shape of h) from grad_act [M, f].
+void activation_backward(const float* grad_act, const float* h, int64_t M, int64_t f, Activation activation,
+                         float* grad_h);
+
+// Of out = grouped_gemm(a [M, K], w [E, N, K], offsets): grad_a [M, K] = grad_out[rows of e] @ w[e] and
+// grad_w [E, N, K] = grad_out[rows of e]^T @ a[rows of e] (0 for experts without rows). Either output may
+// be null (not wanted).
+void grouped_gemm_backward(const float* grad_out, const float* a, const float* w, const int32_t* expert_offsets,
+                           int64_t E, int64_t M, int64_t N, int64_t K, float* grad_a, float* grad_w);
+
+// Of y = unpermute(y_perm [M, d], perm_rows [T, k], topk_weights [T, k]): grad_y_perm [M, d] and
+// grad_topk_weights [T, k].
+void unpermute_backward(const float* grad_y, const float* y_perm, int64_t M, const int32_t* perm_rows,
+                        const float* topk_weights, int64_t T, int64_t k, int64_t d, float* grad_y_perm,
+                        float* grad_topk_weights);
+
+// Of x_perm = permute(x, ...).x_perm: grad_x [T, d][t] = sum over slots j (in order, -1 skipped) of
+// grad_x_perm[perm_rows[t, j]].
+void permute_backward(const float* grad_x_perm, int64_t M, const int32_t* perm_rows, int64_t T, int64_t k,
+                      int64_t d, float* grad_x);
+
+}  // namespace moe_ext

@@ -1,0 +1,141 @@
+// Bindings of the backward C++ API (core/backward.h) into moe_ext._core; called from module.cpp.
+// As in module.cpp: the user-facing checks are in python/moe_ext/_backward.py, these only make sure a
+// direct call can never reach memory it should not. The GIL is released around every kernel.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+#include <vector>
+
+#include "core/backward.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using Shape = std::vector<int64_t>;
+constexpr int64_t kAny = -1;
+
+template <typename T>
+const T* data_of(const py::array& a, const char* name, const Shape& shape) {
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
+                         "; got " + std::string(py::str(a.dtype())));
+  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] == kAny || a.shape(i) == shape[i];
+  if (!ok) throw py::value_error(std::string(name) + ": unexpected shape");
+  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": expected a C-contiguous array");
+  if (reinterpret_cast<uintptr_t>(a.data()) % alignof(T) != 0)
+    throw py::value_error(std::string(name) + ": expected an array aligned to its elements");
+  return static_cast<const T*>(a.data());
+}
+
+template <typename T>
+py::array_t<T> output(const Shape& shape) {
+  return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+}
+
+moe_ext::Activation activation_from(const std::string& name) {
+  using moe_ext::Activation;
+  if (name == "swiglu") return Activation::swiglu;
+  if (name == "geglu") return Activation::geglu;
+  if (name == "relu") return Activation::relu;
+  if (name == "gelu") return Activation::gelu;
+  throw py::value_error("activation: expected one of 'swiglu', 'geglu', 'relu', 'gelu'; got '" + name + "'");
+}
+
+// The intermediate size f of h [M, 2f] (gated) or [M, f].
+int64_t intermediate_of(const py::array& h, moe_ext::Activation act) {
+  if (h.ndim() != 2) throw py::value_error("h: expected a 2-D array");
+  const int64_t cols = h.shape(1);
+  if (moe_ext::is_gated(act) && cols % 2 != 0) throw py::value_error("h: expected an even column count (2f)");
+  return moe_ext::is_gated(act) ? cols / 2 : cols;
+}
+
+py::array py_activation(const py::array& h, const std::string& activation) {
+  const moe_ext::Activation act = activation_from(activation);
+  const int64_t f = intermediate_of(h, act);
+  const float* h_ptr = data_of<float>(h, "h", {kAny, kAny});
+  const int64_t M = h.shape(0);
+  auto out = output<float>({M, f});
+  float* out_ptr = out.mutable_data();
+  py::gil_scoped_release release;
+  moe_ext::activation(h_ptr, M, f, act, out_ptr);
+  return out;
+}
+
+py::array py_activation_backward(const py::array& grad_act, const py::array& h, const std::string& activation) {
+  const moe_ext::Activation act = activation_from(activation);
+  const int64_t f = intermediate_of(h, act);
+  const float* h_ptr = data_of<float>(h, "h", {kAny, kAny});
+  const int64_t M = h.shape(0);
+  const float* g_ptr = data_of<float>(grad_act, "grad_act", {M, f});
+  auto grad_h = output<float>({M, h.shape(1)});
+  float* out_ptr = grad_h.mutable_data();
+  py::gil_scoped_release release;
+  moe_ext::activation_backward(g_ptr, h_ptr, M, f, act, out_ptr);
+  return grad_h;
+}
+
+py::tuple py_grouped_gemm_backward(const py::array& grad_out, const py::array& a, const py::array& w,
+                                   const py::array& expert_offsets, bool need_a, bool need_w) {
+  const float* a_ptr = data_of<float>(a, "a", {kAny, kAny});
+  const int64_t M = a.shape(0), K = a.shape(1);
+  const float* w_ptr = data_of<float>(w, "w", {kAny, kAny, K});
+  const int64_t E = w.shape(0), N = w.shape(1);
+  const float* g_ptr = data_of<float>(grad_out, "grad_out", {M, N});
+  const int32_t* offsets_ptr = data_of<int32_t>(expert_offsets, "expert_offsets", {E + 1});
+  auto grad_a = output<float>({need_a ? M : 0, K});
+  auto grad_w = output<float>({need_w ? E : 0, N, K});
+  float* ga = need_a ? grad_a.mutable_data() : nullptr;
+  float* gw = need_w ? grad_w.mutable_data() : nullptr;
+  {
+    py::gil_scoped_release release;
+    moe_ext::grouped_gemm_backward(g_ptr, a_ptr, w_ptr, offsets_ptr, E, M, N, K, ga, gw);
+  }
+  return py::make_tuple(need_a ? py::object(grad_a) : py::none(), need_w ? py::object(grad_w) : py::none());
+}
+
+py::tuple py_unpermute_backward(const py::array& grad_y, const py::array& y_perm, const py::array& perm_rows,
+                                const py::array& topk_weights) {
+  const float* y_perm_ptr = data_of<float>(y_perm, "y_perm", {kAny, kAny});
+  const int64_t M = y_perm.shape(0), d = y_perm.shape(1);
+  const int32_t* rows_ptr = data_of<int32_t>(perm_rows, "perm_rows", {kAny, kAny});
+  const int64_t T = perm_rows.shape(0), k = perm_rows.shape(1);
+  const float* w_ptr = data_of<float>(topk_weights, "topk_weights", {T, k});
+  const float* gy_ptr = data_of<float>(grad_y, "grad_y", {T, d});
+  auto grad_y_perm = output<float>({M, d});
+  auto grad_w = output<float>({T, k});
+  float* gyp = grad_y_perm.mutable_data();
+  float* gw = grad_w.mutable_data();
+  {
+    py::gil_scoped_release release;
+    moe_ext::unpermute_backward(gy_ptr, y_perm_ptr, M, rows_ptr, w_ptr, T, k, d, gyp, gw);
+  }
+  return py::make_tuple(grad_y_perm, grad_w);
+}
+
+py::array py_permute_backward(const py::array& grad_x_perm, const py::array& perm_rows) {
+  const float* g_ptr = data_of<float>(grad_x_perm, "grad_x_perm", {kAny, kAny});
+  const int64_t M = grad_x_perm.shape(0), d = grad_x_perm.shape(1);
+  const int32_t* rows_ptr = data_of<int32_t>(perm_rows, "perm_rows", {kAny, kAny});
+  const int64_t T = perm_rows.shape(0), k = perm_rows.shape(1);
+  auto grad_x = output<float>({T, d});
+  float* out_ptr = grad_x.mutable_data();
+  py::gil_scoped_release release;
+  moe_ext::permute_backward(g_ptr, M, rows_ptr, T, k, d, out_ptr);
+  return grad_x;
+}
+
+}  // namespace
+
+void bind_backward(py::module_& m) {
+  using py::arg;
+  m.def("activation", &py_activation, arg("h"), arg("activation"));
+  m.def("activation_backward", &py_activation_backward, arg("grad_act"), arg("h"), arg("activation"));
+  m.def("grouped_gemm_backward", &py_grouped_gemm_backward, arg("grad_out"), arg("a"), arg("w"),
+        arg("expert_offsets"), arg("need_a") = true, arg("need_w") = true);
+  m.def("unpermute_backward", &py_unpermute_backward, arg("grad_y"), arg("y_perm"), arg("perm_rows"),
+        arg("topk_weights"));
+  m.def("permute_backward", &py_permute_backward, arg("grad_x_perm"), arg("perm_rows"));
+}

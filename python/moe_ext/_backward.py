@@ -1,0 +1,70 @@
+"""The backward pass on NumPy arrays (what autograd of moe_ext.torch runs): check the arguments, then call
+the C++ core (csrc/core/backward.h). Semantics: docs/api.md "Backward"; ground truth: the functions of
+the same names in moe_ext.reference."""
+from . import _checks as check
+from . import _core
+from ._api import ACTIVATIONS, GATED_ACTIVATIONS
+
+
+def _h(h, activation):
+    activation = check.choice(activation, "activation", ACTIVATIONS)
+    h = check.float_array(h, "h", 2)
+    if activation in GATED_ACTIVATIONS and h.shape[1] % 2:
+        check.fail(ValueError, "h", f"an even number of columns (2f) for activation {activation!r}",
+                   f"shape {h.shape}")
+    return h, activation
+
+
+def activation(h, activation="swiglu"):
+    """The expert activation on the first GEMM's output: act(h[:, :f]) * h[:, f:] for gated activations
+    (h [M, 2f]), act(h) otherwise. Returns [M, f] float32."""
+    h, activation = _h(h, activation)
+    return _core.activation(h, activation)
+
+
+def activation_backward(grad_act, h, activation="swiglu"):
+    """grad_h (shape of h) of activation(h) given grad_act = dL/d activation(h) [M, f]."""
+    h, activation = _h(h, activation)
+    f = h.shape[1] // 2 if activation in GATED_ACTIVATIONS else h.shape[1]
+    grad_act = check.float_array(grad_act, "grad_act", 2)
+    check.expect_shape(grad_act, "grad_act", (h.shape[0], f), " (M, f) with h (M, 2f) or (M, f)")
+    return _core.activation_backward(grad_act, h, activation)
+
+
+def grouped_gemm_backward(grad_out, a, w, expert_offsets, *, need_a=True, need_w=True):
+    """Of out = grouped_gemm(a, w, expert_offsets): (grad_a [M, K], grad_w [E, N, K]) with
+    grad_a[rows of e] = grad_out[rows of e] @ w[e] and grad_w[e] = grad_out[rows of e].T @ a[rows of e]
+    (zeros for experts without rows). grad_w is summed in an order fixed by the data (deterministic).
+    need_a / need_w = False skip one of them (None returned in its place)."""
+    a = check.float_array(a, "a", 2)
+    w = check.float_array(w, "w", 3)
+    check.expect_shape(w, "w", (None, None, a.shape[1]), " (E, N, K) with K = a.shape[1]")
+    if w.shape[0] < 1:
+        check.fail(ValueError, "w", "at least one expert (E >= 1)", f"shape {w.shape}")
+    grad_out = check.float_array(grad_out, "grad_out", 2)
+    check.expect_shape(grad_out, "grad_out", (a.shape[0], w.shape[1]), " (M, N)")
+    expert_offsets = check.index_array(expert_offsets, "expert_offsets", 1)
+    check.expect_shape(expert_offsets, "expert_offsets", (w.shape[0] + 1,), " (E + 1,)")
+    return tuple(_core.grouped_gemm_backward(grad_out, a, w, expert_offsets, check.boolean(need_a, "need_a"),
+                                             check.boolean(need_w, "need_w")))
+
+
+def unpermute_backward(grad_y, y_perm, perm_rows, topk_weights):
+    """Of y = unpermute(y_perm, perm_rows, topk_weights): (grad_y_perm [M, d], grad_topk_weights [T, k])
+    with grad_y_perm[perm_rows[t, j]] = topk_weights[t, j] * grad_y[t] (rows no slot names: 0) and
+    grad_topk_weights[t, j] = <grad_y[t], y_perm[perm_rows[t, j]]> (0 where perm_rows is -1)."""
+    y_perm = check.float_array(y_perm, "y_perm", 2)
+    perm_rows = check.index_array(perm_rows, "perm_rows", 2)
+    topk_weights = check.float_array(topk_weights, "topk_weights", 2)
+    check.expect_shape(topk_weights, "topk_weights", perm_rows.shape, " = perm_rows.shape")
+    grad_y = check.float_array(grad_y, "grad_y", 2)
+    check.expect_shape(grad_y, "grad_y", (perm_rows.shape[0], y_perm.shape[1]), " (T, d)")
+    return tuple(_core.unpermute_backward(grad_y, y_perm, perm_rows, topk_weights))
+
+
+def permute_backward(grad_x_perm, perm_rows):
+    """Of x_perm = permute(x, ...).x_perm: grad_x [T, d] with grad_x[t] = sum over slots j (in order,
+    perm_rows -1 skipped) of grad_x_perm[perm_rows[t, j]]."""
+    grad_x_perm = check.float_array(grad_x_perm, "grad_x_perm", 2)
+    perm_rows = check.index_array(perm_rows, "perm_rows", 2)
+    return _core.permute_backward(grad_x_perm, perm_rows)

@@ -1,0 +1,18 @@
+"""moe_ext for PyTorch: torch.ops.moe_ext.* custom ops (autograd, fake tensors, torch.compile), a
+functional API on tensors, and the nn.Module `MoE`. Needs torch (`import moe_ext` does not).
+
+Ops (torch.ops.moe_ext.<name>): route, permute, grouped_gemm, activation, unpermute, experts, moe, and
+the backward ops grouped_gemm_backward, activation_backward, unpermute_backward, permute_backward.
+float32, bfloat16 and float16 tensors (scores and top-k weights float32). Semantics: docs/api.md.
+"""
+import torch  # noqa: F401  (a clear ImportError here when torch is missing)
+
+from . import _ops  # registers torch.ops.moe_ext.*
+from ._functional import (PermuteResult, RouteResult, activation, experts, grouped_gemm, load_balancing_loss,
+                          moe, permute, route, router_z_loss, unpermute)
+from ._module import MoE
+from . import hf  # noqa: E402,F401  registers "moe_ext" with transformers' experts interface (SPEC §7)
+
+__all__ = ["route", "permute", "grouped_gemm", "activation", "unpermute", "experts", "moe",
+           "load_balancing_loss", "router_z_loss", "RouteResult", "PermuteResult", "MoE"]
+from .parallel import ExpertParallelMoE  # noqa: E402,F401  (expert parallelism over torch.distributed)

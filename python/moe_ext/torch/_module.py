@@ -1,0 +1,141 @@
+"""moe_ext.torch.MoE: an nn.Module MoE block (router + expert FFNs) on the moe_ext ops."""
+import math
+
+import torch
+from torch import nn
+
+from . import _functional as F
+
+GATED = ("swiglu", "geglu")
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts block: route each token to `top_k` of `num_experts` FFN experts.
+
+    Parameters (SPEC §2 names and nn.Linear [out, in] layouts): `w_router [E, d]`, `router_bias [E]` (with
+    router_bias=True), `w13 [E, 2f, d]` (gate rows 0..f-1, then up) for gated activations or
+    `w1 [E, f, d]` otherwise, and `w2 [E, d, f]`. A `correction_bias [E]` buffer (selection only,
+    DeepSeek-V3 style) exists with correction_bias=True.
+
+    forward(x [..., d]) -> y [..., d]. After each forward:
+    * `last_expert_counts` [E] int64: copies routed to each expert (before any capacity drop);
+    * `load_balancing_loss()` and `router_z_loss()`: SPEC §3.6 losses of that forward, differentiable
+      through the router (add them to the training loss). The module keeps the last forward's router
+      inputs for them until the next forward.
+    """
+
+    def __init__(self, hidden_size, intermediate_size, num_experts, top_k, *, activation="swiglu",
+                 scoring="softmax", renormalize=True, scale=1.0, router_bias=False, correction_bias=False,
+                 n_group=None, topk_group=None, capacity=None, device=None, dtype=None):
+        super().__init__()
+        if activation not in ("swiglu", "geglu", "relu", "gelu"):
+            raise ValueError(f"activation: expected one of 'swiglu', 'geglu', 'relu', 'gelu'; got {activation!r}")
+        if not 1 <= int(top_k) <= int(num_experts):
+            raise ValueError(f"top_k: expected an integer in [1, num_experts = {num_experts}]; got {top_k!r}")
+        factory = dict(device=device, dtype=dtype)
+        d, f, E = int(hidden_size), int(intermediate_size), int(num_experts)
+        self.hidden_size, self.intermediate_size, self.num_experts, self.top_k = d, f, E, int(top_k)
+        self.activation, self.scoring, self.renormalize, self.scale = activation, scoring, bool(renormalize), float(scale)
+        self.n_group, self.topk_group, self.capacity = n_group, topk_group, capacity
+        self.w_router = nn.Parameter(torch.empty(E, d, **factory))
+        self.router_bias = nn.Parameter(torch.empty(E, **factory)) if router_bias else None
+        if correction_bias:
+            self.register_buffer("correction_bias", torch.zeros(E, dtype=torch.float32, device=device))
+        else:
+            self.correction_bias = None
+        if activation in GATED:
+            self.w13 = nn.Parameter(torch.empty(E, 2 * f, d, **factory))
+        else:
+            self.w1 = nn.Parameter(torch.empty(E, f, d, **factory))
+        self.w2 = nn.Parameter(torch.empty(E, d, f, **factory))
+        self._last = None
+        self.last_expert_counts = None
+        self.reset_parameters()
+
+    @property
+    def w13_or_w1_name(self):
+        return "w13" if self.activation in GATED else "w1"
+
+    @property
+    def w13_or_w1(self):
+        return getattr(self, self.w13_or_w1_name)
+
+    def reset_parameters(self):
+        """nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every weight, router bias 0."""
+        with torch.no_grad():
+            for w in (self.w_router, self.w13_or_w1, self.w2):
+                bound = 1.0 / math.sqrt(max(w.shape[-1], 1))
+                w.uniform_(-bound, bound)
+            if self.router_bias is not None:
+                self.router_bias.zero_()
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, self.hidden_size)
+        weights, ids, probs = F.route(x, self.w_router, self.top_k, scoring=self.scoring,
+                                      renormalize=self.renormalize, scale=self.scale, bias=self.router_bias,
+                                      correction_bias=self.correction_bias, n_group=self.n_group,
+                                      topk_group=self.topk_group)
+        y = F.experts(x, self.w13_or_w1, self.w2, weights, ids, activation=self.activation,
+                      capacity=self.capacity)
+        self._last = (x, probs, ids)
+        self.last_expert_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
+            0, ids.reshape(-1).long(), torch.ones(ids.numel(), dtype=torch.int64, device=x.device))
+        return y.reshape(shape)
+
+    def _require_forward(self):
+        if self._last is None:
+            raise RuntimeError("MoE: no forward has run yet (the losses are those of the last forward)")
+        return self._last
+
+    def load_balancing_loss(self):
+        """E * sum_e f_e * P_e of the last forward (f_e: fraction of copies routed to e, P_e: mean router
+        probability of e), a 0-d float32 tensor differentiable through the router."""
+        _, probs, ids = self._require_forward()
+        return F.load_balancing_loss(probs, ids, self.num_experts)
+
+    def router_z_loss(self):
+        """mean over the last forward's tokens of logsumexp(router logits)^2, differentiable."""
+        x, _, _ = self._require_forward()
+        logits = nn.functional.linear(x.float(), self.w_router.float(),
+                                      None if self.router_bias is None else self.router_bias.float())
+        return F.router_z_loss(logits)
+
+    def extra_repr(self):
+        return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
+                f"num_experts={self.num_experts}, top_k={self.top_k}, activation={self.activation!r}, "
+                f"scoring={self.scoring!r}, renormalize={self.renormalize}")
+
+    @classmethod
+    def from_hf(cls, block):
+        """An MoE sharing the weights (same Parameter objects, no copy) of a Hugging Face transformers
+        sparse MoE block with `gate.weight [E, d]` and `experts.gate_up_proj [E, 2f, d]`,
+        `experts.down_proj [E, d, f]` (Mixtral, Qwen2/3-MoE without shared expert, OLMoE: softmax
+        router, top-k, renormalised unless `gate.norm_topk_prob` is False; SiLU -> swiglu, GELU -> geglu).
+        Raises ValueError for variants these kernels do not compute."""
+        gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
+        if gate is None or experts is None or not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
+            raise ValueError(f"block: expected a transformers sparse MoE block with .gate and .experts.gate_up_proj/"
+                             f".down_proj; got {type(block).__name__}")
+        for flag in ("shared_expert", "shared_experts"):
+            if getattr(block, flag, None) is not None:
+                raise ValueError(f"block: shared experts are not supported; got {type(block).__name__}.{flag}")
+        # transformers' experts flags (integrations/moe.py): [gate; up] concatenated, [out, in] layout, no bias
+        for flag, ours in (("is_concatenated", True), ("is_transposed", False), ("has_bias", False),
+                           ("has_gate", True)):
+            if bool(getattr(experts, flag, ours)) != ours:
+                raise ValueError(f"block.experts: expected {flag}={ours}; got {not ours}")
+        if getattr(gate, "bias", None) is not None:
+            raise ValueError("block.gate: a router bias is not supported by from_hf")
+        act = type(getattr(experts, "act_fn", None)).__name__
+        activation = {"SiLU": "swiglu", "SiLUActivation": "swiglu", "GELUActivation": "geglu", "GELU": "geglu"}.get(act)
+        if activation is None:
+            raise ValueError(f"block.experts.act_fn: expected SiLU or exact GELU; got {act}")
+        w13, w2, w_router = experts.gate_up_proj, experts.down_proj, gate.weight
+        E, two_f, d = w13.shape
+        top_k = getattr(gate, "top_k", None) or getattr(block, "top_k")
+        renormalize = bool(getattr(gate, "norm_topk_prob", True))
+        module = cls(d, two_f // 2, E, top_k, activation=activation, renormalize=renormalize, device="meta",
+                     dtype=w13.dtype)
+        module.w_router, module.w13, module.w2 = w_router, w13, w2  # the same Parameters: shared storage
+        return module

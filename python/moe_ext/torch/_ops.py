@@ -1,0 +1,399 @@
+"""torch.ops.moe_ext.*: the SPEC §3 operations and their backward as PyTorch custom ops.
+
+Each op has a schema (inferred by torch.library.custom_op from the signature), a CPU kernel that hands
+the tensors' memory to the NumPy API of moe_ext (no copy for contiguous float32 tensors), a fake (meta)
+implementation so torch.compile / FakeTensor tracing works, and, for the forward ops, an autograd
+formula whose backward runs the moe_ext backward kernels (csrc/core/backward.h) through the backward ops
+below. Scores and top-k weights are float32 whatever the activation dtype (SPEC §2).
+
+CUDA: a CUDA build registers its kernels on these same ops with `<op>.register_kernel("cuda", fn)` from a
+module `moe_ext.torch._cuda`, imported at the end of this file when it exists. Nothing else changes.
+"""
+import importlib.util
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+import moe_ext
+from moe_ext import _backward as _bwd
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------------
+# tensor <-> NumPy
+# --------------------------------------------------------------------------------------------------
+def _upcast_until_core_takes_half(t: Tensor) -> Tensor:
+    """The ONE place where bfloat16 / float16 tensors become float32 before reaching the C++ core, which
+    takes float32 only in this build. Delete this helper (and pass bf16 through ml_dtypes views) once the
+    core accepts bf16/fp16 arrays: results are cast back to the caller's dtype by `_out`."""
+    return t.float() if t.dtype != torch.float32 else t
+
+
+def _np(t: Optional[Tensor]):
+    """A NumPy view of a tensor's memory (copy only to make it contiguous, or via the upcast helper)."""
+    if t is None:
+        return None
+    if t.dtype in FLOAT_DTYPES:
+        t = _upcast_until_core_takes_half(t)
+    if t.dtype not in (torch.float32, torch.int32, torch.int64):
+        raise TypeError(f"expected a float32/bfloat16/float16 or int32/int64 tensor; got dtype {t.dtype}")
+    if t.device.type != "cpu":
+        raise ValueError(f"expected a CPU tensor (no CUDA kernel registered); got device {t.device}")
+    return t.detach().contiguous().numpy()
+
+
+def _out(array, dtype=torch.float32) -> Tensor:
+    """A tensor owning a NumPy result (the core allocates fresh outputs), cast to `dtype`."""
+    return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+
+
+def _float_dtype_check(name, t):
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, bfloat16 or float16; got {t.dtype}")
+
+
+def _i32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.int32 else t.to(torch.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# backward ops (no autograd of their own: they are what the forward ops' backward runs)
+# --------------------------------------------------------------------------------------------------
+@custom_op("moe_ext::activation", mutates_args=(), device_types="cpu")
+def activation(h: Tensor, activation: str) -> Tensor:
+    """act(h[:, :f]) * h[:, f:] for gated activations, act(h) otherwise."""
+    return _out(moe_ext.activation(_np(h), activation), h.dtype)
+
+
+@activation.register_fake
+def _(h, activation):
+    f = h.shape[1] // 2 if activation in ("swiglu", "geglu") else h.shape[1]
+    return h.new_empty((h.shape[0], f))
+
+
+@custom_op("moe_ext::activation_backward", mutates_args=(), device_types="cpu")
+def activation_backward(grad_act: Tensor, h: Tensor, activation: str) -> Tensor:
+    return _out(_bwd.activation_backward(_np(grad_act), _np(h), activation), h.dtype)
+
+
+@activation_backward.register_fake
+def _(grad_act, h, activation):
+    return torch.empty_like(h)
+
+
+@custom_op("moe_ext::grouped_gemm_backward", mutates_args=(), device_types="cpu")
+def grouped_gemm_backward(grad_out: Tensor, a: Tensor, w: Tensor, expert_offsets: Tensor, need_a: bool,
+                          need_w: bool) -> Tuple[Tensor, Tensor]:
+    """(grad_a [M, K] or [0, K] when not needed, grad_w [E, N, K] or [0, N, K])."""
+    grad_a, grad_w = _bwd.grouped_gemm_backward(_np(grad_out), _np(a), _np(w), _np(expert_offsets),
+                                                need_a=need_a, need_w=need_w)
+    M, K = a.shape
+    E, N, _ = w.shape
+    grad_a = _out(grad_a, a.dtype) if need_a else a.new_empty((0, K))
+    grad_w = _out(grad_w, w.dtype) if need_w else w.new_empty((0, N, K))
+    return grad_a, grad_w
+
+
+@grouped_gemm_backward.register_fake
+def _(grad_out, a, w, expert_offsets, need_a, need_w):
+    M, K = a.shape
+    E, N, _ = w.shape
+    return a.new_empty((M if need_a else 0, K)), w.new_empty((E if need_w else 0, N, K))
+
+
+@custom_op("moe_ext::unpermute_backward", mutates_args=(), device_types="cpu")
+def unpermute_backward(grad_y: Tensor, y_perm: Tensor, perm_rows: Tensor,
+                       topk_weights: Tensor) -> Tuple[Tensor, Tensor]:
+    g_perm, g_w = _bwd.unpermute_backward(_np(grad_y), _np(y_perm), _np(perm_rows), _np(topk_weights))
+    return _out(g_perm, y_perm.dtype), _out(g_w, torch.float32)
+
+
+@unpermute_backward.register_fake
+def _(grad_y, y_perm, perm_rows, topk_weights):
+    return torch.empty_like(y_perm), perm_rows.new_empty(perm_rows.shape, dtype=torch.float32)
+
+
+@custom_op("moe_ext::permute_backward", mutates_args=(), device_types="cpu")
+def permute_backward(grad_x_perm: Tensor, perm_rows: Tensor) -> Tensor:
+    return _out(_bwd.permute_backward(_np(grad_x_perm), _np(perm_rows)), grad_x_perm.dtype)
+
+
+@permute_backward.register_fake
+def _(grad_x_perm, perm_rows):
+    return grad_x_perm.new_empty((perm_rows.shape[0], grad_x_perm.shape[1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# route
+# --------------------------------------------------------------------------------------------------
+@custom_op("moe_ext::route", mutates_args=(), device_types="cpu")
+def route(x: Tensor, w_router: Tensor, top_k: int, scoring: str, renormalize: bool, scale: float,
+          bias: Optional[Tensor], correction_bias: Optional[Tensor], n_group: Optional[int],
+          topk_group: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(topk_weights [T, k] f32, topk_ids [T, k] i32, probs [T, E] f32): probs are the scores (softmax
+    probabilities or sigmoids) of every expert, differentiable like topk_weights."""
+    weights, ids, probs = moe_ext.route(_np(x), _np(w_router), top_k, scoring=scoring, renormalize=renormalize,
+                                        scale=scale, bias=_np(bias), correction_bias=_np(correction_bias),
+                                        n_group=n_group, topk_group=topk_group, return_probs=True)
+    return _out(weights), _out(ids, torch.int32), _out(probs)
+
+
+@route.register_fake
+def _(x, w_router, top_k, scoring, renormalize, scale, bias, correction_bias, n_group, topk_group):
+    T, E = x.shape[0], w_router.shape[0]
+    return (x.new_empty((T, top_k), dtype=torch.float32), x.new_empty((T, top_k), dtype=torch.int32),
+            x.new_empty((T, E), dtype=torch.float32))
+
+
+def route_backward_scores(grad_weights, grad_probs, probs, topk_ids, scoring, renormalize, scale):
+    """d loss / d logits [T, E] (float32) from the gradients of topk_weights and probs.
+
+    weights = scale * s / S (renormalize, S = sum of the chosen scores s, S != 0) or scale * s, with
+    s = probs[t, topk_ids[t]]; probs = softmax(logits) or sigmoid(logits). Plain torch ops on the small
+    [T, E] tensors (traceable by torch.compile). The correction bias only selects: it has no gradient."""
+    d_probs = torch.zeros_like(probs) if grad_probs is None else grad_probs.to(probs.dtype).clone()
+    if grad_weights is not None:
+        ids = topk_ids.long()
+        g = grad_weights.to(probs.dtype)
+        s = probs.gather(1, ids)
+        if renormalize:
+            total = s.sum(1, keepdim=True)
+            nonzero = total != 0
+            safe = torch.where(nonzero, total, torch.ones_like(total))
+            d_s = torch.where(nonzero, scale / safe * (g - (g * s).sum(1, keepdim=True) / safe), scale * g)
+        else:
+            d_s = scale * g
+        d_probs = d_probs.scatter_add(1, ids, d_s)
+    if scoring == "softmax":
+        return probs * (d_probs - (d_probs * probs).sum(1, keepdim=True))
+    return d_probs * probs * (1 - probs)
+
+
+def _route_setup(ctx, inputs, output):
+    x, w_router, top_k, scoring, renormalize, scale, bias, *_ = inputs
+    weights, ids, probs = output
+    ctx.save_for_backward(x, w_router, ids, probs)
+    ctx.options = (scoring, renormalize, scale, bias is not None)
+
+
+def _route_grads(d_logits, x, w_router, has_bias, needs):
+    """(grad_x, grad_w_router, grad_bias) of logits = x @ w_router^T (+ bias), f32 accumulation."""
+    grad_x = (d_logits @ w_router.float()).to(x.dtype) if needs[0] else None
+    grad_w = (d_logits.t() @ x.float()).to(w_router.dtype) if needs[1] else None
+    grad_b = d_logits.sum(0) if has_bias and needs[6] else None
+    return grad_x, grad_w, grad_b
+
+
+def _route_backward(ctx, grad_weights, grad_ids, grad_probs):
+    x, w_router, ids, probs = ctx.saved_tensors
+    scoring, renormalize, scale, has_bias = ctx.options
+    d_logits = route_backward_scores(grad_weights, grad_probs, probs, ids, scoring, renormalize, scale)
+    grad_x, grad_w, grad_b = _route_grads(d_logits, x, w_router, has_bias, ctx.needs_input_grad)
+    return grad_x, grad_w, None, None, None, None, grad_b, None, None, None
+
+
+route.register_autograd(_route_backward, setup_context=_route_setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# permute
+# --------------------------------------------------------------------------------------------------
+@custom_op("moe_ext::permute", mutates_args=(), device_types="cpu")
+def permute(x: Tensor, topk_ids: Tensor, num_experts: int,
+            capacity: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(x_perm [M, d], expert_offsets [E+1] i32, perm_rows [T, k] i32); M = T*k without capacity."""
+    res = moe_ext.permute(_np(x), _np(topk_ids), num_experts, capacity=capacity)
+    return _out(res.x_perm, x.dtype), _out(res.expert_offsets, torch.int32), _out(res.perm_rows, torch.int32)
+
+
+@permute.register_fake
+def _(x, topk_ids, num_experts, capacity):
+    T, k = topk_ids.shape
+    M = T * k if capacity is None else torch.library.get_ctx().new_dynamic_size()
+    return (x.new_empty((M, x.shape[1])), x.new_empty((num_experts + 1,), dtype=torch.int32),
+            x.new_empty((T, k), dtype=torch.int32))
+
+
+def _permute_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+
+
+def _permute_backward(ctx, grad_x_perm, grad_offsets, grad_rows):
+    (perm_rows,) = ctx.saved_tensors
+    return permute_backward(grad_x_perm.contiguous(), perm_rows), None, None, None
+
+
+permute.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# grouped_gemm
+# --------------------------------------------------------------------------------------------------
+@custom_op("moe_ext::grouped_gemm", mutates_args=(), device_types="cpu")
+def grouped_gemm(a: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
+    """out[rows of e] = a[rows of e] @ w[e]^T."""
+    return _out(moe_ext.grouped_gemm(_np(a), _np(w), _np(expert_offsets)), a.dtype)
+
+
+@grouped_gemm.register_fake
+def _(a, w, expert_offsets):
+    return a.new_empty((a.shape[0], w.shape[1]))
+
+
+def _grouped_gemm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_gemm_backward(ctx, grad_out):
+    a, w, offsets = ctx.saved_tensors
+    need_a, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_a, grad_w = grouped_gemm_backward(grad_out.contiguous(), a, w, offsets, need_a, need_w)
+    return (grad_a if need_a else None), (grad_w if need_w else None), None
+
+
+grouped_gemm.register_autograd(_grouped_gemm_backward, setup_context=_grouped_gemm_setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# activation's autograd (the op itself is defined with the backward ops above)
+# --------------------------------------------------------------------------------------------------
+def _activation_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.activation = inputs[1]
+
+
+def _activation_autograd(ctx, grad):
+    (h,) = ctx.saved_tensors
+    return activation_backward(grad.contiguous(), h, ctx.activation), None
+
+
+activation.register_autograd(_activation_autograd, setup_context=_activation_setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# unpermute
+# --------------------------------------------------------------------------------------------------
+@custom_op("moe_ext::unpermute", mutates_args=(), device_types="cpu")
+def unpermute(y_perm: Tensor, perm_rows: Tensor, topk_weights: Tensor) -> Tensor:
+    """y[t] = sum_j topk_weights[t, j] * y_perm[perm_rows[t, j]] (in slot order, -1 skipped)."""
+    return _out(moe_ext.unpermute(_np(y_perm), _np(perm_rows), _np(topk_weights)), y_perm.dtype)
+
+
+@unpermute.register_fake
+def _(y_perm, perm_rows, topk_weights):
+    return y_perm.new_empty((perm_rows.shape[0], y_perm.shape[1]))
+
+
+def _unpermute_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+    ctx.weights_dtype = inputs[2].dtype
+
+
+def _unpermute_backward(ctx, grad_y):
+    y_perm, perm_rows, weights = ctx.saved_tensors
+    g_perm, g_w = unpermute_backward(grad_y.contiguous(), y_perm, perm_rows, weights)
+    return g_perm, None, g_w.to(ctx.weights_dtype)
+
+
+unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# experts and moe (fused forward; their backward recomputes the intermediates with the ops above)
+# --------------------------------------------------------------------------------------------------
+@custom_op("moe_ext::experts", mutates_args=(), device_types="cpu")
+def experts(x: Tensor, w13_or_w1: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
+            activation: str, capacity: Optional[int]) -> Tensor:
+    return _out(moe_ext.experts(_np(x), _np(w13_or_w1), _np(w2), _np(topk_weights), _np(topk_ids),
+                                activation=activation, capacity=capacity), x.dtype)
+
+
+@experts.register_fake
+def _(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity):
+    return torch.empty_like(x)
+
+
+def experts_backward(grad_y, x, w13, w2, topk_weights, topk_ids, act, capacity, needs):
+    """(grad_x, grad_w13, grad_w2, grad_topk_weights) of experts(); intermediates are recomputed
+    (the fused forward keeps none). `needs`: which of the four are wanted."""
+    E = w2.shape[0]
+    x_perm, offsets, perm_rows = permute(x, topk_ids, E, capacity)
+    h = grouped_gemm(x_perm, w13, offsets)
+    a = activation(h, act)
+    y_perm = grouped_gemm(a, w2, offsets)
+    g_perm, g_w = unpermute_backward(grad_y.contiguous(), y_perm, perm_rows, topk_weights.float())
+    g_a, g_w2 = grouped_gemm_backward(g_perm, a, w2, offsets, True, needs[2])
+    g_h = activation_backward(g_a, h, act)
+    g_xp, g_w13 = grouped_gemm_backward(g_h, x_perm, w13, offsets, needs[0], needs[1])
+    g_x = permute_backward(g_xp, perm_rows) if needs[0] else None
+    return (g_x, g_w13 if needs[1] else None, g_w2 if needs[2] else None,
+            g_w.to(topk_weights.dtype) if needs[3] else None)
+
+
+def _experts_setup(ctx, inputs, output):
+    x, w13, w2, weights, ids, act, capacity = inputs
+    ctx.save_for_backward(x, w13, w2, weights, ids)
+    ctx.options = (act, capacity)
+
+
+def _experts_autograd(ctx, grad_y):
+    x, w13, w2, weights, ids = ctx.saved_tensors
+    act, capacity = ctx.options
+    grads = experts_backward(grad_y, x, w13, w2, weights, ids, act, capacity, ctx.needs_input_grad[:4])
+    return (*grads, None, None, None)
+
+
+experts.register_autograd(_experts_autograd, setup_context=_experts_setup)
+
+
+@custom_op("moe_ext::moe", mutates_args=(), device_types="cpu")
+def moe(x: Tensor, w_router: Tensor, w13_or_w1: Tensor, w2: Tensor, top_k: int, activation: str, scoring: str,
+        renormalize: bool, scale: float, bias: Optional[Tensor], correction_bias: Optional[Tensor],
+        n_group: Optional[int], topk_group: Optional[int], capacity: Optional[int]) -> Tensor:
+    return _out(moe_ext.moe(_np(x), _np(w_router), _np(w13_or_w1), _np(w2), top_k, activation=activation,
+                            scoring=scoring, renormalize=renormalize, scale=scale, bias=_np(bias),
+                            correction_bias=_np(correction_bias), n_group=n_group, topk_group=topk_group,
+                            capacity=capacity), x.dtype)
+
+
+@moe.register_fake
+def _(x, w_router, w13_or_w1, w2, top_k, activation, scoring, renormalize, scale, bias, correction_bias,
+      n_group, topk_group, capacity):
+    return torch.empty_like(x)
+
+
+def _moe_setup(ctx, inputs, output):
+    (x, w_router, w13, w2, top_k, act, scoring, renormalize, scale, bias, correction_bias, n_group, topk_group,
+     capacity) = inputs
+    ctx.save_for_backward(x, w_router, w13, w2, bias, correction_bias)
+    ctx.options = (top_k, act, scoring, renormalize, scale, n_group, topk_group, capacity)
+
+
+def _moe_autograd(ctx, grad_y):
+    x, w_router, w13, w2, bias, correction_bias = ctx.saved_tensors
+    top_k, act, scoring, renormalize, scale, n_group, topk_group, capacity = ctx.options
+    weights, ids, probs = route(x, w_router, top_k, scoring, renormalize, scale, bias, correction_bias, n_group,
+                                topk_group)
+    needs = ctx.needs_input_grad
+    route_needed = needs[0] or needs[1] or needs[9]
+    g_x, g_w13, g_w2, g_weights = experts_backward(grad_y, x, w13, w2, weights, ids, act, capacity,
+                                                   (needs[0], needs[2], needs[3], route_needed))
+    g_rx = g_wr = g_b = None
+    if route_needed:
+        d_logits = route_backward_scores(g_weights, None, probs, ids, scoring, renormalize, scale)
+        g_rx, g_wr, g_b = _route_grads(d_logits, x, w_router, bias is not None,
+                                       (needs[0], needs[1], 0, 0, 0, 0, needs[9]))
+    if needs[0]:
+        g_x = g_x + g_rx
+    return g_x, g_wr, g_w13, g_w2, None, None, None, None, None, g_b, None, None, None, None
+
+
+moe.register_autograd(_moe_autograd, setup_context=_moe_setup)
+
+
+if importlib.util.find_spec("moe_ext.torch._cuda") is not None:  # a CUDA build's kernels for these ops
+    importlib.import_module("moe_ext.torch._cuda")

@@ -1,0 +1,141 @@
+"""The backward ops (moe_ext.grouped_gemm_backward, activation, activation_backward, unpermute_backward,
+permute_backward) against moe_ext.reference in float64, on every ISA tier. docs/api.md "Backward"."""
+import numpy as np
+import pytest
+
+import moe_ext
+from moe_ext import reference as ref
+from conftest import (ACTIVATIONS, COMBINE_RTOL, GATED, GEMM_RTOL, assert_close, f64, random_ids,
+                      random_offsets, random_topk_weights, random_weights, random_x, unchanged)
+
+# The activation gradients use expf/erfcf (a few ulp) and a handful of float32 operations per element.
+ACT_RTOL = 1e-5
+
+GEMM_CASES = {  # name: (per-expert row counts, N, K)
+    "balanced": ([9, 9, 9, 9], 23, 45),
+    "empty-experts": ([0, 7, 0, 12, 0], 33, 16),
+    "M0": ([0, 0, 0], 16, 16),
+    "one-row": ([1], 5, 3),
+    "few-rows": ([1, 2, 3, 8], 40, 37),
+    "odd": ([3, 5, 7, 11, 13], 31, 47),
+    "deep": ([20, 0, 9], 37, 300),
+    "wide": ([15, 10], 300, 45),
+    "many-rows": ([70, 3], 19, 29),
+    "N1-K1": ([4, 6], 1, 1),
+}
+
+
+@pytest.mark.parametrize("case", GEMM_CASES.values(), ids=GEMM_CASES.keys())
+def test_grouped_gemm_backward(rng, case):
+    counts, N, K = case
+    E = len(counts)
+    offsets = random_offsets(rng, E, counts)
+    M = int(offsets[-1])
+    a, w, g = random_x(rng, M, K), random_weights(rng, (E, N, K), K), random_x(rng, M, N)
+    with unchanged(a, w, g, offsets):
+        grad_a, grad_w = moe_ext.grouped_gemm_backward(g, a, w, offsets)
+    want_a, want_w = ref.grouped_gemm_backward(f64(g), f64(a), f64(w), offsets)
+    assert grad_a.dtype == grad_w.dtype == np.float32
+    assert_close(grad_a, want_a, GEMM_RTOL, "grad_a")
+    assert_close(grad_w, want_w, GEMM_RTOL, "grad_w")
+    for e in np.flatnonzero(np.diff(offsets) == 0):
+        assert not grad_w[e].any(), "experts without rows get a zero gradient"
+    only_a, none_w = moe_ext.grouped_gemm_backward(g, a, w, offsets, need_w=False)
+    assert none_w is None and np.array_equal(only_a, grad_a)
+    again_a, again_w = moe_ext.grouped_gemm_backward(g, a, w, offsets)
+    assert np.array_equal(again_a, grad_a) and np.array_equal(again_w, grad_w), "deterministic"
+
+
+def test_grouped_gemm_backward_thread_count_independent(rng):
+    offsets = random_offsets(rng, 3, [40, 1, 25])
+    a, w, g = random_x(rng, 66, 70), random_weights(rng, (3, 50, 70), 70), random_x(rng, 66, 50)
+    before = moe_ext.get_num_threads()
+    try:
+        moe_ext.set_num_threads(1)
+        one = moe_ext.grouped_gemm_backward(g, a, w, offsets)
+        moe_ext.set_num_threads(3)
+        three = moe_ext.grouped_gemm_backward(g, a, w, offsets)
+    finally:
+        moe_ext.set_num_threads(before)
+    assert all(np.array_equal(x, y) for x, y in zip(one, three))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("M,f", [(0, 5), (1, 1), (7, 13), (33, 40)])
+def test_activation_and_backward(rng, activation, M, f):
+    cols = 2 * f if activation in GATED else f
+    h = random_x(rng, M, cols, scale=2.0)
+    g = random_x(rng, M, f)
+    with unchanged(h, g):
+        out = moe_ext.activation(h, activation)
+        grad_h = moe_ext.activation_backward(g, h, activation)
+    assert out.shape == (M, f) and grad_h.shape == h.shape
+    assert_close(out, ref.activation(f64(h), activation), ACT_RTOL, "activation")
+    assert_close(grad_h, ref.activation_backward(f64(g), f64(h), activation), ACT_RTOL, "activation_backward")
+
+
+def test_activation_backward_matches_finite_differences(rng):
+    h = rng.standard_normal((4, 12))
+    g = rng.standard_normal((4, 6))
+    for activation in ACTIVATIONS:
+        hh = h if activation in GATED else h[:, :6]
+        analytic = ref.activation_backward(g, hh, activation)
+        eps = 1e-6
+        numeric = np.zeros_like(hh)
+        for idx in np.ndindex(*hh.shape):
+            hp, hm = hh.copy(), hh.copy()
+            hp[idx] += eps
+            hm[idx] -= eps
+            numeric[idx] = ((ref.activate(hp, activation) - ref.activate(hm, activation)) * g).sum() / (2 * eps)
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-7, err_msg=activation)
+
+
+def _routing(rng, T, E, k, capacity=None):
+    ids = random_ids(rng, T, E, k)
+    perm = moe_ext.permute(np.zeros((T, 1), np.float32), ids, E, capacity=capacity)
+    return perm.perm_rows, int(perm.expert_offsets[-1])
+
+
+@pytest.mark.parametrize("T,E,k,d,capacity", [(0, 3, 2, 4, None), (1, 1, 1, 1, None), (9, 4, 2, 17, None),
+                                              (23, 5, 3, 33, 4), (40, 8, 8, 5, None)])
+def test_unpermute_and_permute_backward(rng, T, E, k, d, capacity):
+    perm_rows, M = _routing(rng, T, E, k, capacity)
+    y_perm, g, w = random_x(rng, M, d), random_x(rng, T, d), random_topk_weights(rng, T, k)
+    with unchanged(y_perm, g, w, perm_rows):
+        g_perm, g_w = moe_ext.unpermute_backward(g, y_perm, perm_rows, w)
+        g_x = moe_ext.permute_backward(y_perm, perm_rows)
+    want_perm, want_w = ref.unpermute_backward(f64(g), f64(y_perm), perm_rows, f64(w))
+    assert_close(g_perm, want_perm, COMBINE_RTOL, "grad_y_perm")
+    assert_close(g_w, want_w, GEMM_RTOL, "grad_topk_weights")
+    assert_close(g_x, ref.permute_backward(f64(y_perm), perm_rows), COMBINE_RTOL, "permute_backward")
+    if capacity is not None:
+        assert (g_w[perm_rows < 0] == 0).all()
+
+
+def test_unpermute_backward_repeated_rows(rng):
+    """Rows named by several slots (not permute's output, but valid input) accumulate every slot."""
+    perm_rows = np.array([[0, 1], [1, 0], [2, -1]], np.int32)
+    y_perm, g, w = random_x(rng, 3, 9), random_x(rng, 3, 9), random_topk_weights(rng, 3, 2)
+    g_perm, g_w = moe_ext.unpermute_backward(g, y_perm, perm_rows, w)
+    want_perm, want_w = ref.unpermute_backward(f64(g), f64(y_perm), perm_rows, f64(w))
+    assert_close(g_perm, want_perm, COMBINE_RTOL, "grad_y_perm")
+    assert_close(g_w, want_w, GEMM_RTOL, "grad_topk_weights")
+
+
+def test_backward_bad_arguments(rng):
+    a, w = random_x(rng, 4, 3), random_weights(rng, (2, 5, 3), 3)
+    with pytest.raises(ValueError, match="grad_out"):
+        moe_ext.grouped_gemm_backward(random_x(rng, 4, 4), a, w, np.array([0, 2, 4], np.int32))
+    with pytest.raises(ValueError, match="expert_offsets"):
+        moe_ext.grouped_gemm_backward(random_x(rng, 4, 5), a, w, np.array([0, 3, 2], np.int32))
+    with pytest.raises(ValueError, match="activation"):
+        moe_ext.activation_backward(random_x(rng, 2, 2), random_x(rng, 2, 4), "tanh")
+    with pytest.raises(ValueError, match="h"):
+        moe_ext.activation(random_x(rng, 2, 3), "swiglu")
+    with pytest.raises(ValueError, match="perm_rows"):
+        moe_ext.unpermute_backward(random_x(rng, 1, 2), random_x(rng, 2, 2), np.array([[5]], np.int32),
+                                   np.ones((1, 1), np.float32))
+    with pytest.raises(ValueError, match="perm_rows"):
+        moe_ext.permute_backward(random_x(rng, 2, 2), np.array([[2]], np.int32))
+    with pytest.raises(TypeError, match="grad_act"):
+        moe_ext.activation_backward(np.ones((2, 2)), random_x(rng, 2, 4), "swiglu")
