@@ -231,14 +231,9 @@ class ExpertParallelMoE(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 def _local_experts(x, w13_or_w1, w2, weights, ids, activation):
-    """F.experts on the received rows. With no rows (a rank nobody routed to) F.experts fails as of
-    commit 3961140 (reshape of 0 elements to (0, -1)), so that case chains the per-step ops, which also
-    keeps the rank's expert weights in the graph (their gradient is then 0, not None)."""
-    if x.shape[0] > 0:
-        return F.experts(x, w13_or_w1, w2, weights, ids, activation=activation)
-    x_perm, offsets, perm_rows = F.permute(x, ids, w2.shape[0])[:3]
-    h = F.activation(F.grouped_gemm(x_perm, w13_or_w1, offsets), activation)
-    return F.unpermute(F.grouped_gemm(h, w2, offsets), perm_rows, weights)
+    """F.experts on the received rows (none on a rank nobody routed to: the weights still get a zero
+    gradient, not None)."""
+    return F.experts(x, w13_or_w1, w2, weights, ids, activation=activation)
 
 
 def _param(t):
