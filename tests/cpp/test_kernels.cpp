@@ -68,9 +68,11 @@ TEST_P(TierTest, GroupedGemmMatchesPlainLoop) {
     const auto a = random_floats(s.M * s.K, gen), w = random_floats(s.E * s.N * s.K, gen);
     const auto offsets = random_offsets(s.M, s.E, gen);
     std::vector<float> out(s.M * s.N, NAN);
-    std::vector<float> panels(num_threads() * kGemmScratchFloats);
-    if (s.M > 0) kern().grouped_gemm(a.data(), w.data(), offsets.data(), s.E, s.N, s.K, num_threads(), out.data(),
-                                      panels.data());
+    std::vector<char> scratch(num_threads() * kGemmScratchBytes);
+    GemmProblem problem;
+    problem.a = a.data(), problem.w = plain_weights(w.data(), s.E, s.N, s.K), problem.offsets = offsets.data();
+    problem.out = out.data();
+    if (s.M > 0) kern().grouped_gemm(problem, num_threads(), scratch.data());
     std::vector<double> want(s.M * s.N, 0.0);
     for (int64_t e = 0; e < s.E; ++e)
       for (int64_t m = offsets[e]; m < offsets[e + 1]; ++m)
@@ -131,7 +133,7 @@ TEST_P(TierTest, PermuteIsAStableCountingSortAndGatherCopiesRows) {
           EXPECT_EQ(M, next);
           const auto x = random_floats(T * d, gen);
           std::vector<float> x_perm(M * d, NAN);
-          if (T > 0) kern().gather_rows(x.data(), rows.data(), T, k, d, x_perm.data());
+          if (T > 0) kern().gather_rows(x.data(), DType::f32, rows.data(), T, k, d, x_perm.data(), DType::f32);
           for (int64_t i = 0; i < T * k; ++i)
             if (rows[i] >= 0)
               for (int64_t c = 0; c < d; ++c) ASSERT_EQ(x_perm[rows[i] * d + c], x[(i / k) * d + c]);
