@@ -52,7 +52,7 @@ struct Kernels {
 };
 
 // Per thread: the tile's float32 results, one packed weight block and bf16 pairs of the tile's rows.
-constexpr int64_t kGemmScratchBytes = 1 << 20;
+constexpr int64_t kGemmScratchBytes = 512 * 1024;
 
 // Per thread: scores, keys, excluded flags, group scores, group flags.
 inline int64_t route_scratch_floats(int64_t E) { return 5 * E; }
