@@ -102,10 +102,19 @@ int main(int argc, char** argv) {
   const moe_ext::Kernels& kern = moe_ext::kernels();
   const bool bf16_dot = dtype == moe_ext::DType::bf16 && moe_ext::current_isa() == moe_ext::Isa::avx512 &&
                         moe_ext::bf16_dot_enabled();
+  std::vector<uint16_t> a_bf16(T * k * (std::max(d, f) + 1));
   auto gemm = [&](const float* a, const moe_ext::WeightView& w, bool fuse, float* out) {
     moe_ext::GemmProblem problem;
     problem.a = a, problem.w = w, problem.offsets = offsets.data(), problem.out = out;
     problem.fuse_activation = fuse, problem.activation = moe_ext::Activation::swiglu, problem.bf16_dot = bf16_dot;
+    if (bf16_dot) {  // as core/ops.cpp: the rows rounded to bfloat16 once, padded to even depth
+      const int64_t stride = (w.K + 1) / 2 * 2;
+      for (int64_t m = 0; m < offsets[E]; ++m) {
+        kern.narrow(a + m * w.K, w.K, dtype, 1, a_bf16.data() + m * stride);
+        if (stride != w.K) a_bf16[m * stride + w.K] = 0;
+      }
+      problem.a_bf16 = a_bf16.data();
+    }
     kern.grouped_gemm(problem, threads, scratch.data());
   };
 

@@ -22,6 +22,9 @@ struct GemmProblem {
   // CPU has AVX512_BF16 and the caller's activations are bfloat16, so no precision is lost that the
   // caller's dtype did not already drop). Ignored by tiers without it.
   bool bf16_dot = false;
+  // With bf16_dot: a rounded to bfloat16 once per call, rows of K rounded up to even (zero-padded), so
+  // each 32-bit word holds the pair of depths vdpbf16ps multiplies.
+  const uint16_t* a_bf16 = nullptr;
   float* out = nullptr;            // [M, N] or [M, N / 2]
 };
 
@@ -51,7 +54,7 @@ struct Kernels {
                     int64_t k, int64_t d, float* y);
 };
 
-// Per thread: the tile's float32 results, one packed weight block and bf16 pairs of the tile's rows.
+// Per thread: the tile's float32 results and one packed weight block.
 constexpr int64_t kGemmScratchBytes = 512 * 1024;
 
 // Per thread: scores, keys, excluded flags, group scores, group flags.

@@ -37,12 +37,25 @@ bool use_bf16_dot(DType activations, const WeightView& w) {
          bf16_dot_enabled();
 }
 
+// a [M, K] rounded to bfloat16 once, rows padded to even K (see GemmProblem::a_bf16).
+const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K) {
+  const int64_t stride = (K + 1) / 2 * 2;
+  uint16_t* rows = thread_workspace().get<uint16_t>(Scratch::gemm_a_bf16, M * stride);
+  const Kernels& kern = kernels();
+  for (int64_t m = 0; m < M; ++m) {
+    kern.narrow(a + m * K, K, DType::bf16, 1, rows + m * stride);
+    if (stride != K) rows[m * stride + K] = 0;
+  }
+  return rows;
+}
+
 void run_gemm(const float* a, DType caller_dtype, const WeightView& w, const int32_t* offsets, bool fuse,
               Activation activation, float* out) {
   GemmProblem problem;
   problem.a = a, problem.w = w, problem.offsets = offsets, problem.out = out;
   problem.fuse_activation = fuse, problem.activation = activation;
   problem.bf16_dot = use_bf16_dot(caller_dtype, w);
+  if (problem.bf16_dot) problem.a_bf16 = round_rows_to_bf16(a, offsets[w.E], w.K);
   const int threads = num_threads();  // read once: the scratch is sized for exactly this many
   kernels().grouped_gemm(problem, threads, gemm_scratch(threads));
 }

@@ -20,6 +20,7 @@ enum class Scratch : int {
   converted_in,    // a float32 copy of a 16-bit input (x, a, y_perm)
   converted_in2,   // a second one (w_router)
   converted_out,   // a float32 result before it is rounded to the caller's dtype
+  gemm_a_bf16,     // a GEMM's rows rounded to bfloat16 for vdpbf16ps
   count
 };
 

@@ -34,8 +34,7 @@ constexpr int64_t kFewRows = 8;        // plain weights, at most this many rows 
 constexpr int64_t kLocalCols = kTileCols + kTileCols + kPanelCols;  // gate span + up span (misaligned up)
 constexpr int64_t kLocalBytes = kMaxTileRows * kLocalCols * 4;
 constexpr int64_t kPackBytes = kPanelCols * kDepthBlock * 4;
-constexpr int64_t kPairsBytes = kMaxTileRows * (kDepthBlock / 2) * 4;
-static_assert(kLocalBytes + kPackBytes + kPairsBytes <= kGemmScratchBytes, "a tile's buffers fit the scratch");
+static_assert(kLocalBytes + kPackBytes <= kGemmScratchBytes, "a tile's buffers fit the scratch");
 static_assert(kTileCols % kPanelCols == 0 && kDepthBlock % 2 == 0, "tiles hold whole panels, blocks whole pairs");
 
 // The columns of w a tile reads: one segment, or for a fused gated tile the gate and the up segment.
@@ -114,19 +113,19 @@ void pack_panel(const W* w_expert, int64_t N, int64_t K, int64_t panel, int64_t 
 // --- one tile --------------------------------------------------------------------------------------
 
 struct TileBuffers {
-  float* local;       // [rows][kLocalCols]
-  void* pack;         // one packed panel block
-  uint32_t* a_pairs;  // [rows][kDepthBlock / 2]
+  float* local;  // [rows][kLocalCols]
+  void* pack;    // one packed panel block
 };
 
+// a_pairs (with dpbf16): the same rows as a, bfloat16 pairs, row stride lda_pairs words.
 template <int Rows, typename W>
-void micro_dispatch_rows(const float* a, int64_t lda, const uint32_t* a_pairs, const W* b, int64_t depth,
-                         float* c, bool accumulate, bool dpbf16) {
-  (void)a_pairs, (void)dpbf16;
+void micro_dispatch_rows(const float* a, int64_t lda, const uint32_t* a_pairs, int64_t lda_pairs, const W* b,
+                         int64_t depth, float* c, bool accumulate, bool dpbf16) {
+  (void)a_pairs, (void)lda_pairs, (void)dpbf16;
   if constexpr (kIsBf16<W>) {
 #if defined(__AVX512F__)
     if (dpbf16)
-      return micro_kernel_dpbf16<Rows>(a_pairs, kDepthBlock / 2, b, (depth + 1) / 2, c, kLocalCols, accumulate);
+      return micro_kernel_dpbf16<Rows>(a_pairs, lda_pairs, b, (depth + 1) / 2, c, kLocalCols, accumulate);
 #endif
     micro_kernel_bf16<Rows>(a, lda, b, depth, c, kLocalCols, accumulate);
   } else {
@@ -135,27 +134,17 @@ void micro_dispatch_rows(const float* a, int64_t lda, const uint32_t* a_pairs, c
 }
 
 template <typename W>
-void micro_dispatch(int rows, const float* a, int64_t lda, const uint32_t* a_pairs, const W* b, int64_t depth,
-                    float* c, bool accumulate, bool dpbf16) {
+void micro_dispatch(int rows, const float* a, int64_t lda, const uint32_t* a_pairs, int64_t lda_pairs, const W* b,
+                    int64_t depth, float* c, bool accumulate, bool dpbf16) {
   switch (rows) {
-#define MOE_EXT_ROWS_CASE(R) \
-  case R: return micro_dispatch_rows<(R <= kMicroRows ? R : 1)>(a, lda, a_pairs, b, depth, c, accumulate, dpbf16);
+#define MOE_EXT_ROWS_CASE(R)                                                                                \
+  case R:                                                                                                   \
+    return micro_dispatch_rows<(R <= kMicroRows ? R : 1)>(a, lda, a_pairs, lda_pairs, b, depth, c, accumulate, \
+                                                          dpbf16);
     MOE_EXT_ROWS_CASE(1) MOE_EXT_ROWS_CASE(2) MOE_EXT_ROWS_CASE(3) MOE_EXT_ROWS_CASE(4)
     MOE_EXT_ROWS_CASE(5) MOE_EXT_ROWS_CASE(6) MOE_EXT_ROWS_CASE(7) MOE_EXT_ROWS_CASE(8)
 #undef MOE_EXT_ROWS_CASE
     default: break;
-  }
-}
-
-// bfloat16 pairs of rows [0, rows) of a, depths [k0, k0 + depth), zero-padded to whole pairs.
-void round_rows_to_pairs(const float* a, int64_t lda, int64_t rows, int64_t k0, int64_t depth, uint32_t* pairs) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* src = a + r * lda + k0;
-    uint32_t* dst = pairs + r * (kDepthBlock / 2);
-    for (int64_t q = 0; 2 * q < depth; ++q) {
-      const uint32_t odd = 2 * q + 1 < depth ? bf16_bits_from(src[2 * q + 1]) : 0u;
-      dst[q] = bf16_bits_from(src[2 * q]) | (odd << 16);
-    }
   }
 }
 
@@ -167,11 +156,12 @@ void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, in
   const W* w_expert = static_cast<const W*>(p.w.data) +
                       (p.w.packed ? t.expert * packed_expert_elements(p.w.N, K, p.w.dtype) : t.expert * p.w.N * K);
   const float* a = p.a + t.row_begin * K;
+  const int64_t lda_pairs = (K + 1) / 2;
+  const uint32_t* a_pairs = dpbf16 ? reinterpret_cast<const uint32_t*>(p.a_bf16) + t.row_begin * lda_pairs : nullptr;
   if (K == 0)  // an empty sum: the depth loop would never write the buffer
     for (int64_t r = 0; r < rows; ++r) memset(buf.local + r * kLocalCols, 0, kLocalCols * sizeof(float));
   for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock) {
     const int64_t depth = min_i64(kDepthBlock, K - k0);
-    if (dpbf16) round_rows_to_pairs(a, K, rows, k0, depth, buf.a_pairs);
     for (int s = 0; s < n_segs; ++s)
       for (int64_t j = 0; j < segs[s].panels; ++j) {
         const int64_t panel = segs[s].first_panel + j;
@@ -187,8 +177,8 @@ void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, in
           float* c = buf.local + segs[s].local_col + j * kPanelCols + slice;
           for (int64_t m = 0; m < rows; m += kMicroRows)
             micro_dispatch<W>(static_cast<int>(min_i64(kMicroRows, rows - m)), a + m * K + k0, K,
-                              buf.a_pairs + m * (kDepthBlock / 2), block + slice * pair_step, depth,
-                              c + m * kLocalCols, k0 > 0, dpbf16);
+                              a_pairs ? a_pairs + m * lda_pairs + k0 / 2 : nullptr, lda_pairs,
+                              block + slice * pair_step, depth, c + m * kLocalCols, k0 > 0, dpbf16);
         }
       }
   }
@@ -309,7 +299,7 @@ void grouped_gemm_typed(const GemmProblem& p, int threads, void* scratch) {
     if (rows > 0) tiles += ceil_div(rows, tile_rows(p, rows, col_tiles, total_rows, threads)) * col_tiles;
   }
 #if defined(__AVX512F__)
-  const bool dpbf16 = p.bf16_dot && kIsBf16<W>;
+  const bool dpbf16 = p.bf16_dot && p.a_bf16 != nullptr && kIsBf16<W>;
 #else
   const bool dpbf16 = false;
 #endif
@@ -318,8 +308,7 @@ void grouped_gemm_typed(const GemmProblem& p, int threads, void* scratch) {
 #endif
   for (int64_t index = 0; index < tiles; ++index) {
     char* mine = static_cast<char*>(scratch) + thread_index() * kGemmScratchBytes;
-    const TileBuffers buf{reinterpret_cast<float*>(mine), mine + kLocalBytes,
-                          reinterpret_cast<uint32_t*>(mine + kLocalBytes + kPackBytes)};
+    const TileBuffers buf{reinterpret_cast<float*>(mine), mine + kLocalBytes};
     Tile t;
     if (find_tile(p, index, col_tiles, g.out_cols, total_rows, threads, &t)) run_tile<W>(p, g, t, dpbf16, buf);
   }

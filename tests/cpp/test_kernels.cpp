@@ -157,6 +157,11 @@ TEST_P(TierTest, GroupedGemmSixteenBitWeights) {
           GemmProblem problem;
           problem.a = a.data(), problem.w = view, problem.offsets = offsets.data(), problem.out = out.data();
           problem.bf16_dot = dot;
+          const int64_t stride = (s.K + 1) / 2 * 2;  // rows of a in bfloat16, padded to even depth
+          std::vector<uint16_t> a_bf16(s.M * stride, 0);
+          for (int64_t m = 0; m < s.M; ++m)
+            kernels_for(Isa::scalar).narrow(a.data() + m * s.K, s.K, DType::bf16, 1, a_bf16.data() + m * stride);
+          if (dot) problem.a_bf16 = a_bf16.data();
           kern().grouped_gemm(problem, num_threads(), scratch.data());
           std::vector<double> want(s.M * s.N, 0.0);
           for (int64_t e = 0; e < s.E; ++e)
