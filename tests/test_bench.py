@@ -67,7 +67,7 @@ def test_every_implementation_has_a_row_or_a_reason(result):
                     assert r["note"], r
         fp32, bf16 = rows_of(doc, shape, "fp32"), rows_of(doc, shape, "bf16")
         assert fp32["moe_ext"]["status"] == "ok" and fp32["reference"]["status"] == "ok"
-        assert bf16["moe_ext"]["status"] == "unsupported" and "not yet supported" in bf16["moe_ext"]["note"]
+        assert bf16["moe_ext"]["status"] == "ok"
         assert bf16["reference"]["status"] == "unavailable"
         for impl in ("torch_eager", "torch_grouped_mm", "dense"):
             for rows in (fp32, bf16):

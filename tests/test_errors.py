@@ -4,6 +4,7 @@ Every bad argument must raise TypeError (wrong kind of object or dtype) or Value
 layout, value), with a message "<argument>: expected <what>; got <what came>", and must leave every
 input array untouched. Each case starts from a valid call (checked to succeed) and breaks one thing.
 """
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -83,21 +84,28 @@ def set_at(name, index, value, dtype=None):
 
 
 def array_cases(op, name, ndim, kind="float"):
-    """The generic checks of one array argument: type, dtype, rank, layout."""
+    """The generic checks of one array argument: type, dtype, rank, layout. kind "float": float32 only
+    (scores, weights of the combine); "data": activations and expert weights (float32, bfloat16,
+    float16); "int": index arrays."""
     cases = [
         (op, f"{name}-list", put(name, lambda a, kw: a.tolist()), TypeError, name),
-        (op, f"{name}-{'float64' if kind == 'float' else 'float32'}",
-         put(name, lambda a, kw: a.astype(np.float64 if kind == "float" else np.float32)), TypeError, name),
+        (op, f"{name}-{'float32' if kind == 'int' else 'float64'}",
+         put(name, lambda a, kw: a.astype(np.float32 if kind == "int" else np.float64)), TypeError, name),
         (op, f"{name}-rank-up", put(name, lambda a, kw: a[None]), ValueError, name),
         (op, f"{name}-noncontig", put(name, lambda a, kw: noncontig(a)), ValueError, name),
     ]
-    if kind == "float":
+    if kind in ("float", "data"):
         cases += [
             (op, f"{name}-int32", put(name, lambda a, kw: a.astype(np.int32)), TypeError, name),
-            (op, f"{name}-float16", put(name, lambda a, kw: a.astype(np.float16)), TypeError, name),
             (op, f"{name}-bigendian", put(name, lambda a, kw: a.astype(">f4")), TypeError, name),
+            (op, f"{name}-bigendian-float16", put(name, lambda a, kw: a.astype(">f2")), TypeError, name),
         ]
-    else:
+    if kind == "float":  # scores and combine weights stay float32 whatever the activations' dtype
+        cases += [
+            (op, f"{name}-float16", put(name, lambda a, kw: a.astype(np.float16)), TypeError, name),
+            (op, f"{name}-bfloat16", put(name, lambda a, kw: a.astype(ml_dtypes.bfloat16)), TypeError, name),
+        ]
+    if kind == "int":
         cases += [
             (op, f"{name}-int16", put(name, lambda a, kw: a.astype(np.int16)), TypeError, name),
             (op, f"{name}-uint32", put(name, lambda a, kw: a.astype(np.uint32)), TypeError, name),
@@ -174,8 +182,8 @@ def routing_cases(op):
 # ------------------------------------------------------------------------------------------ cases
 CASES = []
 # route
-CASES += array_cases("route", "x", 2)
-CASES += array_cases("route", "w_router", 2)
+CASES += array_cases("route", "x", 2, kind="data")
+CASES += array_cases("route", "w_router", 2, kind="data")
 CASES += routing_cases("route")
 CASES += [
     ("route", "x-d-mismatch", put("x", lambda a, kw: np.ascontiguousarray(a[:, :-1])), ValueError, "w_router"),
@@ -187,7 +195,7 @@ CASES += [
     ("route", "return_probs-None", const("return_probs", None), TypeError, "return_probs"),
 ]
 # permute
-CASES += array_cases("permute", "x", 2)
+CASES += array_cases("permute", "x", 2, kind="data")
 CASES += array_cases("permute", "topk_ids", 2, kind="int")
 CASES += [
     ("permute", "topk_ids-rows-mismatch", put("topk_ids", lambda a, kw: np.ascontiguousarray(a[1:])), ValueError,
@@ -208,8 +216,8 @@ CASES += [
     ("permute", "capacity-str", const("capacity", "2"), TypeError, "capacity"),
 ]
 # grouped_gemm
-CASES += array_cases("grouped_gemm", "a", 2)
-CASES += array_cases("grouped_gemm", "w", 3)
+CASES += array_cases("grouped_gemm", "a", 2, kind="data")
+CASES += array_cases("grouped_gemm", "w", 3, kind="data")
 CASES += array_cases("grouped_gemm", "expert_offsets", 1, kind="int")
 CASES += [
     ("grouped_gemm", "w-rank-2", put("w", lambda a, kw: np.ascontiguousarray(a[0])), ValueError, "w"),
@@ -233,7 +241,7 @@ CASES += [
      put("a", lambda a, kw: np.concatenate([a, a[:1]])), ValueError, "expert_offsets"),
 ]
 # unpermute
-CASES += array_cases("unpermute", "y_perm", 2)
+CASES += array_cases("unpermute", "y_perm", 2, kind="data")
 CASES += array_cases("unpermute", "perm_rows", 2, kind="int")
 CASES += array_cases("unpermute", "topk_weights", 2)
 CASES += [
@@ -250,9 +258,9 @@ CASES += [
      ValueError, "topk_weights"),
 ]
 # experts
-CASES += array_cases("experts", "x", 2)
-CASES += array_cases("experts", "w13_or_w1", 3)
-CASES += array_cases("experts", "w2", 3)
+CASES += array_cases("experts", "x", 2, kind="data")
+CASES += array_cases("experts", "w13_or_w1", 3, kind="data")
+CASES += array_cases("experts", "w2", 3, kind="data")
 CASES += array_cases("experts", "topk_weights", 2)
 CASES += array_cases("experts", "topk_ids", 2, kind="int")
 CASES += [
@@ -289,10 +297,10 @@ CASES += [
     ("experts", "capacity-float", const("capacity", 2.0), TypeError, "capacity"),
 ]
 # moe
-CASES += array_cases("moe", "x", 2)
-CASES += array_cases("moe", "w_router", 2)
-CASES += array_cases("moe", "w13_or_w1", 3)
-CASES += array_cases("moe", "w2", 3)
+CASES += array_cases("moe", "x", 2, kind="data")
+CASES += array_cases("moe", "w_router", 2, kind="data")
+CASES += array_cases("moe", "w13_or_w1", 3, kind="data")
+CASES += array_cases("moe", "w2", 3, kind="data")
 CASES += routing_cases("moe")
 CASES += [
     ("moe", "w_router-no-experts", put("w_router", lambda a, kw: np.ascontiguousarray(a[:0])), ValueError,

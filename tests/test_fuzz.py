@@ -48,12 +48,15 @@ class Call:
             return True
         return False
 
-    def floats(self, name, shape, *, nan=True):
+    def floats(self, name, shape, *, nan=True, data=False):
+        """float32 values; `data` arrays (activations, expert weights) also take bfloat16 and float16,
+        so only other dtypes are faults for them."""
         rng = np.random.default_rng(self.draw(st.integers(0, 2**32 - 1)))
         a = rng.standard_normal(shape).astype(np.float32)
         if nan and a.size and self.draw(st.integers(0, 5)) == 0:
             a.flat[self.draw(st.integers(0, a.size - 1))] = self.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
-        return self.finish(name, a, bad_dtypes=[np.float64, np.float16, np.int32])
+        bad = [np.float64, np.int32] if data else [np.float64, np.float16, np.int32]
+        return self.finish(name, a, bad_dtypes=bad)
 
     def ints(self, name, values, *, bad_values=()):
         a = np.asarray(values, dtype=self.draw(st.sampled_from([np.int32, np.int64])))
@@ -130,7 +133,7 @@ def route_calls(draw):
     pick_tier(draw)
     call, (T, d, _, E, k) = Call(draw), dims(draw)
     call.op = "route"
-    x, w = call.floats("x", (T, d)), call.floats("w_router", (E, d))
+    x, w = call.floats("x", (T, d), data=True), call.floats("w_router", (E, d), data=True)
     if call.maybe("top_k"):
         k = draw(st.sampled_from([0, E + 1, -1]))
     options = dict(scoring=draw(st.sampled_from(["softmax", "sigmoid"])), renormalize=draw(st.booleans()))
@@ -170,7 +173,7 @@ def permute_calls(draw):
     pick_tier(draw)
     call, (T, d, _, E, k) = Call(draw), dims(draw)
     call.op = "permute"
-    x = call.floats("x", (T, d))
+    x = call.floats("x", (T, d), data=True)
     ids = valid_ids(call, T, k, E)
     capacity = draw(st.sampled_from([None, 0, 1, 2, 100]))
     if call.maybe("capacity"):
@@ -198,7 +201,7 @@ def grouped_gemm_calls(draw):
     call = Call(draw)
     call.op = "grouped_gemm"
     M, N, K, E = draw(st.integers(0, 20)), draw(st.integers(1, 17)), draw(st.integers(0, 19)), draw(st.integers(1, 6))
-    a, w = call.floats("a", (M, K)), call.floats("w", (E, N, K))
+    a, w = call.floats("a", (M, K), data=True), call.floats("w", (E, N, K), data=True)
     cuts = sorted(draw(st.lists(st.integers(0, M), min_size=E - 1, max_size=E - 1)))
     offsets = np.array([0, *cuts, M])
     if call.maybe("offsets values"):
@@ -225,7 +228,7 @@ def unpermute_calls(draw):
     call = Call(draw)
     call.op = "unpermute"
     T, k, d, M = draw(st.integers(0, 12)), draw(st.integers(1, 6)), draw(st.integers(1, 20)), draw(st.integers(0, 30))
-    y_perm = call.floats("y_perm", (M, d))
+    y_perm = call.floats("y_perm", (M, d), data=True)
     rows = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).integers(-1, M, size=(T, k))
     rows = call.ints("perm_rows", rows, bad_values=[M, -2, M + 7])
     weights = call.floats("topk_weights", (T, k))
@@ -250,8 +253,8 @@ def experts_calls(draw):
     rows = 2 * f if activation in ("swiglu", "geglu") else f
     if call.maybe("w13_or_w1 rows"):
         rows = f if rows == 2 * f else 2 * f
-    x, w13 = call.floats("x", (T, d)), call.floats("w13_or_w1", (E, rows, d))
-    w2 = call.floats("w2", (E, d, f))
+    x, w13 = call.floats("x", (T, d), data=True), call.floats("w13_or_w1", (E, rows, d), data=True)
+    w2 = call.floats("w2", (E, d, f), data=True)
     ids = valid_ids(call, T, k, E)
     weights = call.floats("topk_weights", (T, k))
     capacity = draw(st.sampled_from([None, 0, 1, 3]))
@@ -273,8 +276,9 @@ def moe_calls(draw):
     pick_tier(draw)
     call, (T, d, f, E, k) = Call(draw), dims(draw)
     call.op = "moe"
-    x, w_router = call.floats("x", (T, d), nan=False), call.floats("w_router", (E, d), nan=False)
-    w13, w2 = call.floats("w13_or_w1", (E, 2 * f, d), nan=False), call.floats("w2", (E, d, f), nan=False)
+    x, w_router = call.floats("x", (T, d), nan=False, data=True), call.floats("w_router", (E, d), nan=False, data=True)
+    w13, w2 = (call.floats("w13_or_w1", (E, 2 * f, d), nan=False, data=True),
+               call.floats("w2", (E, d, f), nan=False, data=True))
     if call.maybe("top_k"):
         k = draw(st.sampled_from([0, E + 1]))
     call.args = [x, w_router, w13, w2]

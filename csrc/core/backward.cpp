@@ -28,8 +28,16 @@ void gemm_nt(const Kernels& kern, const float* a, const float* w, int64_t rows, 
   if (rows == 0 || N == 0) return;
   const int32_t offsets[2] = {0, static_cast<int32_t>(rows)};
   const int threads = num_threads();  // read once: the scratch is sized for exactly this many
-  float* panels = thread_workspace().get<float>(Scratch::gemm_panels, threads * kGemmScratchFloats);
-  kern.grouped_gemm(a, w, offsets, 1, N, K, threads, out, panels);
+  void* scratch = thread_workspace().get(Scratch::gemm_panels, static_cast<std::size_t>(threads) * kGemmScratchBytes);
+  GemmProblem problem;
+  problem.a = a;
+  problem.w.data = w;
+  problem.w.E = 1;
+  problem.w.N = N;
+  problem.w.K = K;
+  problem.offsets = offsets;
+  problem.out = out;
+  kern.grouped_gemm(problem, threads, scratch);
 }
 
 }  // namespace

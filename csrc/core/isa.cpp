@@ -38,7 +38,26 @@ std::string names_of(const std::vector<Isa>& isas) {
   return out;
 }
 
+bool cpu_has_avx512_bf16() {
+#if defined(MOE_EXT_X86_TIERS)
+  return cpu_supports(Isa::avx512) && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+std::atomic<bool>& bf16_dot() {
+  static std::atomic<bool> value{cpu_has_avx512_bf16()};
+  return value;
+}
+
 }  // namespace
+
+bool bf16_dot_enabled() { return bf16_dot().load(std::memory_order_relaxed); }
+
+void set_bf16_dot_enabled(bool enabled) {
+  bf16_dot().store(enabled && cpu_has_avx512_bf16(), std::memory_order_relaxed);
+}
 
 const char* isa_name(Isa isa) {
   switch (isa) {

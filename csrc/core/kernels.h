@@ -10,6 +10,24 @@
 
 namespace moe_ext {
 
+// A grouped GEMM: out[rows of e] = a[rows of e] @ w[e]^T for the rows offsets[e]..offsets[e+1]-1, with
+// the activation optionally applied in the epilogue (the [M, N] product is then never written out).
+struct GemmProblem {
+  const float* a = nullptr;        // [M, K], M = offsets[E]
+  WeightView w;                    // [E, N, K], unpacked or packed
+  const int32_t* offsets = nullptr;
+  bool fuse_activation = false;    // out = activation(product): [M, N / 2] gated, [M, N] otherwise
+  Activation activation = Activation::swiglu;
+  // bfloat16 weights only: a is rounded to bfloat16 and multiplied with vdpbf16ps (set only where the
+  // CPU has AVX512_BF16 and the caller's activations are bfloat16, so no precision is lost that the
+  // caller's dtype did not already drop). Ignored by tiers without it.
+  bool bf16_dot = false;
+  // With bf16_dot: a rounded to bfloat16 once per call, rows of K rounded up to even (zero-padded), so
+  // each 32-bit word holds the pair of depths vdpbf16ps multiplies.
+  const uint16_t* a_bf16 = nullptr;
+  float* out = nullptr;            // [M, N] or [M, N / 2]
+};
+
 struct Kernels {
   // Kernels with per-thread scratch take the thread count their scratch was sized for (`threads`), so a
   // concurrent set_num_threads() cannot make them index past it.
@@ -18,13 +36,17 @@ struct Kernels {
   void (*route)(const float* x, const float* w_router, int64_t T, int64_t d, int64_t E,
                 const RouteConfig& config, int threads, float* scratch, float* topk_weights,
                 int32_t* topk_ids, float* probs);
-  // x_perm[perm_rows[t, j]] = x[t] for every slot with perm_rows >= 0.
-  void (*gather_rows)(const float* x, const int32_t* perm_rows, int64_t T, int64_t k, int64_t d,
-                      float* x_perm);
-  // out[rows of e] = a[rows of e] @ w[e]^T; rows of e are offsets[e]..offsets[e+1]-1; M = offsets[E].
-  // `scratch` holds kGemmScratchFloats floats per thread (packed weight panels).
-  void (*grouped_gemm)(const float* a, const float* w, const int32_t* offsets, int64_t E, int64_t N,
-                       int64_t K, int threads, float* out, float* scratch);
+  // x_perm[perm_rows[t, j]] = x[t] for every slot with perm_rows >= 0; x_perm's dtype is x's (a copy)
+  // or float32 (widened).
+  void (*gather_rows)(const void* x, DType x_dtype, const int32_t* perm_rows, int64_t T, int64_t k,
+                      int64_t d, void* x_perm, DType perm_dtype);
+  // See GemmProblem. `scratch` holds kGemmScratchBytes bytes per thread.
+  void (*grouped_gemm)(const GemmProblem& problem, int threads, void* scratch);
+  // Packs w [E, N, K] into the layout of core/packed.h (packed_expert_elements(N, K, dtype) per expert).
+  void (*pack_weight)(const void* w, DType dtype, int64_t E, int64_t N, int64_t K, int threads, void* packed);
+  // n elements between float32 and dtype (round to nearest even), in parallel.
+  void (*widen)(const void* src, DType dtype, int64_t n, int threads, float* dst);
+  void (*narrow)(const float* src, int64_t n, DType dtype, int threads, void* dst);
   // Gated: h [M, 2f] -> out [M, f]; otherwise h [M, f] -> out [M, f] (may alias h).
   void (*activate)(const float* h, int64_t M, int64_t f, Activation activation, float* out);
   // y[t] = sum_j weights[t, j] * y_perm[perm_rows[t, j]], slots in order, -1 rows skipped.
@@ -44,7 +66,8 @@ struct Kernels {
                              float* grad_y_perm, float* grad_weights);
 };
 
-constexpr int64_t kGemmScratchFloats = 256 * 256;
+// Per thread: the tile's float32 results and one packed weight block.
+constexpr int64_t kGemmScratchBytes = 512 * 1024;
 
 // Per thread: scores, keys, excluded flags, group scores, group flags.
 inline int64_t route_scratch_floats(int64_t E) { return 5 * E; }

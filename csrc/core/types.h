@@ -22,6 +22,20 @@ struct RouteConfig {
   int64_t topk_group = 0;
 };
 
+// Element type of activations and weights (SPEC §4). Scores, top-k weights and accumulators are float32.
+enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
+
+inline int64_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
+
+// The weights of a grouped GEMM, [E, N, K]: a caller's row-major array in `dtype`, or (packed = true)
+// the panel layout of core/packed.h made once by prepack().
+struct WeightView {
+  const void* data = nullptr;
+  DType dtype = DType::f32;
+  bool packed = false;
+  int64_t E = 0, N = 0, K = 0;
+};
+
 // "No capacity limit" for permute.
 constexpr int64_t kNoCapacity = -1;
 

@@ -15,9 +15,12 @@ enum class Scratch : int {
   perm_rows,       // perm_rows
   cursor,          // permute's per-expert write positions
   x_perm,          // permuted tokens, reused for the expert outputs
-  hidden,          // first GEMM's output [M, 2f] or [M, f]
   activated,       // activation output [M, f]
-  gemm_panels,     // per-OpenMP-thread packed weight panels of the grouped GEMM
+  gemm_panels,     // per-OpenMP-thread tile buffers of the grouped GEMM
+  converted_in,    // a float32 copy of a 16-bit input (x, a, y_perm)
+  converted_in2,   // a second one (w_router)
+  converted_out,   // a float32 result before it is rounded to the caller's dtype
+  gemm_a_bf16,     // a GEMM's rows rounded to bfloat16 for vdpbf16ps
   backward_lhs,    // backward: a transposed GEMM operand (core/backward.cpp)
   backward_rhs,    // backward: the other transposed GEMM operand
   backward_marks,  // backward: rows seen (repeat detection) or ones (permute_backward's weights)

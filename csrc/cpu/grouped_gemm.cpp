@@ -1,123 +1,347 @@
-// Grouped GEMM: out[rows of e] = a[rows of e] @ w[e]^T, one GEMM per expert over its own rows.
+// Grouped GEMM: out[rows of e] = a[rows of e] @ w[e]^T, one GEMM per expert over its own rows, with the
+// activation optionally fused into the epilogue.
 //
-// Work is split into tiles of (expert, block of kColBlock output columns), scheduled dynamically over
-// the threads, so both cores stay busy when one expert holds most rows or when T is tiny. Inside a tile:
-// - experts with many rows: the tile's weights are packed, kDepthBlock at a time, into panels of
-//   kPanelCols columns laid out [k][column] (contiguous SIMD loads), and a kMicroRows x kPanelCols
-//   register-blocked microkernel walks the rows (GotoBLAS-style);
-// - experts with few rows (decode): packing would cost as much as the math, so each weight row is
-//   streamed once and dotted with every row of the expert.
-// Each output element is summed in an order fixed by these constants and the data, never by the thread
-// count or schedule, so results are bit-identical for any number of threads.
+// Work is cut into tiles of (expert, block of rows, block of kTileCols output columns), scheduled
+// dynamically over the threads, so both cores stay busy when one expert holds most rows or when T is
+// tiny. A tile computes into a float32 buffer of its own (scratch), then its epilogue writes the output:
+// a copy, or the activation (gated: act(gate) * up from the tile's gate and up columns, so the [M, 2f]
+// product is never written out). Inside a tile, per depth block of kDepthBlock:
+// - weights in the packed panel layout (core/packed.h: prepacked once, or packed here panel by panel
+//   when the caller passed a plain array) feed a register-blocked microkernel (cpu/gemm_micro.h);
+//   the loop order keeps one microkernel's weight slice (kDepthBlock x kMicroCols) in L1 across the
+//   tile's rows and the tile's rows of a (<= 256 x kDepthBlock floats) in L2;
+// - plain weights with few rows per expert (decode): packing would cost as much as the math, so each
+//   weight row is streamed once, with prefetch, and dotted with every row of the expert.
+// Each output element is summed in an order fixed by the data and these constants, never by the thread
+// count or the schedule, so results are bit-identical for any number of threads.
+#include "core/packed.h"
+#include "cpu/activation.h"
 #include "cpu/common.h"
+#include "cpu/convert.h"
+#include "cpu/gemm_micro.h"
 #include "cpu/kernels.h"
 #include "cpu/vec.h"
-#include "core/threads.h"
 
 namespace moe_ext::cpu::MOE_EXT_CPU_NS {
 
 namespace {
 
-// Rows per microkernel: 2 x kMicroRows accumulators + 2 panel loads + 1 broadcast must fit the register
-// file (32 registers with AVX-512, 16 below).
-constexpr int64_t kMicroRows = kLanes == 16 ? 8 : 6;
-constexpr int64_t kPanelCols = 2 * kLanes;      // two registers wide
-constexpr int64_t kColBlock = 256;              // a multiple of kPanelCols for every tier (8, 16, 32)
-constexpr int64_t kDepthBlock = 256;            // packed block kColBlock x kDepthBlock floats = 256 KiB: in L2
-constexpr int64_t kFewRows = 8;                 // at most this many rows: the streaming (dot) path
-static_assert(kColBlock * kDepthBlock <= kGemmScratchFloats, "the packed block must fit the scratch");
-static_assert(kColBlock % kPanelCols == 0, "column blocks hold whole panels");
+constexpr int64_t kDepthBlock = 256;   // one slice of a panel's depth block: 256 x kMicroCols floats <= 32 KiB (L1)
+constexpr int64_t kTileCols = 128;     // output columns of a tile (4 panels; gated fused: 4 gate + 5 up panels)
+constexpr int64_t kTileRows = 128;     // rows of a tile with packed weights (a's block: 128 KiB, in L2)
+constexpr int64_t kMaxTileRows = 256;  // plain weights: more rows per tile amortise the per-tile packing
+constexpr int64_t kFewRows = 8;        // plain weights, at most this many rows in an expert: streaming
+constexpr int64_t kLocalCols = kTileCols + kTileCols + kPanelCols;  // gate span + up span (misaligned up)
+constexpr int64_t kLocalBytes = kMaxTileRows * kLocalCols * 4;
+constexpr int64_t kPackBytes = kPanelCols * kDepthBlock * 4;
+static_assert(kLocalBytes + kPackBytes <= kGemmScratchBytes, "a tile's buffers fit the scratch");
+static_assert(kTileCols % kPanelCols == 0 && kDepthBlock % 2 == 0, "tiles hold whole panels, blocks whole pairs");
 
-// Packs w rows [n0, n0+cols) x depth [k0, k0+depth) into panels [cols/kPanelCols][depth][kPanelCols],
-// zero-padding the last panel's missing columns.
-void pack_panels(const float* w, int64_t K, int64_t n0, int64_t cols, int64_t k0, int64_t depth, float* packed) {
-  for (int64_t panel = 0; panel * kPanelCols < cols; ++panel) {
-    float* dst = packed + panel * depth * kPanelCols;
-    for (int64_t c = 0; c < kPanelCols; ++c) {
-      const int64_t n = panel * kPanelCols + c;
-      if (n < cols) {
-        const float* src = w + (n0 + n) * K + k0;
-        for (int64_t p = 0; p < depth; ++p) dst[p * kPanelCols + c] = src[p];
-      } else {
-        for (int64_t p = 0; p < depth; ++p) dst[p * kPanelCols + c] = 0.f;
-      }
+// The columns of w a tile reads: one segment, or for a fused gated tile the gate and the up segment.
+struct Segment {
+  int64_t first_panel = 0, panels = 0;  // panels covering [begin, begin + cols)
+  int64_t local_col = 0;                // where the first panel lands in the tile's buffer
+  int64_t offset = 0;                   // begin - first_panel * kPanelCols
+};
+
+template <typename W> constexpr bool kIsBf16 = false;
+template <> constexpr bool kIsBf16<bf16_t> = true;
+template <typename W> constexpr DType kDType = DType::f32;
+template <> constexpr DType kDType<bf16_t> = DType::bf16;
+template <> constexpr DType kDType<f16_t> = DType::f16;
+
+struct Tile {
+  int64_t expert, row_begin, row_end, col_begin, cols;
+};
+
+struct Geometry {
+  int64_t out_cols;  // columns of out
+  int64_t half;      // fused gated: f (the up rows' offset in w); 0 otherwise
+  bool gated;
+};
+
+Geometry geometry(const GemmProblem& p) {
+  const bool gated = p.fuse_activation && is_gated(p.activation);
+  return {gated ? p.w.N / 2 : p.w.N, gated ? p.w.N / 2 : 0, gated};
+}
+
+Segment segment(int64_t begin, int64_t cols, int64_t local_col) {
+  Segment s;
+  s.first_panel = begin / kPanelCols;
+  s.panels = ceil_div(begin + cols, kPanelCols) - s.first_panel;
+  s.local_col = local_col;
+  s.offset = begin - s.first_panel * kPanelCols;
+  return s;
+}
+
+bool streams(const GemmProblem& p, int64_t expert_rows) { return !p.w.packed && expert_rows <= kFewRows; }
+
+// Rows per tile for an expert: at most kTileRows (packed) or kMaxTileRows (plain; streaming tiles take
+// all rows), fewer when the whole problem has too few tiles to keep every thread busy. A multiple of
+// kMicroRows. Only the schedule depends on `threads`, never an output's summation order.
+int64_t tile_rows(const GemmProblem& p, int64_t expert_rows, int64_t col_tiles, int64_t total_rows, int threads) {
+  if (streams(p, expert_rows)) return expert_rows;
+  int64_t target = p.w.packed ? kTileRows : kMaxTileRows;
+  // Enough tiles overall: about 4 per thread, counting this expert's share of the rows.
+  const int64_t wanted = 4 * threads;
+  while (target > 4 * kMicroRows && ceil_div(total_rows, target) * col_tiles < wanted) target /= 2;
+  const int64_t blocks = ceil_div(expert_rows, target);
+  return ceil_div(ceil_div(expert_rows, blocks), kMicroRows) * kMicroRows;
+}
+
+// --- packing ---------------------------------------------------------------------------------------
+
+// Panel `panel` of one expert's w [N, K], depths [k0, k0 + depth), into dst (core/packed.h's layout with
+// `depth` in place of K). Columns past N and the bfloat16 pair padding are zero.
+template <typename W>
+void pack_panel(const W* w_expert, int64_t N, int64_t K, int64_t panel, int64_t k0, int64_t depth, W* dst) {
+  const bool pairs = kIsBf16<W>;
+  const int64_t padded = pairs ? (depth + 1) / 2 * 2 : depth;
+  for (int64_t c = 0; c < kPanelCols; ++c) {
+    const int64_t n = panel * kPanelCols + c;
+    const W* src = w_expert + n * K + k0;
+    for (int64_t p = 0; p < padded; ++p) {
+      const int64_t at = pairs ? (p / 2) * 2 * kPanelCols + 2 * c + (p % 2) : p * kPanelCols + c;
+      if (n < N && p < depth)
+        dst[at] = src[p];
+      else
+        memset(dst + at, 0, sizeof(W));
     }
   }
 }
 
-// c[r][0..cols) (+)= sum_p rows[r][p] * panel[p][...] for r < rows_used (rows beyond it are repeats of a
-// valid row whose results are dropped).
-void micro_kernel(const float* const* rows, int64_t rows_used, const float* panel, int64_t depth, float* c,
-                  int64_t ldc, int64_t cols, bool accumulate) {
-  vec acc[kMicroRows][2] = {};
-  for (int64_t p = 0; p < depth; ++p) {
-    const vec b0 = load(panel + p * kPanelCols), b1 = load(panel + p * kPanelCols + kLanes);
-    for (int64_t r = 0; r < kMicroRows; ++r) {
-      const vec a = broadcast(rows[r][p]);
-      acc[r][0] += a * b0;
-      acc[r][1] += a * b1;
-    }
-  }
-  for (int64_t r = 0; r < rows_used; ++r) {
-    float* dst = c + r * ldc;
-    if (cols == kPanelCols) {
-      store(dst, accumulate ? load(dst) + acc[r][0] : acc[r][0]);
-      store(dst + kLanes, accumulate ? load(dst + kLanes) + acc[r][1] : acc[r][1]);
-    } else {
-      float lanes[kPanelCols];
-      store(lanes, acc[r][0]);
-      store(lanes + kLanes, acc[r][1]);
-      for (int64_t j = 0; j < cols; ++j) dst[j] = accumulate ? dst[j] + lanes[j] : lanes[j];
-    }
+// --- one tile --------------------------------------------------------------------------------------
+
+struct TileBuffers {
+  float* local;  // [rows][kLocalCols]
+  void* pack;    // one packed panel block
+};
+
+// a_pairs (with dpbf16): the same rows as a, bfloat16 pairs, row stride lda_pairs words.
+template <int Rows, typename W>
+void micro_dispatch_rows(const float* a, int64_t lda, const uint32_t* a_pairs, int64_t lda_pairs, const W* b,
+                         int64_t depth, float* c, bool accumulate, bool dpbf16) {
+  (void)a_pairs, (void)lda_pairs, (void)dpbf16;
+  if constexpr (kIsBf16<W>) {
+#if defined(__AVX512F__)
+    if (dpbf16)
+      return micro_kernel_dpbf16<Rows>(a_pairs, lda_pairs, b, (depth + 1) / 2, c, kLocalCols, accumulate);
+#endif
+    micro_kernel_bf16<Rows>(a, lda, b, depth, c, kLocalCols, accumulate);
+  } else {
+    micro_kernel<Rows>(a, lda, b, depth, c, kLocalCols, accumulate);
   }
 }
 
-void packed_tile(const float* a, const float* w_expert, int64_t row_begin, int64_t row_end, int64_t n0,
-                 int64_t cols, int64_t N, int64_t K, float* packed, float* out) {
-  if (K == 0)  // an empty sum: the depth loop below would never write the tile
-    for (int64_t m = row_begin; m < row_end; ++m)
-      for (int64_t j = 0; j < cols; ++j) out[m * N + n0 + j] = 0.f;
+template <typename W>
+void micro_dispatch(int rows, const float* a, int64_t lda, const uint32_t* a_pairs, int64_t lda_pairs, const W* b,
+                    int64_t depth, float* c, bool accumulate, bool dpbf16) {
+  switch (rows) {
+#define MOE_EXT_ROWS_CASE(R)                                                                                \
+  case R:                                                                                                   \
+    return micro_dispatch_rows<(R <= kMicroRows ? R : 1)>(a, lda, a_pairs, lda_pairs, b, depth, c, accumulate, \
+                                                          dpbf16);
+    MOE_EXT_ROWS_CASE(1) MOE_EXT_ROWS_CASE(2) MOE_EXT_ROWS_CASE(3) MOE_EXT_ROWS_CASE(4)
+    MOE_EXT_ROWS_CASE(5) MOE_EXT_ROWS_CASE(6) MOE_EXT_ROWS_CASE(7) MOE_EXT_ROWS_CASE(8)
+#undef MOE_EXT_ROWS_CASE
+    default: break;
+  }
+}
+
+// The tile's product a[rows] @ w[e, columns of the segments]^T into buf.local via the microkernels.
+template <typename W>
+void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, int n_segs, bool dpbf16,
+                    const TileBuffers& buf) {
+  const int64_t K = p.w.K, rows = t.row_end - t.row_begin;
+  const W* w_expert = static_cast<const W*>(p.w.data) +
+                      (p.w.packed ? t.expert * packed_expert_elements(p.w.N, K, p.w.dtype) : t.expert * p.w.N * K);
+  const float* a = p.a + t.row_begin * K;
+  const int64_t lda_pairs = (K + 1) / 2;
+  const uint32_t* a_pairs = dpbf16 ? reinterpret_cast<const uint32_t*>(p.a_bf16) + t.row_begin * lda_pairs : nullptr;
+  if (K == 0)  // an empty sum: the depth loop would never write the buffer
+    for (int64_t r = 0; r < rows; ++r) memset(buf.local + r * kLocalCols, 0, kLocalCols * sizeof(float));
   for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock) {
     const int64_t depth = min_i64(kDepthBlock, K - k0);
-    pack_panels(w_expert, K, n0, cols, k0, depth, packed);
-    for (int64_t m = row_begin; m < row_end; m += kMicroRows) {
-      const int64_t rows_used = min_i64(kMicroRows, row_end - m);
-      const float* rows[kMicroRows];
-      for (int64_t r = 0; r < kMicroRows; ++r) rows[r] = a + (m + min_i64(r, rows_used - 1)) * K + k0;
-      for (int64_t j = 0; j < cols; j += kPanelCols)
-        micro_kernel(rows, rows_used, packed + (j / kPanelCols) * depth * kPanelCols, depth,
-                     out + m * N + n0 + j, N, min_i64(kPanelCols, cols - j), k0 > 0);
-    }
+    for (int s = 0; s < n_segs; ++s)
+      for (int64_t j = 0; j < segs[s].panels; ++j) {
+        const int64_t panel = segs[s].first_panel + j;
+        const W* block;
+        if (p.w.packed) {
+          block = w_expert + panel * panel_elements(K, p.w.dtype) + k0 * kPanelCols;
+        } else {
+          pack_panel(w_expert, p.w.N, K, panel, k0, depth, static_cast<W*>(buf.pack));
+          block = static_cast<const W*>(buf.pack);
+        }
+        const int64_t pair_step = kIsBf16<W> ? 2 : 1;  // elements per column in a panel row
+        for (int64_t slice = 0; slice < kPanelCols; slice += kMicroCols) {
+          float* c = buf.local + segs[s].local_col + j * kPanelCols + slice;
+          for (int64_t m = 0; m < rows; m += kMicroRows)
+            micro_dispatch<W>(static_cast<int>(min_i64(kMicroRows, rows - m)), a + m * K + k0, K,
+                              a_pairs ? a_pairs + m * lda_pairs + k0 / 2 : nullptr, lda_pairs,
+                              block + slice * pair_step, depth, c + m * kLocalCols, k0 > 0, dpbf16);
+        }
+      }
   }
 }
 
-void streaming_tile(const float* a, const float* w_expert, int64_t row_begin, int64_t row_end, int64_t n0,
-                    int64_t cols, int64_t N, int64_t K, float* out) {
-  for (int64_t n = n0; n < n0 + cols; ++n) {
-    const float* w_row = w_expert + n * K;
-    for (int64_t m = row_begin; m < row_end; ++m) out[m * N + n] = dot(a + m * K, w_row, K);
+// Streaming: out column n = dot(a row, w row n) for each of the expert's few rows.
+constexpr int kStreamRows = kLanes == 16 ? 8 : 4;  // 2 accumulators per row in registers
+
+template <int Rows, typename W>
+void stream_rows(const float* a, int64_t lda, const W* w_row, int64_t K, float* c) {
+  vec acc[Rows][2] = {};
+  int64_t p = 0;
+  constexpr int64_t kStep = 2 * kLanes, kStepBytes = kStep * sizeof(W);
+  for (; p + kStep <= K; p += kStep) {
+    for (int64_t line = 0; line < kStepBytes; line += 64)  // ~1 KiB ahead: the next lines of this stream
+      __builtin_prefetch(reinterpret_cast<const char*>(w_row + p) + 1024 + line);
+    const vec w0 = load_f32(w_row + p), w1 = load_f32(w_row + p + kLanes);
+    for (int r = 0; r < Rows; ++r) {
+      acc[r][0] += load(a + r * lda + p) * w0;
+      acc[r][1] += load(a + r * lda + p + kLanes) * w1;
+    }
+  }
+  float w_tail[kStep] = {};
+  for (int64_t i = 0; p + i < K; ++i) w_tail[i] = to_f32(w_row[p + i]);
+  for (int r = 0; r < Rows; ++r) {
+    float a_tail[kStep] = {}, lanes[kStep];
+    for (int64_t i = 0; p + i < K; ++i) a_tail[i] = a[r * lda + p + i];
+    acc[r][0] += load(a_tail) * load(w_tail);
+    acc[r][1] += load(a_tail + kLanes) * load(w_tail + kLanes);
+    store(lanes, acc[r][0] + acc[r][1]);
+    for (int width = kLanes / 2; width > 0; width /= 2)
+      for (int lane = 0; lane < width; ++lane) lanes[lane] += lanes[lane + width];
+    c[r * kLocalCols] = lanes[0];
+  }
+}
+
+template <typename W>
+void streamed_product(const GemmProblem& p, const Tile& t, const Segment* segs, int n_segs, float* local) {
+  const int64_t K = p.w.K, rows = t.row_end - t.row_begin;
+  const W* w_expert = static_cast<const W*>(p.w.data) + t.expert * p.w.N * K;
+  const float* a = p.a + t.row_begin * K;
+  for (int s = 0; s < n_segs; ++s) {
+    const int64_t begin = segs[s].first_panel * kPanelCols + segs[s].offset;
+    for (int64_t n = begin; n < begin + t.cols; ++n)
+      for (int64_t m = 0; m < rows; m += kStreamRows) {
+        float* c = local + m * kLocalCols + segs[s].local_col + segs[s].offset + (n - begin);
+        const float* a_rows = a + m * K;
+        const W* w_row = w_expert + n * K;
+        switch (min_i64(kStreamRows, rows - m)) {
+#define MOE_EXT_STREAM_CASE(R) \
+  case R: stream_rows<(R <= kStreamRows ? R : 1)>(a_rows, K, w_row, K, c); break;
+          MOE_EXT_STREAM_CASE(1) MOE_EXT_STREAM_CASE(2) MOE_EXT_STREAM_CASE(3) MOE_EXT_STREAM_CASE(4)
+          MOE_EXT_STREAM_CASE(5) MOE_EXT_STREAM_CASE(6) MOE_EXT_STREAM_CASE(7) MOE_EXT_STREAM_CASE(8)
+#undef MOE_EXT_STREAM_CASE
+          default: break;
+        }
+      }
+  }
+}
+
+// Writes the tile's rows of out from its buffer: a copy or the activation.
+void epilogue(const GemmProblem& p, const Geometry& g, const Tile& t, const Segment* segs, const float* local) {
+  for (int64_t r = 0; r < t.row_end - t.row_begin; ++r) {
+    const float* src = local + r * kLocalCols + segs[0].offset;
+    float* dst = p.out + (t.row_begin + r) * g.out_cols + t.col_begin;
+    if (!p.fuse_activation)
+      memcpy(dst, src, static_cast<size_t>(t.cols) * sizeof(float));
+    else
+      activate_row(p.activation, src, g.gated ? local + r * kLocalCols + segs[1].local_col + segs[1].offset : nullptr,
+                   t.cols, dst);
+  }
+}
+
+template <typename W>
+void run_tile(const GemmProblem& p, const Geometry& g, const Tile& t, bool dpbf16, const TileBuffers& buf) {
+  Segment segs[2];
+  segs[0] = segment(t.col_begin, t.cols, 0);
+  int n_segs = 1;
+  if (g.gated) segs[n_segs++] = segment(g.half + t.col_begin, t.cols, segs[0].panels * kPanelCols);
+  const int64_t expert_rows = p.offsets[t.expert + 1] - p.offsets[t.expert];
+  if (streams(p, expert_rows))
+    streamed_product<W>(p, t, segs, n_segs, buf.local);
+  else
+    packed_product<W>(p, t, segs, n_segs, dpbf16, buf);
+  epilogue(p, g, t, segs, buf.local);
+}
+
+// The tile with this index in (expert, row block, column block) order, or false when past the end.
+bool find_tile(const GemmProblem& p, int64_t index, int64_t col_tiles, int64_t out_cols, int64_t total_rows,
+               int threads, Tile* t) {
+  for (int64_t e = 0; e < p.w.E; ++e) {
+    const int64_t begin = p.offsets[e], rows = p.offsets[e + 1] - begin;
+    if (rows == 0) continue;
+    const int64_t per_tile = tile_rows(p, rows, col_tiles, total_rows, threads);
+    const int64_t tiles = ceil_div(rows, per_tile) * col_tiles;
+    if (index >= tiles) {
+      index -= tiles;
+      continue;
+    }
+    const int64_t row_block = index / col_tiles, col_block = index % col_tiles;
+    t->expert = e;
+    t->row_begin = begin + row_block * per_tile;
+    t->row_end = min_i64(begin + rows, t->row_begin + per_tile);
+    t->col_begin = col_block * kTileCols;
+    t->cols = min_i64(kTileCols, out_cols - t->col_begin);
+    return true;
+  }
+  return false;
+}
+
+template <typename W>
+void grouped_gemm_typed(const GemmProblem& p, int threads, void* scratch) {
+  const Geometry g = geometry(p);
+  const int64_t col_tiles = ceil_div(g.out_cols, kTileCols), total_rows = p.offsets[p.w.E];
+  int64_t tiles = 0;
+  for (int64_t e = 0; e < p.w.E; ++e) {
+    const int64_t rows = p.offsets[e + 1] - p.offsets[e];
+    if (rows > 0) tiles += ceil_div(rows, tile_rows(p, rows, col_tiles, total_rows, threads)) * col_tiles;
+  }
+#if defined(__AVX512F__)
+  const bool dpbf16 = p.bf16_dot && p.a_bf16 != nullptr && kIsBf16<W>;
+#else
+  const bool dpbf16 = false;
+#endif
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#endif
+  for (int64_t index = 0; index < tiles; ++index) {
+    char* mine = static_cast<char*>(scratch) + thread_index() * kGemmScratchBytes;
+    const TileBuffers buf{reinterpret_cast<float*>(mine), mine + kLocalBytes};
+    Tile t;
+    if (find_tile(p, index, col_tiles, g.out_cols, total_rows, threads, &t)) run_tile<W>(p, g, t, dpbf16, buf);
+  }
+}
+
+template <typename W>
+void pack_weight_typed(const W* w, int64_t E, int64_t N, int64_t K, int threads, W* packed) {
+  const int64_t panels = panel_count(N), panel_size = panel_elements(K, kDType<W>);
+  MOE_EXT_PARALLEL_FOR(threads)
+  for (int64_t i = 0; i < E * panels; ++i) {
+    const int64_t e = i / panels, panel = i % panels;
+    pack_panel(w + e * N * K, N, K, panel, 0, K, packed + e * panels * panel_size + panel * panel_size);
   }
 }
 
 }  // namespace
 
-void grouped_gemm(const float* a, const float* w, const int32_t* offsets, int64_t E, int64_t N, int64_t K,
-                  int threads, float* out, float* scratch) {
-  const int64_t col_blocks = ceil_div(N, kColBlock), tiles = E * col_blocks;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-#endif
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-    const int64_t e = tile / col_blocks, n0 = (tile % col_blocks) * kColBlock;
-    const int64_t row_begin = offsets[e], row_end = offsets[e + 1];
-    if (row_begin == row_end) continue;
-    const int64_t cols = min_i64(kColBlock, N - n0);
-    const float* w_expert = w + e * N * K;
-    if (row_end - row_begin <= kFewRows)
-      streaming_tile(a, w_expert, row_begin, row_end, n0, cols, N, K, out);
-    else
-      packed_tile(a, w_expert, row_begin, row_end, n0, cols, N, K, scratch + thread_index() * kGemmScratchFloats,
-                  out);
+void grouped_gemm(const GemmProblem& problem, int threads, void* scratch) {
+  switch (problem.w.dtype) {
+    case DType::f32: return grouped_gemm_typed<float>(problem, threads, scratch);
+    case DType::bf16: return grouped_gemm_typed<bf16_t>(problem, threads, scratch);
+    case DType::f16: return grouped_gemm_typed<f16_t>(problem, threads, scratch);
+  }
+}
+
+void pack_weight(const void* w, DType dtype, int64_t E, int64_t N, int64_t K, int threads, void* packed) {
+  switch (dtype) {
+    case DType::f32:
+      return pack_weight_typed(static_cast<const float*>(w), E, N, K, threads, static_cast<float*>(packed));
+    case DType::bf16:
+      return pack_weight_typed(static_cast<const bf16_t*>(w), E, N, K, threads, static_cast<bf16_t*>(packed));
+    case DType::f16:
+      return pack_weight_typed(static_cast<const f16_t*>(w), E, N, K, threads, static_cast<f16_t*>(packed));
   }
 }
 

@@ -7,10 +7,12 @@ namespace moe_ext::cpu::MOE_EXT_CPU_NS {
 void route(const float* x, const float* w_router, int64_t T, int64_t d, int64_t E,
            const RouteConfig& config, int threads, float* scratch, float* topk_weights, int32_t* topk_ids,
            float* probs);
-void gather_rows(const float* x, const int32_t* perm_rows, int64_t T, int64_t k, int64_t d,
-                 float* x_perm);
-void grouped_gemm(const float* a, const float* w, const int32_t* offsets, int64_t E, int64_t N,
-                  int64_t K, int threads, float* out, float* scratch);
+void gather_rows(const void* x, DType x_dtype, const int32_t* perm_rows, int64_t T, int64_t k, int64_t d,
+                 void* x_perm, DType perm_dtype);
+void grouped_gemm(const GemmProblem& problem, int threads, void* scratch);
+void pack_weight(const void* w, DType dtype, int64_t E, int64_t N, int64_t K, int threads, void* packed);
+void widen(const void* src, DType dtype, int64_t n, int threads, float* dst);
+void narrow(const float* src, int64_t n, DType dtype, int threads, void* dst);
 void activate(const float* h, int64_t M, int64_t f, Activation activation, float* out);
 void unpermute(const float* y_perm, const int32_t* perm_rows, const float* weights, int64_t T,
                int64_t k, int64_t d, float* y);

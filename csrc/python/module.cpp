@@ -14,6 +14,7 @@
 #include "core/ops.h"
 #include "core/threads.h"
 #include "core/workspace.h"
+#include "python/arrays.h"
 
 namespace py = pybind11;
 void bind_backward(py::module_& m);  // csrc/python/bind_backward.cpp
@@ -21,14 +22,10 @@ using namespace moe_ext;  // NOLINT: the C++ API is called moe_ext::op below
 
 namespace {
 
-using Shape = std::vector<int64_t>;
-constexpr int64_t kAny = -1;
-
-std::string shape_str(const py::array& a) {
-  std::string out = "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) out += (i ? ", " : "") + std::to_string(a.shape(i));
-  return out + (a.ndim() == 1 ? ",)" : ")");
-}
+using python::kAny;
+using python::Shape;
+using python::shape_str;
+using python::DataArg;
 
 // The data pointer of a C-contiguous array of dtype T and the given shape (kAny matches any size).
 template <typename T>
@@ -91,8 +88,8 @@ py::tuple py_route(const py::array& x, const py::array& w_router, int64_t top_k,
                 const std::optional<py::array>& correction_bias, std::optional<int64_t> n_group,
                 std::optional<int64_t> topk_group, bool return_probs) {
   const int64_t E = w_router.ndim() == 2 ? w_router.shape(0) : 0, d = w_router.ndim() == 2 ? w_router.shape(1) : 0;
-  const float* w_ptr = data_of<float>(w_router, "w_router", {E, d});
-  const float* x_ptr = data_of<float>(x, "x", {kAny, d});
+  const DataArg w_arg = python::data_of(w_router, "w_router", {E, d});
+  const DataArg x_arg = python::data_of(x, "x", {kAny, d});
   const int64_t T = x.shape(0);
   const RouteConfig config = route_config(E, top_k, scoring, renormalize, scale, bias, correction_bias, n_group, topk_group);
   check_route_config(config, E);
@@ -104,7 +101,8 @@ py::tuple py_route(const py::array& x, const py::array& w_router, int64_t top_k,
   int32_t* ids_ptr = ids.mutable_data();
   {
     py::gil_scoped_release release;
-    moe_ext::route(x_ptr, w_ptr, T, d, E, config, weights_ptr, ids_ptr, probs_ptr);
+    moe_ext::route(x_arg.data, x_arg.dtype, w_arg.data, w_arg.dtype, T, d, E, config, weights_ptr, ids_ptr,
+                   probs_ptr);
   }
   if (return_probs) return py::make_tuple(weights, ids, probs);
   return py::make_tuple(weights, ids);
@@ -112,7 +110,7 @@ py::tuple py_route(const py::array& x, const py::array& w_router, int64_t top_k,
 
 py::tuple py_permute(const py::array& x, const py::array& topk_ids, int64_t num_experts,
                   std::optional<int64_t> capacity) {
-  const float* x_ptr = data_of<float>(x, "x", {kAny, kAny});
+  const DataArg x_arg = python::data_of(x, "x", {kAny, kAny});
   const int64_t T = x.shape(0), d = x.shape(1);
   const int32_t* ids_ptr = data_of<int32_t>(topk_ids, "topk_ids", {T, kAny});
   const int64_t k = topk_ids.shape(1);
@@ -126,93 +124,92 @@ py::tuple py_permute(const py::array& x, const py::array& topk_ids, int64_t num_
     py::gil_scoped_release release;
     M = permute_plan(ids_ptr, T, k, num_experts, capacity_from(capacity), offsets_ptr, rows_ptr);
   }
-  auto x_perm = output<float>({M, d});
-  float* x_perm_ptr = x_perm.mutable_data();
+  py::array x_perm = python::new_array(x_arg.dtype, {M, d});
+  void* x_perm_ptr = x_perm.mutable_data();
   {
     py::gil_scoped_release release;
-    permute_gather(x_ptr, rows_ptr, T, k, d, x_perm_ptr);
+    permute_gather(x_arg.data, x_arg.dtype, rows_ptr, T, k, d, x_perm_ptr);
   }
   return py::make_tuple(x_perm, offsets, perm_rows);
 }
 
-py::array py_grouped_gemm(const py::array& a, const py::array& w, const py::array& expert_offsets) {
-  const float* a_ptr = data_of<float>(a, "a", {kAny, kAny});
+py::array py_grouped_gemm(const py::array& a, const py::object& w, const py::array& expert_offsets) {
+  const DataArg a_arg = python::data_of(a, "a", {kAny, kAny});
   const int64_t M = a.shape(0), K = a.shape(1);
-  const float* w_ptr = data_of<float>(w, "w", {kAny, kAny, K});
-  const int64_t E = w.shape(0), N = w.shape(1);
-  const int32_t* offsets_ptr = data_of<int32_t>(expert_offsets, "expert_offsets", {E + 1});
-  auto out = output<float>({M, N});
-  float* out_ptr = out.mutable_data();
+  const WeightView w_view = python::weight_of(w, "w", {kAny, kAny, K});
+  const int32_t* offsets_ptr = data_of<int32_t>(expert_offsets, "expert_offsets", {w_view.E + 1});
+  py::array out = python::new_array(a_arg.dtype, {M, w_view.N});
+  void* out_ptr = out.mutable_data();
   {
     py::gil_scoped_release release;
-    moe_ext::grouped_gemm(a_ptr, w_ptr, offsets_ptr, E, M, N, K, out_ptr);
+    moe_ext::grouped_gemm(a_arg.data, a_arg.dtype, w_view, offsets_ptr, M, out_ptr);
   }
   return out;
 }
 
 py::array py_unpermute(const py::array& y_perm, const py::array& perm_rows, const py::array& topk_weights) {
-  const float* y_perm_ptr = data_of<float>(y_perm, "y_perm", {kAny, kAny});
+  const DataArg y_perm_arg = python::data_of(y_perm, "y_perm", {kAny, kAny});
   const int64_t M = y_perm.shape(0), d = y_perm.shape(1);
   const int32_t* rows_ptr = data_of<int32_t>(perm_rows, "perm_rows", {kAny, kAny});
   const int64_t T = perm_rows.shape(0), k = perm_rows.shape(1);
   const float* weights_ptr = data_of<float>(topk_weights, "topk_weights", {T, k});
-  auto y = output<float>({T, d});
-  float* y_ptr = y.mutable_data();
+  py::array y = python::new_array(y_perm_arg.dtype, {T, d});
+  void* y_ptr = y.mutable_data();
   {
     py::gil_scoped_release release;
-    moe_ext::unpermute(y_perm_ptr, M, rows_ptr, weights_ptr, T, k, d, y_ptr);
+    moe_ext::unpermute(y_perm_arg.data, y_perm_arg.dtype, M, rows_ptr, weights_ptr, T, k, d, y_ptr);
   }
   return y;
 }
 
 struct ExpertWeights {
-  const float* w13_or_w1;
-  const float* w2;
+  WeightView w13_or_w1, w2;
   int64_t E, f;
 };
 
-ExpertWeights expert_weights(const py::array& w13_or_w1, const py::array& w2, int64_t d, Activation activation) {
-  const int64_t E = w2.ndim() == 3 ? w2.shape(0) : 0, f = w2.ndim() == 3 ? w2.shape(2) : 0;
-  const float* w2_ptr = data_of<float>(w2, "w2", {E, d, f});
+ExpertWeights expert_weights(const py::object& w13_or_w1, const py::object& w2, int64_t d, Activation activation) {
+  const WeightView w2_view = python::weight_of(w2, "w2", {kAny, d, kAny});
+  const int64_t E = w2_view.E, f = w2_view.K;
   const int64_t rows = is_gated(activation) ? 2 * f : f;
-  return {data_of<float>(w13_or_w1, "w13_or_w1", {E, rows, d}), w2_ptr, E, f};
+  return {python::weight_of(w13_or_w1, "w13_or_w1", {E, rows, d}), w2_view, E, f};
 }
 
-py::array py_experts(const py::array& x, const py::array& w13_or_w1, const py::array& w2, const py::array& topk_weights,
+py::array py_experts(const py::array& x, const py::object& w13_or_w1, const py::object& w2, const py::array& topk_weights,
                   const py::array& topk_ids, const std::string& activation, std::optional<int64_t> capacity) {
   const Activation act = activation_from(activation);
-  const float* x_ptr = data_of<float>(x, "x", {kAny, kAny});
+  const DataArg x_arg = python::data_of(x, "x", {kAny, kAny});
   const int64_t T = x.shape(0), d = x.shape(1);
   const ExpertWeights w = expert_weights(w13_or_w1, w2, d, act);
   const int32_t* ids_ptr = data_of<int32_t>(topk_ids, "topk_ids", {T, kAny});
   const int64_t k = topk_ids.shape(1);
   const float* weights_ptr = data_of<float>(topk_weights, "topk_weights", {T, k});
-  auto y = output<float>({T, d});
-  float* y_ptr = y.mutable_data();
+  py::array y = python::new_array(x_arg.dtype, {T, d});
+  void* y_ptr = y.mutable_data();
   {
     py::gil_scoped_release release;
-    moe_ext::experts(x_ptr, w.w13_or_w1, w.w2, weights_ptr, ids_ptr, T, d, w.f, w.E, k, act,
+    moe_ext::experts(x_arg.data, x_arg.dtype, w.w13_or_w1, w.w2, weights_ptr, ids_ptr, T, d, w.f, w.E, k, act,
                      capacity_from(capacity), y_ptr);
   }
   return y;
 }
 
-py::array py_moe(const py::array& x, const py::array& w_router, const py::array& w13_or_w1, const py::array& w2,
+py::array py_moe(const py::array& x, const py::array& w_router, const py::object& w13_or_w1, const py::object& w2,
               int64_t top_k, const std::string& activation, const std::string& scoring, bool renormalize,
               double scale, const std::optional<py::array>& bias, const std::optional<py::array>& correction_bias,
               std::optional<int64_t> n_group, std::optional<int64_t> topk_group, std::optional<int64_t> capacity) {
   const Activation act = activation_from(activation);
-  const float* x_ptr = data_of<float>(x, "x", {kAny, kAny});
+  const DataArg x_arg = python::data_of(x, "x", {kAny, kAny});
   const int64_t T = x.shape(0), d = x.shape(1);
   const ExpertWeights w = expert_weights(w13_or_w1, w2, d, act);
-  const float* router_ptr = data_of<float>(w_router, "w_router", {w.E, d});
+  const DataArg router = python::data_of(w_router, "w_router", {w.E, d});
   const RouteConfig config = route_config(w.E, top_k, scoring, renormalize, scale, bias, correction_bias, n_group, topk_group);
   check_route_config(config, w.E);
-  auto y = output<float>({T, d});
-  float* y_ptr = y.mutable_data();
+  py::array y = python::new_array(x_arg.dtype, {T, d});
+  void* y_ptr = y.mutable_data();
   {
     py::gil_scoped_release release;
-    moe_ext::moe(x_ptr, router_ptr, w.w13_or_w1, w.w2, T, d, w.f, w.E, config, act, capacity_from(capacity), y_ptr);
+    moe_ext::moe(x_arg.data, x_arg.dtype, router.data, router.dtype, w.w13_or_w1, w.w2, T, d, w.f, w.E, config, act,
+                 capacity_from(capacity), y_ptr);
   }
   return y;
 }
@@ -266,6 +263,7 @@ PYBIND11_MODULE(_core, m) {
     }
   });
   set_isa_from_env();
+  python::bind_packed(m);
 
   using py::arg;
   m.def("route", &py_route, arg("x"), arg("w_router"), arg("top_k"), arg("scoring"), arg("renormalize"), arg("scale"),
@@ -291,4 +289,7 @@ PYBIND11_MODULE(_core, m) {
         "Scratch bytes held by the calling thread's workspace.");
   m.def("build_info", &build_info);
   bind_backward(m);
+  m.def("bf16_dot_enabled", &bf16_dot_enabled, "Whether bfloat16 GEMMs use vdpbf16ps (AVX512_BF16).");
+  m.def("_set_bf16_dot_enabled", &set_bf16_dot_enabled, arg("enabled"),
+        "Tests only: turn vdpbf16ps off to reach the widen-to-float32 path (cannot turn it on without the CPU).");
 }

@@ -6,10 +6,11 @@ Semantics: docs/api.md. The CPU tier is chosen at import (MOE_EXT_ISA overrides 
 from importlib import metadata as _metadata
 
 from . import _checks, _core, reference
-from ._api import (experts, grouped_gemm, load_balancing_loss, moe, permute, route, router_z_loss,
+from ._api import (experts, grouped_gemm, load_balancing_loss, moe, permute, prepack, route, router_z_loss,
                    unpermute)
 from ._backward import (activation, activation_backward, grouped_gemm_backward, permute_backward,
                         unpermute_backward)
+from ._core import PackedWeight
 from ._types import PermuteResult
 
 try:
@@ -18,9 +19,9 @@ except _metadata.PackageNotFoundError:  # imported from a source tree
     __version__ = "0+unknown"
 
 __all__ = [
-    "route", "permute", "grouped_gemm", "unpermute", "experts", "moe", "load_balancing_loss",
-    "router_z_loss", "activation", "activation_backward", "grouped_gemm_backward", "unpermute_backward",
-    "permute_backward", "PermuteResult", "info", "available_isas", "get_isa", "set_isa",
+    "route", "permute", "grouped_gemm", "unpermute", "experts", "moe", "prepack", "PackedWeight",
+    "load_balancing_loss", "router_z_loss", "activation", "activation_backward", "grouped_gemm_backward",
+    "unpermute_backward", "permute_backward", "PermuteResult", "info", "available_isas", "get_isa", "set_isa",
     "get_num_threads", "set_num_threads", "__version__",
 ]
 

@@ -26,8 +26,8 @@ def _routing_options(E, top_k, scoring, renormalize, scale, bias, correction_bia
 
 
 def _router(x, w_router):
-    x = check.float_array(x, "x", 2)
-    w_router = check.float_array(w_router, "w_router", 2)
+    x = check.data_array(x, "x", 2)
+    w_router = check.data_array(w_router, "w_router", 2)
     check.expect_shape(w_router, "w_router", (None, x.shape[1]), " (E, d) with d = x.shape[1]")
     if w_router.shape[0] < 1:
         check.fail(ValueError, "w_router", "at least one expert (E >= 1)", f"shape {w_router.shape}")
@@ -55,17 +55,26 @@ def _ids(topk_ids, T, name="topk_ids"):
 def permute(x, topk_ids, num_experts, *, capacity=None):
     """Group the T*k token copies by expert. Returns PermuteResult(x_perm, expert_offsets, perm_rows),
     with .num_dropped. See docs/api.md §2."""
-    x = check.float_array(x, "x", 2)
+    x = check.data_array(x, "x", 2)
     topk_ids = _ids(topk_ids, x.shape[0])
     num_experts = check.integer(num_experts, "num_experts", 1, check.INT32_MAX)  # ids are int32
     capacity = check.optional_integer(capacity, "capacity", 0)
     return PermuteResult(*_core.permute(x, topk_ids, num_experts, capacity))
 
 
+def prepack(w):
+    """Pack expert weights w [E, N, K] (float32, bfloat16 or float16) once into the grouped GEMM's panel
+    layout. The returned PackedWeight is accepted by grouped_gemm, experts and moe wherever w is, and
+    gives the same results as w; it holds its own copy (later changes to w do not reach it).
+    See docs/api.md §3."""
+    return _core.PackedWeight(check.data_array(w, "w", 3))
+
+
 def grouped_gemm(a, w, expert_offsets):
-    """out[rows of e] = a[rows of e] @ w[e].T for the rows expert_offsets[e]:expert_offsets[e+1]."""
-    a = check.float_array(a, "a", 2)
-    w = check.float_array(w, "w", 3)
+    """out[rows of e] = a[rows of e] @ w[e].T for the rows expert_offsets[e]:expert_offsets[e+1].
+    out has a's dtype; w may be a PackedWeight."""
+    a = check.data_array(a, "a", 2)
+    w = check.weight(w, "w", _core.PackedWeight)
     check.expect_shape(w, "w", (None, None, a.shape[1]), " (E, N, K) with K = a.shape[1]")
     if w.shape[0] < 1:
         check.fail(ValueError, "w", "at least one expert (E >= 1)", f"shape {w.shape}")
@@ -76,7 +85,7 @@ def grouped_gemm(a, w, expert_offsets):
 
 def unpermute(y_perm, perm_rows, topk_weights):
     """y[t] = sum_j topk_weights[t, j] * y_perm[perm_rows[t, j]] (rows of -1 skipped)."""
-    y_perm = check.float_array(y_perm, "y_perm", 2)
+    y_perm = check.data_array(y_perm, "y_perm", 2)
     perm_rows = check.index_array(perm_rows, "perm_rows", 2)
     topk_weights = check.float_array(topk_weights, "topk_weights", 2)
     check.expect_shape(topk_weights, "topk_weights", perm_rows.shape, " = perm_rows.shape")
@@ -85,12 +94,12 @@ def unpermute(y_perm, perm_rows, topk_weights):
 
 def _expert_weights(x, w13_or_w1, w2, activation):
     activation = check.choice(activation, "activation", ACTIVATIONS)
-    w2 = check.float_array(w2, "w2", 3)
+    w2 = check.weight(w2, "w2", _core.PackedWeight)
     E, d, f = w2.shape
     check.expect_shape(w2, "w2", (None, x.shape[1], None), " (E, d, f) with d = x.shape[1]")
     if E < 1:
         check.fail(ValueError, "w2", "at least one expert (E >= 1)", f"shape {w2.shape}")
-    w13_or_w1 = check.float_array(w13_or_w1, "w13_or_w1", 3)
+    w13_or_w1 = check.weight(w13_or_w1, "w13_or_w1", _core.PackedWeight)
     if activation in GATED_ACTIVATIONS:
         check.expect_shape(w13_or_w1, "w13_or_w1", (E, 2 * f, d), f" (E, 2f, d) for activation {activation!r}")
     else:
@@ -100,8 +109,8 @@ def _expert_weights(x, w13_or_w1, w2, activation):
 
 def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None):
     """The expert FFNs over precomputed routing: permute, grouped GEMM, activation, grouped GEMM,
-    weighted un-permute. Returns y [T, d]. See docs/api.md §5."""
-    x = check.float_array(x, "x", 2)
+    weighted un-permute. Returns y [T, d] in x's dtype. See docs/api.md §5."""
+    x = check.data_array(x, "x", 2)
     w13_or_w1, w2, activation = _expert_weights(x, w13_or_w1, w2, activation)
     topk_ids = _ids(topk_ids, x.shape[0])
     topk_weights = check.float_array(topk_weights, "topk_weights", 2)

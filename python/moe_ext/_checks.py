@@ -9,9 +9,18 @@ import numbers
 
 import numpy as np
 
+try:  # NumPy has no bfloat16; ml_dtypes (a dependency) provides the field's standard one
+    import ml_dtypes
+except ImportError:  # pragma: no cover - bfloat16 arrays cannot exist without it
+    ml_dtypes = None
+
 INT32_MAX = np.iinfo(np.int32).max
 INT64_MAX = np.iinfo(np.int64).max
+# Scores, top-k weights, biases, probabilities, logits.
 FLOAT_DTYPES = (np.dtype(np.float32),)
+# Activations and weights (SPEC §4): float32, bfloat16 (ml_dtypes.bfloat16), float16.
+DATA_DTYPES = (np.dtype(np.float32),) + ((np.dtype(ml_dtypes.bfloat16),) if ml_dtypes else ()) + (
+    np.dtype(np.float16),)
 INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
@@ -41,6 +50,18 @@ def _array(value, name, ndim, dtypes):
 def float_array(value, name, ndim):
     """A C-contiguous float array of the given rank."""
     return _array(value, name, ndim, FLOAT_DTYPES)
+
+
+def data_array(value, name, ndim):
+    """A C-contiguous activation or weight array of the given rank: float32, bfloat16 or float16."""
+    return _array(value, name, ndim, DATA_DTYPES)
+
+
+def weight(value, name, packed_type):
+    """Expert weights [E, N, K]: a PackedWeight (from prepack) or a data array."""
+    if isinstance(value, packed_type):
+        return value
+    return data_array(value, name, 3)
 
 
 def index_array(value, name, ndim):

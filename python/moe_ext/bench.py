@@ -31,7 +31,7 @@ def add_arguments(parser):
     parser.add_argument("--quick", action="store_true",
                         help="the quick set (" + " and ".join(QUICK) + "), also the default without --shape")
     parser.add_argument("--dtype", action="append", choices=peers.DTYPES,
-                        help="fp32 (default) and/or bf16, repeatable (moe_ext itself: fp32 only for now)")
+                        help="fp32 (default) and/or bf16, repeatable")
     parser.add_argument("--impl", action="append", choices=peers.NAMES,
                         help="only these implementations, repeatable (default: all)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per row (default 5)")

@@ -4,7 +4,8 @@ Each function computes exactly what ``docs/api.md`` states, written for clarity 
 
 * Computation happens in the floating dtype of the inputs (``numpy.result_type`` of the floating
   arguments; non-floating inputs compute in float64): pass float64 to get the float64 ground truth,
-  float32 to mimic float32 math. Unlike the C++ API, which always returns float32 scores and weights,
+  float32 to mimic float32 math. 16-bit inputs (float16, ``ml_dtypes.bfloat16``) are upcast and
+  computed in float64: a ground truth from the same rounded values, not an emulation of 16-bit math. Unlike the C++ API, which always returns float32 scores and weights,
   ``topk_weights`` and ``probs`` come back in that compute dtype.
 * Index outputs (``topk_ids``, ``expert_offsets``, ``perm_rows``) are ``np.int32``.
 * GELU is the exact erf form ``0.5 * z * (1 + erf(z / sqrt(2)))`` (PyTorch's
@@ -55,7 +56,13 @@ ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu")
 # --------------------------------------------------------------------------------------------------
 def _float_dtype(*arrays):
     """The compute dtype: result_type of the given (non-None) arrays, float64 if that is not floating."""
-    dt = np.result_type(*[np.asarray(a) for a in arrays if a is not None])
+    dtypes = [np.asarray(a).dtype for a in arrays if a is not None]
+    if any(d.itemsize == 2 and d.kind in "fV" for d in dtypes):  # float16, bfloat16: float64 ground truth
+        return np.dtype(np.float64)
+    try:
+        dt = np.result_type(*dtypes)
+    except TypeError:  # e.g. ml_dtypes types NumPy cannot promote together
+        return np.dtype(np.float64)
     if not np.issubdtype(dt, np.floating):
         dt = np.dtype(np.float64)
     return dt

@@ -15,6 +15,7 @@
 #include "core/isa.h"
 #include "core/kernels.h"
 #include "core/ops.h"
+#include "core/packed.h"
 #include "core/threads.h"
 #include "core/workspace.h"
 
@@ -68,9 +69,11 @@ TEST_P(TierTest, GroupedGemmMatchesPlainLoop) {
     const auto a = random_floats(s.M * s.K, gen), w = random_floats(s.E * s.N * s.K, gen);
     const auto offsets = random_offsets(s.M, s.E, gen);
     std::vector<float> out(s.M * s.N, NAN);
-    std::vector<float> panels(num_threads() * kGemmScratchFloats);
-    if (s.M > 0) kern().grouped_gemm(a.data(), w.data(), offsets.data(), s.E, s.N, s.K, num_threads(), out.data(),
-                                      panels.data());
+    std::vector<char> scratch(num_threads() * kGemmScratchBytes);
+    GemmProblem problem;
+    problem.a = a.data(), problem.w = plain_weights(w.data(), s.E, s.N, s.K), problem.offsets = offsets.data();
+    problem.out = out.data();
+    if (s.M > 0) kern().grouped_gemm(problem, num_threads(), scratch.data());
     std::vector<double> want(s.M * s.N, 0.0);
     for (int64_t e = 0; e < s.E; ++e)
       for (int64_t m = offsets[e]; m < offsets[e + 1]; ++m)
@@ -106,6 +109,74 @@ TEST_P(TierTest, ActivationsMatchPlainLoop) {
       }
 }
 
+// The vectorised GELU (erfc-based) element by element against double erfc of the same float argument,
+// over the whole range where the result is a normal float32, and at the special values.
+TEST_P(TierTest, GeluIsAccurateElementwise) {
+  std::vector<float> z;
+  for (float v = -13.f; v <= 13.f; v += 0.00731f) z.push_back(v);
+  for (float v : {0.f, -0.f, 1e-30f, -1e-30f, 1e-3f, -1e-3f}) z.push_back(v);
+  std::vector<float> out(z.size());
+  kern().activate(z.data(), 1, static_cast<int64_t>(z.size()), Activation::gelu, out.data());
+  double worst = 0;
+  for (size_t i = 0; i < z.size(); ++i) {
+    const float arg = z[i] * -0.70710678118654752f;  // the kernel's float argument of erfc
+    const double want = 0.5 * double(z[i]) * std::erfc(double(arg));
+    if (std::fabs(want) < 1e-37) continue;  // denormal results: no relative accuracy to ask for
+    worst = std::max(worst, std::fabs(out[i] - want) / std::fabs(want));
+  }
+  EXPECT_LE(worst, 1e-6);
+  const float specials[] = {INFINITY, -INFINITY, NAN, 20.f, -20.f};
+  float got[5];
+  kern().activate(specials, 1, 5, Activation::gelu, got);
+  EXPECT_EQ(got[0], INFINITY);
+  EXPECT_TRUE(std::isnan(got[1]));  // -inf * erfc(inf) = -inf * 0, as the reference
+  EXPECT_TRUE(std::isnan(got[2]));
+  EXPECT_EQ(got[3], 20.f);
+  EXPECT_EQ(got[4], -0.f);
+}
+
+// float32 results of bfloat16/float16 weights (exactly widened) against a double loop, plain and
+// packed, and with vdpbf16ps where the CPU has it (a rounded to bfloat16 first, as the kernel does).
+TEST_P(TierTest, GroupedGemmSixteenBitWeights) {
+  for (DType dtype : {DType::bf16, DType::f16})
+    for (bool packed : {false, true})
+      for (GemmShape s : {GemmShape{37, 70, 129, 5}, {300, 40, 301, 2}, {5, 33, 7, 2}}) {
+        const auto a = random_floats(s.M * s.K, gen), w32 = random_floats(s.E * s.N * s.K, gen);
+        std::vector<uint16_t> w(w32.size());
+        kernels_for(Isa::scalar).narrow(w32.data(), static_cast<int64_t>(w.size()), dtype, 1, w.data());
+        std::vector<float> w_wide(w.size());
+        kernels_for(Isa::scalar).widen(w.data(), dtype, static_cast<int64_t>(w.size()), 1, w_wide.data());
+        const auto offsets = random_offsets(s.M, s.E, gen);
+        const PackedWeight packed_w(w.data(), dtype, s.E, s.N, s.K);
+        WeightView view = packed_w.view();
+        if (!packed) view.data = w.data(), view.packed = false;
+        for (bool dot : {false, true}) {
+          if (dot && !(dtype == DType::bf16 && GetParam() == Isa::avx512 && bf16_dot_enabled())) continue;
+          std::vector<float> out(s.M * s.N, NAN);
+          std::vector<char> scratch(num_threads() * kGemmScratchBytes);
+          GemmProblem problem;
+          problem.a = a.data(), problem.w = view, problem.offsets = offsets.data(), problem.out = out.data();
+          problem.bf16_dot = dot;
+          const int64_t stride = (s.K + 1) / 2 * 2;  // rows of a in bfloat16, padded to even depth
+          std::vector<uint16_t> a_bf16(s.M * stride, 0);
+          for (int64_t m = 0; m < s.M; ++m)
+            kernels_for(Isa::scalar).narrow(a.data() + m * s.K, s.K, DType::bf16, 1, a_bf16.data() + m * stride);
+          if (dot) problem.a_bf16 = a_bf16.data();
+          kern().grouped_gemm(problem, num_threads(), scratch.data());
+          std::vector<double> want(s.M * s.N, 0.0);
+          for (int64_t e = 0; e < s.E; ++e)
+            for (int64_t m = offsets[e]; m < offsets[e + 1]; ++m)
+              for (int64_t n = 0; n < s.N; ++n)
+                for (int64_t kk = 0; kk < s.K; ++kk) {
+                  want[m * s.N + n] += double(a[m * s.K + kk]) * w_wide[(e * s.N + n) * s.K + kk];
+                }
+          // vdpbf16ps rounds a to bfloat16 (unit roundoff 2^-9 per product, averaged over K in the norm).
+          EXPECT_LE(rel_err(out, want), dot ? 2e-3 : kTolerance) << "dtype " << int(dtype) << " packed " << packed << " dot "
+                                                    << dot << " M=" << s.M << " N=" << s.N << " K=" << s.K;
+        }
+      }
+}
+
 TEST_P(TierTest, PermuteIsAStableCountingSortAndGatherCopiesRows) {
   for (int64_t T : {0, 1, 13, 50})
     for (int64_t k : {1, 3})
@@ -131,7 +202,7 @@ TEST_P(TierTest, PermuteIsAStableCountingSortAndGatherCopiesRows) {
           EXPECT_EQ(M, next);
           const auto x = random_floats(T * d, gen);
           std::vector<float> x_perm(M * d, NAN);
-          if (T > 0) kern().gather_rows(x.data(), rows.data(), T, k, d, x_perm.data());
+          if (T > 0) kern().gather_rows(x.data(), DType::f32, rows.data(), T, k, d, x_perm.data(), DType::f32);
           for (int64_t i = 0; i < T * k; ++i)
             if (rows[i] >= 0)
               for (int64_t c = 0; c < d; ++c) ASSERT_EQ(x_perm[rows[i] * d + c], x[(i / k) * d + c]);
@@ -328,12 +399,12 @@ TEST(Checks, RejectOutOfRangeValues) {
 
 TEST(Workspace, GrowsAndIsReused) {
   Workspace ws;
-  void* first = ws.get(Scratch::hidden, 1000);
+  void* first = ws.get(Scratch::activated, 1000);
   EXPECT_EQ(reinterpret_cast<uintptr_t>(first) % 64, 0u);
-  EXPECT_EQ(ws.get(Scratch::hidden, 500), first);  // smaller: same buffer, no allocation
-  void* grown = ws.get(Scratch::hidden, 100000);
+  EXPECT_EQ(ws.get(Scratch::activated, 500), first);  // smaller: same buffer, no allocation
+  void* grown = ws.get(Scratch::activated, 100000);
   EXPECT_GE(ws.bytes_held(), 100000u);
-  EXPECT_EQ(ws.get(Scratch::hidden, 100000), grown);
+  EXPECT_EQ(ws.get(Scratch::activated, 100000), grown);
 }
 
 TEST(Isa, NamesRoundTripAndUnknownNamesThrow) {

@@ -1,0 +1,102 @@
+// The grouped GEMM's register-blocked microkernels (GotoBLAS/BLIS style): Rows rows of a (float32,
+// row stride lda) times one slice of kMicroCols columns of a packed weight panel (core/packed.h; panel
+// rows are kPanelCols wide), for `depth` depth steps, into c (row stride ldc), stored or added.
+// Rows * 2 accumulators + 2 weight registers + 1 broadcast fit the register file: 8 rows with AVX-512's
+// 32 registers, 6 with 16. Each output element is summed over p in order (per depth block), so results
+// depend on the data and the blocking constants only, never on threads or schedule.
+#pragma once
+#include "core/packed.h"
+#include "cpu/convert.h"
+#include "cpu/vec.h"
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+constexpr int64_t kMicroCols = 2 * kLanes;
+constexpr int kMicroRows = kLanes == 16 ? 8 : 6;
+static_assert(moe_ext::kPanelCols % kMicroCols == 0, "a panel holds whole microkernel slices");
+
+template <int Rows>
+static inline void store_tile(vec (&acc)[Rows][2], float* c, int64_t ldc, bool accumulate) {
+  for (int r = 0; r < Rows; ++r) {
+    float* dst = c + r * ldc;
+    store(dst, accumulate ? load(dst) + acc[r][0] : acc[r][0]);
+    store(dst + kLanes, accumulate ? load(dst + kLanes) + acc[r][1] : acc[r][1]);
+  }
+}
+
+// float32 or float16 panels: element (p, c) at p * kPanelCols + c; b points at the slice's column 0.
+template <int Rows, typename P>
+static void micro_kernel(const float* a, int64_t lda, const P* b, int64_t depth, float* c, int64_t ldc,
+                         bool accumulate) {
+  vec acc[Rows][2] = {};
+  for (int64_t p = 0; p < depth; ++p) {
+    const vec b0 = load_f32(b + p * moe_ext::kPanelCols), b1 = load_f32(b + p * moe_ext::kPanelCols + kLanes);
+    for (int r = 0; r < Rows; ++r) {
+      const vec ar = broadcast(a[r * lda + p]);
+      acc[r][0] += ar * b0;
+      acc[r][1] += ar * b1;
+    }
+  }
+  store_tile<Rows>(acc, c, ldc, accumulate);
+}
+
+// bfloat16 pair panels widened in registers: the 32-bit word of column c at pair q holds depth 2q in
+// its low half and 2q+1 in its high half, so a shift and a mask give both as float32.
+template <int Rows>
+static void micro_kernel_bf16(const float* a, int64_t lda, const bf16_t* b, int64_t depth, float* c, int64_t ldc,
+                              bool accumulate) {
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(b);
+  vec acc[Rows][2] = {};
+  const uvec high_half = (uvec){} + 0xffff0000u;
+  int64_t q = 0;
+  for (; 2 * q + 1 < depth; ++q) {
+    const uvec w0 = *reinterpret_cast<const uvec_u*>(words + q * moe_ext::kPanelCols);
+    const uvec w1 = *reinterpret_cast<const uvec_u*>(words + q * moe_ext::kPanelCols + kLanes);
+    const vec even0 = (vec)(w0 << 16), even1 = (vec)(w1 << 16), odd0 = (vec)(w0 & high_half),
+              odd1 = (vec)(w1 & high_half);
+    for (int r = 0; r < Rows; ++r) {
+      const vec a_even = broadcast(a[r * lda + 2 * q]), a_odd = broadcast(a[r * lda + 2 * q + 1]);
+      acc[r][0] += a_even * even0;
+      acc[r][1] += a_even * even1;
+      acc[r][0] += a_odd * odd0;
+      acc[r][1] += a_odd * odd1;
+    }
+  }
+  if (2 * q < depth) {  // odd depth: the last pair's high half is padding
+    const uvec w0 = *reinterpret_cast<const uvec_u*>(words + q * moe_ext::kPanelCols);
+    const uvec w1 = *reinterpret_cast<const uvec_u*>(words + q * moe_ext::kPanelCols + kLanes);
+    for (int r = 0; r < Rows; ++r) {
+      const vec a_even = broadcast(a[r * lda + 2 * q]);
+      acc[r][0] += a_even * (vec)(w0 << 16);
+      acc[r][1] += a_even * (vec)(w1 << 16);
+    }
+  }
+  store_tile<Rows>(acc, c, ldc, accumulate);
+}
+
+#if defined(__AVX512F__)
+// AVX512_BF16: vdpbf16ps adds a[2q] b[2q] + a[2q+1] b[2q+1] to each float32 lane, 32 products per
+// instruction. `a_pairs` holds the rows rounded to bfloat16, two depths per 32-bit word (row stride
+// lda_pairs words); depth is whole pairs (padding is zero on both sides).
+template <int Rows>
+__attribute__((target("avx512bf16"))) static void micro_kernel_dpbf16(const uint32_t* a_pairs, int64_t lda_pairs,
+                                                                     const bf16_t* b, int64_t pairs, float* c,
+                                                                     int64_t ldc, bool accumulate) {
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(b);
+  __m512 acc[Rows][2];
+  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < pairs; ++q) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(words + q * moe_ext::kPanelCols);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(words + q * moe_ext::kPanelCols + 16);
+    for (int r = 0; r < Rows; ++r) {
+      const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(a_pairs[r * lda_pairs + q]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], ar, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ar, w1);
+    }
+  }
+  vec out[Rows][2];
+  for (int r = 0; r < Rows; ++r) out[r][0] = (vec)acc[r][0], out[r][1] = (vec)acc[r][1];
+  store_tile<Rows>(out, c, ldc, accumulate);
+}
+#endif

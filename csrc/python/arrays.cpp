@@ -1,0 +1,72 @@
+#include "python/arrays.h"
+
+#include <cstdint>
+
+namespace moe_ext::python {
+
+std::string shape_str(const py::array& a) {
+  std::string out = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) out += (i ? ", " : "") + std::to_string(a.shape(i));
+  return out + (a.ndim() == 1 ? ",)" : ")");
+}
+
+void check_layout(const py::array& a, const char* name, const Shape& shape) {
+  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] == kAny || a.shape(i) == shape[i];
+  if (!ok) throw py::value_error(std::string(name) + ": unexpected shape " + shape_str(a));
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + ": expected a C-contiguous array");
+  if (reinterpret_cast<uintptr_t>(a.data()) % a.itemsize() != 0)
+    throw py::value_error(std::string(name) + ": expected an array aligned to its elements");
+}
+
+DType dtype_of(const py::array& a, const char* name) {
+  const py::dtype dt = a.dtype();
+  if (dt.is(py::dtype::of<float>())) return DType::f32;
+  const bool native = dt.attr("byteorder").cast<std::string>() != ">";
+  if (native && dt.itemsize() == 2) {
+    const std::string type_name = py::str(dt.attr("name"));
+    if (type_name == "float16") return DType::f16;
+    if (type_name == "bfloat16") return DType::bf16;
+  }
+  throw py::type_error(std::string(name) + ": expected dtype float32, bfloat16 or float16; got " +
+                       std::string(py::str(dt)));
+}
+
+py::dtype numpy_dtype(DType dtype) {
+  switch (dtype) {
+    case DType::f32: return py::dtype::of<float>();
+    case DType::f16: return py::dtype("float16");
+    case DType::bf16: break;
+  }
+  return py::dtype::from_args(py::module_::import("ml_dtypes").attr("bfloat16"));
+}
+
+DataArg data_of(const py::array& a, const char* name, const Shape& shape) {
+  const DType dtype = dtype_of(a, name);
+  check_layout(a, name, shape);
+  return {a.data(), dtype};
+}
+
+WeightView weight_of(const py::object& w, const char* name, const Shape& shape) {
+  if (py::isinstance<PackedWeight>(w)) {
+    const WeightView v = w.cast<const PackedWeight&>().view();
+    const int64_t dims[3] = {v.E, v.N, v.K};
+    for (int i = 0; i < 3; ++i)
+      if (shape[i] != kAny && shape[i] != dims[i])
+        throw py::value_error(std::string(name) + ": unexpected shape of the packed weight");
+    return v;
+  }
+  if (!py::isinstance<py::array>(w)) throw py::type_error(std::string(name) + ": expected an array or a PackedWeight");
+  const py::array a = w.cast<py::array>();
+  const DataArg arg = data_of(a, name, shape);
+  WeightView v;
+  v.data = arg.data, v.dtype = arg.dtype, v.E = a.shape(0), v.N = a.shape(1), v.K = a.shape(2);
+  return v;
+}
+
+py::array new_array(DType dtype, const Shape& shape) {
+  return py::array(numpy_dtype(dtype), std::vector<py::ssize_t>(shape.begin(), shape.end()));
+}
+
+}  // namespace moe_ext::python

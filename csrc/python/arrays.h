@@ -1,0 +1,45 @@
+// Unwrapping NumPy arrays of the activation dtypes (float32, float16, ml_dtypes.bfloat16) and expert
+// weights (such an array or a PackedWeight) for the bindings. Checks only what memory safety needs; the
+// user-facing messages come from python/moe_ext/_checks.py.
+#pragma once
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+#include <vector>
+
+#include "core/packed.h"
+#include "core/types.h"
+
+namespace moe_ext::python {
+
+namespace py = pybind11;
+
+using Shape = std::vector<int64_t>;
+constexpr int64_t kAny = -1;
+
+std::string shape_str(const py::array& a);
+// Throws ValueError unless a is C-contiguous, aligned and of the given shape (kAny matches any size).
+void check_layout(const py::array& a, const char* name, const Shape& shape);
+
+// The DType of a float32, float16 or bfloat16 (ml_dtypes) array; TypeError for any other dtype.
+DType dtype_of(const py::array& a, const char* name);
+// The NumPy dtype of a DType (bfloat16 needs ml_dtypes).
+py::dtype numpy_dtype(DType dtype);
+
+struct DataArg {
+  const void* data;
+  DType dtype;
+};
+// An activation/weight array of shape `shape` in one of the three dtypes.
+DataArg data_of(const py::array& a, const char* name, const Shape& shape);
+
+// A weight argument: a PackedWeight (its view) or an array [E, N, K] (kAny allowed).
+WeightView weight_of(const py::object& w, const char* name, const Shape& shape);
+
+// A new C-contiguous array of `dtype`.
+py::array new_array(DType dtype, const Shape& shape);
+
+void bind_packed(py::module_& m);
+
+}  // namespace moe_ext::python
