@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
+import ml_dtypes
+
 import moe_ext
 from moe_ext import _backward as _bwd
 
@@ -26,29 +28,30 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # --------------------------------------------------------------------------------------------------
 # tensor <-> NumPy
 # --------------------------------------------------------------------------------------------------
-def _upcast_until_core_takes_half(t: Tensor) -> Tensor:
-    """The ONE place where bfloat16 / float16 tensors become float32 before reaching the C++ core, which
-    takes float32 only in this build. Delete this helper (and pass bf16 through ml_dtypes views) once the
-    core accepts bf16/fp16 arrays: results are cast back to the caller's dtype by `_out`."""
-    return t.float() if t.dtype != torch.float32 else t
-
-
-def _np(t: Optional[Tensor]):
-    """A NumPy view of a tensor's memory (copy only to make it contiguous, or via the upcast helper)."""
+def _np(t: Optional[Tensor], half: bool = False):
+    """A NumPy view of a tensor's memory (a copy only to make it contiguous). With `half`, bfloat16 and
+    float16 tensors are passed as they are (bfloat16 as an ml_dtypes view: the forward kernels take 16-bit
+    data); otherwise (the backward kernels, biases) they are widened to float32."""
     if t is None:
         return None
-    if t.dtype in FLOAT_DTYPES:
-        t = _upcast_until_core_takes_half(t)
-    if t.dtype not in (torch.float32, torch.int32, torch.int64):
+    if t.dtype not in FLOAT_DTYPES + (torch.int32, torch.int64):
         raise TypeError(f"expected a float32/bfloat16/float16 or int32/int64 tensor; got dtype {t.dtype}")
     if t.device.type != "cpu":
         raise ValueError(f"expected a CPU tensor (no CUDA kernel registered); got device {t.device}")
-    return t.detach().contiguous().numpy()
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16 and half:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    if t.dtype in (torch.bfloat16, torch.float16) and not half:
+        t = t.float()
+    return t.numpy()
 
 
 def _out(array, dtype=torch.float32) -> Tensor:
     """A tensor owning a NumPy result (the core allocates fresh outputs), cast to `dtype`."""
-    return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+    array = np.ascontiguousarray(array)
+    if array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).to(dtype)
+    return torch.from_numpy(array).to(dtype)
 
 
 def _float_dtype_check(name, t):
@@ -136,7 +139,7 @@ def route(x: Tensor, w_router: Tensor, top_k: int, scoring: str, renormalize: bo
           topk_group: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
     """(topk_weights [T, k] f32, topk_ids [T, k] i32, probs [T, E] f32): probs are the scores (softmax
     probabilities or sigmoids) of every expert, differentiable like topk_weights."""
-    weights, ids, probs = moe_ext.route(_np(x), _np(w_router), top_k, scoring=scoring, renormalize=renormalize,
+    weights, ids, probs = moe_ext.route(_np(x, True), _np(w_router, True), top_k, scoring=scoring, renormalize=renormalize,
                                         scale=scale, bias=_np(bias), correction_bias=_np(correction_bias),
                                         n_group=n_group, topk_group=topk_group, return_probs=True)
     return _out(weights), _out(ids, torch.int32), _out(probs)
@@ -206,7 +209,7 @@ route.register_autograd(_route_backward, setup_context=_route_setup)
 def permute(x: Tensor, topk_ids: Tensor, num_experts: int,
             capacity: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
     """(x_perm [M, d], expert_offsets [E+1] i32, perm_rows [T, k] i32); M = T*k without capacity."""
-    res = moe_ext.permute(_np(x), _np(topk_ids), num_experts, capacity=capacity)
+    res = moe_ext.permute(_np(x, True), _np(topk_ids), num_experts, capacity=capacity)
     return _out(res.x_perm, x.dtype), _out(res.expert_offsets, torch.int32), _out(res.perm_rows, torch.int32)
 
 
@@ -236,7 +239,7 @@ permute.register_autograd(_permute_backward, setup_context=_permute_setup)
 @custom_op("moe_ext::grouped_gemm", mutates_args=(), device_types="cpu")
 def grouped_gemm(a: Tensor, w: Tensor, expert_offsets: Tensor) -> Tensor:
     """out[rows of e] = a[rows of e] @ w[e]^T."""
-    return _out(moe_ext.grouped_gemm(_np(a), _np(w), _np(expert_offsets)), a.dtype)
+    return _out(moe_ext.grouped_gemm(_np(a, True), _np(w, True), _np(expert_offsets)), a.dtype)
 
 
 @grouped_gemm.register_fake
@@ -280,7 +283,7 @@ activation.register_autograd(_activation_autograd, setup_context=_activation_set
 @custom_op("moe_ext::unpermute", mutates_args=(), device_types="cpu")
 def unpermute(y_perm: Tensor, perm_rows: Tensor, topk_weights: Tensor) -> Tensor:
     """y[t] = sum_j topk_weights[t, j] * y_perm[perm_rows[t, j]] (in slot order, -1 skipped)."""
-    return _out(moe_ext.unpermute(_np(y_perm), _np(perm_rows), _np(topk_weights)), y_perm.dtype)
+    return _out(moe_ext.unpermute(_np(y_perm, True), _np(perm_rows), _np(topk_weights)), y_perm.dtype)
 
 
 @unpermute.register_fake
@@ -308,7 +311,7 @@ unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 @custom_op("moe_ext::experts", mutates_args=(), device_types="cpu")
 def experts(x: Tensor, w13_or_w1: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor,
             activation: str, capacity: Optional[int]) -> Tensor:
-    return _out(moe_ext.experts(_np(x), _np(w13_or_w1), _np(w2), _np(topk_weights), _np(topk_ids),
+    return _out(moe_ext.experts(_np(x, True), _np(w13_or_w1, True), _np(w2, True), _np(topk_weights), _np(topk_ids),
                                 activation=activation, capacity=capacity), x.dtype)
 
 
@@ -354,7 +357,7 @@ experts.register_autograd(_experts_autograd, setup_context=_experts_setup)
 def moe(x: Tensor, w_router: Tensor, w13_or_w1: Tensor, w2: Tensor, top_k: int, activation: str, scoring: str,
         renormalize: bool, scale: float, bias: Optional[Tensor], correction_bias: Optional[Tensor],
         n_group: Optional[int], topk_group: Optional[int], capacity: Optional[int]) -> Tensor:
-    return _out(moe_ext.moe(_np(x), _np(w_router), _np(w13_or_w1), _np(w2), top_k, activation=activation,
+    return _out(moe_ext.moe(_np(x, True), _np(w_router, True), _np(w13_or_w1, True), _np(w2, True), top_k, activation=activation,
                             scoring=scoring, renormalize=renormalize, scale=scale, bias=_np(bias),
                             correction_bias=_np(correction_bias), n_group=n_group, topk_group=topk_group,
                             capacity=capacity), x.dtype)
