@@ -21,8 +21,9 @@ What runs on moe_ext: experts modules in transformers' standard layout, i.e. `ga
 (rows 0..f-1 gate, f..2f-1 up; moe_ext's w13) or `up_proj [E, f, d]` for non-gated experts, and
 `down_proj [E, d, f]` (w2), no biases, no post-expert norm, the default gate, an activation moe_ext has
 (silu -> "swiglu", exact erf gelu -> "geglu" when gated; relu / exact gelu when not), CPU tensors (or
-CUDA tensors in a build with the CUDA kernels, moe_ext.torch._cuda.REGISTERED) of dtype float32, bfloat16 or float16 (the module's dtype; hidden states of the same dtype). The parameters
-themselves are handed to the kernels: no weight copy is made here.
+CUDA tensors in a build with the CUDA kernels, moe_ext.torch._cuda.REGISTERED) of dtype float32,
+bfloat16 or float16 (the module's dtype; hidden states of the same dtype). The parameters themselves are
+handed to the kernels: no weight copy is made here.
 Anything else (biases, transposed or interleaved weights, tanh-approximated gelu, other activations,
 custom `_apply_gate`, a post-expert norm, DTensor-sharded weights, other devices or dtypes) runs the
 module's own eager forward instead, with one warning per experts class and reason: never something else.
