@@ -20,9 +20,10 @@ transformers, and the order of the two imports does not matter. Without transfor
 What runs on moe_ext: experts modules in transformers' standard layout, i.e. `gate_up_proj [E, 2f, d]`
 (rows 0..f-1 gate, f..2f-1 up; moe_ext's w13) or `up_proj [E, f, d]` for non-gated experts, and
 `down_proj [E, d, f]` (w2), no biases, no post-expert norm, the default gate, an activation moe_ext has
-(silu -> "swiglu", exact erf gelu -> "geglu" when gated; relu / exact gelu when not), CPU tensors of
-dtype float32, bfloat16 or float16 (the module's dtype; hidden states of the same dtype). The parameters
-themselves are handed to the kernels: no weight copy is made here.
+(silu -> "swiglu", exact erf gelu -> "geglu" when gated; relu / exact gelu when not), CPU tensors (or
+CUDA tensors in a build with the CUDA kernels, moe_ext.torch._cuda.REGISTERED) of dtype float32,
+bfloat16 or float16 (the module's dtype; hidden states of the same dtype). The parameters themselves are
+handed to the kernels: no weight copy is made here.
 Anything else (biases, transposed or interleaved weights, tanh-approximated gelu, other activations,
 custom `_apply_gate`, a post-expert norm, DTensor-sharded weights, other devices or dtypes) runs the
 module's own eager forward instead, with one warning per experts class and reason: never something else.
@@ -166,8 +167,10 @@ def _is_dtensor(t):
 
 
 def _device_supported(device):
-    # the ops of moe_ext.torch have CPU kernels; a CUDA build adds them from moe_ext.torch._cuda
-    return device.type == "cpu" or (device.type == "cuda" and "moe_ext.torch._cuda" in sys.modules)
+    # the ops of moe_ext.torch have CPU kernels; a CUDA build adds them from moe_ext.torch._cuda (the module
+    # is imported in every build, but registers kernels only where moe_ext._cuda was built: REGISTERED)
+    cuda = sys.modules.get("moe_ext.torch._cuda")
+    return device.type == "cpu" or (device.type == "cuda" and getattr(cuda, "REGISTERED", False))
 
 
 def _eager_forward(self):
