@@ -67,8 +67,13 @@ void unpermute_backward(const float* grad_y, const float* y_perm, int64_t M, con
   bool repeats = false;
   for (int64_t i = 0; i < T * k && !repeats; ++i)
     if (perm_rows[i] >= 0) repeats = seen[perm_rows[i]]++ != 0;
-  kernels().unpermute_backward(grad_y, y_perm, perm_rows, topk_weights, T, k, d, repeats ? 1 : num_threads(),
-                               grad_y_perm, grad_topk_weights);
+  // The kernel is memory bound and short (about 3 floats moved per multiply-add): a parallel region only
+  // pays off with enough work per thread, and costs far more than it saves on a busy machine otherwise.
+  constexpr int64_t kFloatsPerThread = int64_t{1} << 19;
+  const int64_t useful = std::max<int64_t>(1, T * k * d / kFloatsPerThread);
+  const int threads = repeats ? 1 : static_cast<int>(std::min<int64_t>(num_threads(), useful));
+  kernels().unpermute_backward(grad_y, y_perm, perm_rows, topk_weights, T, k, d, threads, grad_y_perm,
+                               grad_topk_weights);
 }
 
 void permute_backward(const float* grad_x_perm, int64_t M, const int32_t* perm_rows, int64_t T, int64_t k,
