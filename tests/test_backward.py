@@ -22,6 +22,7 @@ GEMM_CASES = {  # name: (per-expert row counts, N, K)
     "wide": ([15, 10], 300, 45),
     "many-rows": ([70, 3], 19, 29),
     "N1-K1": ([4, 6], 1, 1),
+    "multi-tile": ([300, 0, 130], 150, 140),  # grad_w: several tiles per expert, rows > one depth block
 }
 
 
@@ -46,9 +47,13 @@ def test_grouped_gemm_backward(rng, case):
     assert np.array_equal(again_a, grad_a) and np.array_equal(again_w, grad_w), "deterministic"
 
 
-def test_grouped_gemm_backward_thread_count_independent(rng):
-    offsets = random_offsets(rng, 3, [40, 1, 25])
-    a, w, g = random_x(rng, 66, 70), random_weights(rng, (3, 50, 70), 70), random_x(rng, 66, 50)
+# The second shape spans several grad_w tiles (N, K > 128) and depth blocks of rows (> 256), and an
+# expert without rows.
+@pytest.mark.parametrize("counts, N, K", [([40, 1, 25], 50, 70), ([300, 0, 130], 150, 140)])
+def test_grouped_gemm_backward_thread_count_independent(rng, counts, N, K):
+    offsets = random_offsets(rng, 3, counts)
+    M = int(offsets[-1])
+    a, w, g = random_x(rng, M, K), random_weights(rng, (3, N, K), K), random_x(rng, M, N)
     before = moe_ext.get_num_threads()
     try:
         moe_ext.set_num_threads(1)

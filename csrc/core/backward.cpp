@@ -21,61 +21,34 @@ void activation_backward(const float* grad_act, const float* h, int64_t M, int64
   kernels().activation_backward(grad_act, h, M, f, act, grad_h);
 }
 
-namespace {
-
-// The forward grouped GEMM kernel on one expert: out [rows, N] = a [rows, K] @ w [N, K]^T.
-void gemm_nt(const Kernels& kern, const float* a, const float* w, int64_t rows, int64_t N, int64_t K, float* out) {
-  if (rows == 0 || N == 0) return;
-  const int32_t offsets[2] = {0, static_cast<int32_t>(rows)};
-  const int threads = num_threads();  // read once: the scratch is sized for exactly this many
-  void* scratch = thread_workspace().get(Scratch::gemm_panels, static_cast<std::size_t>(threads) * kGemmScratchBytes);
-  GemmProblem problem;
-  problem.a = a;
-  problem.w.data = w;
-  problem.w.E = 1;
-  problem.w.N = N;
-  problem.w.K = K;
-  problem.offsets = offsets;
-  problem.out = out;
-  kern.grouped_gemm(problem, threads, scratch);
-}
-
-}  // namespace
-
 void grouped_gemm_backward(const float* grad_out, const float* a, const float* w, const int32_t* expert_offsets,
                            int64_t E, int64_t M, int64_t N, int64_t K, float* grad_a, float* grad_w) {
   check_expert_offsets(expert_offsets, E, M, "expert_offsets");
   const Kernels& kern = kernels();
   Workspace& ws = thread_workspace();
+  const int threads = num_threads();  // read once: the scratch is sized for exactly this many
+  void* scratch = ws.get(Scratch::gemm_panels, static_cast<std::size_t>(threads) * kGemmScratchBytes);
   if (grad_a && K > 0) {
-    if (N == 0) std::memset(grad_a, 0, sizeof(float) * M * K);
-    float* w_t = ws.get<float>(Scratch::backward_lhs, N * K);
-    for (int64_t e = 0; e < E && N > 0; ++e) {
-      const int64_t r0 = expert_offsets[e], rows = expert_offsets[e + 1] - r0;
-      if (rows == 0) continue;
-      // grad_a[rows] = grad_out[rows] @ w[e] = grad_out[rows] @ (w[e]^T [K, N])^T
-      kern.transpose(w + e * N * K, N, K, K, w_t);
-      gemm_nt(kern, grad_out + r0 * N, w_t, rows, K, N, grad_a + r0 * K);
+    if (N == 0) {
+      std::memset(grad_a, 0, sizeof(float) * M * K);
+    } else if (M > 0) {
+      // grad_a[rows of e] = grad_out[rows of e] @ w[e] = grad_out[rows] @ (w[e]^T [K, N])^T: every expert
+      // with rows transposed once, then one grouped GEMM call over all experts (the forward's tiling).
+      float* w_t = ws.get<float>(Scratch::backward_lhs, E * N * K);
+      for (int64_t e = 0; e < E; ++e)
+        if (expert_offsets[e + 1] > expert_offsets[e]) kern.transpose(w + e * N * K, N, K, K, w_t + e * N * K);
+      GemmProblem problem;
+      problem.a = grad_out;
+      problem.w.data = w_t;
+      problem.w.E = E;
+      problem.w.N = K;
+      problem.w.K = N;
+      problem.offsets = expert_offsets;
+      problem.out = grad_a;
+      kern.grouped_gemm(problem, threads, scratch);
     }
   }
-  if (grad_w && N > 0 && K > 0) {
-    int64_t max_rows = 0;
-    for (int64_t e = 0; e < E; ++e) max_rows = std::max<int64_t>(max_rows, expert_offsets[e + 1] - expert_offsets[e]);
-    float* g_t = ws.get<float>(Scratch::backward_lhs, N * max_rows);
-    float* a_t = ws.get<float>(Scratch::backward_rhs, K * max_rows);
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t r0 = expert_offsets[e], rows = expert_offsets[e + 1] - r0;
-      float* dst = grad_w + e * N * K;
-      if (rows == 0) {
-        std::memset(dst, 0, sizeof(float) * N * K);
-        continue;
-      }
-      // grad_w[e] [N, K] = grad_out[rows]^T @ a[rows] = (grad_out[rows]^T [N, rows]) @ (a[rows]^T [K, rows])^T
-      kern.transpose(grad_out + r0 * N, rows, N, N, g_t);
-      kern.transpose(a + r0 * K, rows, K, K, a_t);
-      gemm_nt(kern, g_t, a_t, N, K, rows, dst);
-    }
-  }
+  if (grad_w && N > 0 && K > 0) kern.grouped_gemm_grad_w(grad_out, a, expert_offsets, E, N, K, threads, scratch, grad_w);
 }
 
 void unpermute_backward(const float* grad_y, const float* y_perm, int64_t M, const int32_t* perm_rows,
@@ -94,8 +67,13 @@ void unpermute_backward(const float* grad_y, const float* y_perm, int64_t M, con
   bool repeats = false;
   for (int64_t i = 0; i < T * k && !repeats; ++i)
     if (perm_rows[i] >= 0) repeats = seen[perm_rows[i]]++ != 0;
-  kernels().unpermute_backward(grad_y, y_perm, perm_rows, topk_weights, T, k, d, repeats ? 1 : num_threads(),
-                               grad_y_perm, grad_topk_weights);
+  // The kernel is memory bound and short (about 3 floats moved per multiply-add): a parallel region only
+  // pays off with enough work per thread, and costs far more than it saves on a busy machine otherwise.
+  constexpr int64_t kFloatsPerThread = int64_t{1} << 19;
+  const int64_t useful = std::max<int64_t>(1, T * k * d / kFloatsPerThread);
+  const int threads = repeats ? 1 : static_cast<int>(std::min<int64_t>(num_threads(), useful));
+  kernels().unpermute_backward(grad_y, y_perm, perm_rows, topk_weights, T, k, d, threads, grad_y_perm,
+                               grad_topk_weights);
 }
 
 void permute_backward(const float* grad_x_perm, int64_t M, const int32_t* perm_rows, int64_t T, int64_t k,

@@ -64,6 +64,10 @@ struct Kernels {
   void (*unpermute_backward)(const float* grad_y, const float* y_perm, const int32_t* perm_rows,
                              const float* weights, int64_t T, int64_t k, int64_t d, int threads,
                              float* grad_y_perm, float* grad_weights);
+  // grad_w[e] [N, K] = grad_out[rows of e]^T @ a[rows of e] (zeros for experts without rows), grad_out
+  // [M, N], a [M, K]. `scratch` holds kGemmScratchBytes bytes per thread.
+  void (*grouped_gemm_grad_w)(const float* grad_out, const float* a, const int32_t* offsets, int64_t E, int64_t N,
+                              int64_t K, int threads, void* scratch, float* grad_w);
 };
 
 // Per thread: the tile's float32 results and one packed weight block.

@@ -1,9 +1,11 @@
-// Building block of the grouped GEMM's backward (csrc/core/backward.cpp): a blocked, multithreaded
-// transpose. dA = dOut @ w[e] and dW[e] = dOut[rows]^T @ a[rows] are both run by the forward grouped
-// GEMM kernel (packed panels, register-blocked microkernel) on transposed operands, so the backward gets
-// the forward's speed and its fixed summation order (deterministic dW, no atomics) for the price of
-// transposes, which move O(rows * (N + K)) floats against the GEMM's O(rows * N * K) flops.
+// Building blocks of the grouped GEMM's backward (csrc/core/backward.cpp).
+// - transpose: a blocked, multithreaded transpose. dA = dOut @ w[e] runs the forward grouped GEMM (packed
+//   panels, register-blocked microkernel) for all experts in one call on w transposed once per call, so
+//   it gets the forward's speed and fixed summation order for the price of moving E * N * K floats.
+// - grouped_gemm_grad_w: dW[e] = dOut[rows]^T @ a[rows] with the same microkernel shape, reading both
+//   operands in place (see below).
 #include "cpu/common.h"
+#include "cpu/gemm_micro.h"
 #include "cpu/kernels.h"
 #include "core/threads.h"
 
@@ -24,6 +26,107 @@ void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* 
       for (int64_t c = c0; c < c1; ++c)
         for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * ld + c];
     }
+  }
+}
+
+}  // namespace moe_ext::cpu::MOE_EXT_CPU_NS
+
+// --- grad_w of the grouped GEMM, all experts in one parallel loop -----------------------------------
+// grad_w[e] [N, K] = grad_out[rows of e]^T @ a[rows of e], with the rows as the depth. Work is cut into
+// tiles of (expert, kWeightTileN output rows n, kWeightTileK output columns k), scheduled dynamically
+// so small experts never leave a core idle. No operand is transposed: per depth block of rows, a tile
+// packs its columns of a (contiguous reads) into panels, and the microkernel below broadcasts
+// grad_out[row, n] from the row of grad_out (the operand read "transposed"). Each element is summed
+// over the expert's rows in order, per depth block of kWeightDepth (the forward GEMM's order), so the
+// result does not depend on the thread count or the schedule.
+namespace moe_ext::cpu::MOE_EXT_CPU_NS {
+
+namespace {
+
+constexpr int64_t kWeightTileN = 128;  // rows of grad_w per tile (the microkernel's "rows")
+constexpr int64_t kWeightTileK = 128;  // columns of grad_w per tile: 4 panels
+constexpr int64_t kWeightDepth = 256;  // rows of the expert per depth block (packed block: 128 KiB)
+constexpr int64_t kWeightPanels = kWeightTileK / kPanelCols;
+constexpr int64_t kWeightLocalBytes = kWeightTileN * kWeightTileK * 4;
+static_assert(kWeightLocalBytes + kWeightTileK * kWeightDepth * 4 <= kGemmScratchBytes, "tile buffers fit");
+static_assert(kWeightTileK % kPanelCols == 0, "a tile holds whole panels");
+
+// c[r][0..kMicroCols) (+)= sum_p g[p * ldg + r] * b[p * kPanelCols + ...]: g's rows are depths.
+template <int Rows>
+void micro_kernel_lhs_t(const float* g, int64_t ldg, const float* b, int64_t depth, float* c, int64_t ldc,
+                        bool accumulate) {
+  vec acc[Rows][2] = {};
+  for (int64_t p = 0; p < depth; ++p) {
+    const vec b0 = load(b + p * kPanelCols), b1 = load(b + p * kPanelCols + kLanes);
+    const float* gp = g + p * ldg;
+    for (int r = 0; r < Rows; ++r) {
+      const vec gr = broadcast(gp[r]);
+      acc[r][0] += gr * b0;
+      acc[r][1] += gr * b1;
+    }
+  }
+  store_tile<Rows>(acc, c, ldc, accumulate);
+}
+
+void micro_lhs_t(int rows, const float* g, int64_t ldg, const float* b, int64_t depth, float* c, int64_t ldc,
+                 bool accumulate) {
+  switch (rows) {
+#define MOE_EXT_ROWS_CASE(R) \
+  case R: return micro_kernel_lhs_t<(R <= kMicroRows ? R : 1)>(g, ldg, b, depth, c, ldc, accumulate);
+    MOE_EXT_ROWS_CASE(1) MOE_EXT_ROWS_CASE(2) MOE_EXT_ROWS_CASE(3) MOE_EXT_ROWS_CASE(4)
+    MOE_EXT_ROWS_CASE(5) MOE_EXT_ROWS_CASE(6) MOE_EXT_ROWS_CASE(7) MOE_EXT_ROWS_CASE(8)
+#undef MOE_EXT_ROWS_CASE
+    default: break;
+  }
+}
+
+void grad_w_tile(const float* grad_out, const float* a, int64_t r0, int64_t rows, int64_t N, int64_t K, int64_t n0,
+                 int64_t n_rows, int64_t k0, int64_t k_cols, float* local, float* pack, float* dst) {
+  const int64_t panels = ceil_div(k_cols, kPanelCols);
+  for (int64_t d0 = 0; d0 < rows; d0 += kWeightDepth) {
+    const int64_t depth = min_i64(kWeightDepth, rows - d0);
+    for (int64_t j = 0; j < panels; ++j) {  // panel j: element (p, c) at p * kPanelCols + c
+      const int64_t cols = min_i64(kPanelCols, k_cols - j * kPanelCols);
+      float* panel = pack + j * kWeightDepth * kPanelCols;
+      for (int64_t p = 0; p < depth; ++p) {
+        memcpy(panel + p * kPanelCols, a + (r0 + d0 + p) * K + k0 + j * kPanelCols, cols * sizeof(float));
+        if (cols < kPanelCols) memset(panel + p * kPanelCols + cols, 0, (kPanelCols - cols) * sizeof(float));
+      }
+    }
+    const float* g = grad_out + (r0 + d0) * N + n0;
+    for (int64_t j = 0; j < panels; ++j)
+      for (int64_t slice = 0; slice < kPanelCols && j * kPanelCols + slice < k_cols; slice += kMicroCols)
+        for (int64_t m = 0; m < n_rows; m += kMicroRows)
+          micro_lhs_t(static_cast<int>(min_i64(kMicroRows, n_rows - m)), g + m, N,
+                      pack + j * kWeightDepth * kPanelCols + slice, depth,
+                      local + m * kWeightTileK + j * kPanelCols + slice, kWeightTileK, d0 > 0);
+  }
+  for (int64_t r = 0; r < n_rows; ++r) {
+    float* out = dst + (n0 + r) * K + k0;
+    if (rows == 0)
+      memset(out, 0, k_cols * sizeof(float));
+    else
+      memcpy(out, local + r * kWeightTileK, k_cols * sizeof(float));
+  }
+}
+
+}  // namespace
+
+void grouped_gemm_grad_w(const float* grad_out, const float* a, const int32_t* offsets, int64_t E, int64_t N,
+                         int64_t K, int threads, void* scratch, float* grad_w) {
+  const int64_t n_tiles = ceil_div(N, kWeightTileN), k_tiles = ceil_div(K, kWeightTileK);
+  const int64_t per_expert = n_tiles * k_tiles;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+#endif
+  for (int64_t index = 0; index < E * per_expert; ++index) {
+    char* mine = static_cast<char*>(scratch) + thread_index() * kGemmScratchBytes;
+    float* local = reinterpret_cast<float*>(mine);
+    float* pack = reinterpret_cast<float*>(mine + kWeightLocalBytes);
+    const int64_t e = index / per_expert, nb = index % per_expert / k_tiles, kb = index % k_tiles;
+    const int64_t n0 = nb * kWeightTileN, k0 = kb * kWeightTileK;
+    grad_w_tile(grad_out, a, offsets[e], offsets[e + 1] - offsets[e], N, K, n0, min_i64(kWeightTileN, N - n0), k0,
+                min_i64(kWeightTileK, K - k0), local, pack, grad_w + e * N * K);
   }
 }
 

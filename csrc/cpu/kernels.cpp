@@ -4,7 +4,8 @@ namespace moe_ext::cpu::MOE_EXT_CPU_NS {
 
 const Kernels& kernels() {
   static const Kernels table{route, gather_rows, grouped_gemm, pack_weight, widen, narrow, activate, unpermute,
-                               transpose, activation_backward, unpermute_backward};
+                               transpose, activation_backward, unpermute_backward,
+                               grouped_gemm_grad_w};
   return table;
 }
 
