@@ -13,6 +13,7 @@ Every implementation starts from the same tensors; each one's gradients are comp
 moe_ext's speed-up over each peer (peer p50 / moe_ext p50) in the same run.
 """
 import json
+import os
 import time
 
 import numpy as np
@@ -143,6 +144,7 @@ def run(shapes=TRAIN_SHAPES, dtypes=("fp32", "bf16"), impls=IMPLS, warmup=1, rep
             f"{r.get('max_rel_err', float('nan')):8.1e}")
     doc = {"mode": "train", "rows": rows}
     if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as fh:
             json.dump(doc, fh, indent=1)
     return doc
