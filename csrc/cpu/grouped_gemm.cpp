@@ -31,6 +31,7 @@ constexpr int64_t kTileCols = 128;     // output columns of a tile (4 panels; ga
 constexpr int64_t kTileRows = 128;     // rows of a tile with packed weights (a's block: 128 KiB, in L2)
 constexpr int64_t kMaxTileRows = 256;  // plain weights: more rows per tile amortise the per-tile packing
 constexpr int64_t kFewRows = 8;        // plain weights, at most this many rows in an expert: streaming
+constexpr int64_t kPanelFirstRows = 2 * kMicroRows;  // packed weights, at most this many rows: panel by panel
 constexpr int64_t kLocalCols = kTileCols + kTileCols + kPanelCols;  // gate span + up span (misaligned up)
 constexpr int64_t kLocalBytes = kMaxTileRows * kLocalCols * 4;
 constexpr int64_t kPackBytes = kPanelCols * kDepthBlock * 4;
@@ -118,29 +119,29 @@ struct TileBuffers {
 };
 
 // a_pairs (with dpbf16): the same rows as a, bfloat16 pairs, row stride lda_pairs words.
-template <int Rows, typename W>
+template <int Rows, bool Prefetch, typename W>
 void micro_dispatch_rows(const float* a, int64_t lda, const uint32_t* a_pairs, int64_t lda_pairs, const W* b,
                          int64_t depth, float* c, bool accumulate, bool dpbf16) {
   (void)a_pairs, (void)lda_pairs, (void)dpbf16;
   if constexpr (kIsBf16<W>) {
 #if defined(__AVX512F__)
     if (dpbf16)
-      return micro_kernel_dpbf16<Rows>(a_pairs, lda_pairs, b, (depth + 1) / 2, c, kLocalCols, accumulate);
+      return micro_kernel_dpbf16<Rows, Prefetch>(a_pairs, lda_pairs, b, (depth + 1) / 2, c, kLocalCols, accumulate);
 #endif
-    micro_kernel_bf16<Rows>(a, lda, b, depth, c, kLocalCols, accumulate);
+    micro_kernel_bf16<Rows, Prefetch>(a, lda, b, depth, c, kLocalCols, accumulate);
   } else {
-    micro_kernel<Rows>(a, lda, b, depth, c, kLocalCols, accumulate);
+    micro_kernel<Rows, Prefetch>(a, lda, b, depth, c, kLocalCols, accumulate);
   }
 }
 
-template <typename W>
+template <bool Prefetch, typename W>
 void micro_dispatch(int rows, const float* a, int64_t lda, const uint32_t* a_pairs, int64_t lda_pairs, const W* b,
                     int64_t depth, float* c, bool accumulate, bool dpbf16) {
   switch (rows) {
-#define MOE_EXT_ROWS_CASE(R)                                                                                \
-  case R:                                                                                                   \
-    return micro_dispatch_rows<(R <= kMicroRows ? R : 1)>(a, lda, a_pairs, lda_pairs, b, depth, c, accumulate, \
-                                                          dpbf16);
+#define MOE_EXT_ROWS_CASE(R)                                                                                 \
+  case R:                                                                                                    \
+    return micro_dispatch_rows<(R <= kMicroRows ? R : 1), Prefetch>(a, lda, a_pairs, lda_pairs, b, depth, c, \
+                                                                    accumulate, dpbf16);
     MOE_EXT_ROWS_CASE(1) MOE_EXT_ROWS_CASE(2) MOE_EXT_ROWS_CASE(3) MOE_EXT_ROWS_CASE(4)
     MOE_EXT_ROWS_CASE(5) MOE_EXT_ROWS_CASE(6) MOE_EXT_ROWS_CASE(7) MOE_EXT_ROWS_CASE(8)
 #undef MOE_EXT_ROWS_CASE
@@ -160,27 +161,43 @@ void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, in
   const uint32_t* a_pairs = dpbf16 ? reinterpret_cast<const uint32_t*>(p.a_bf16) + t.row_begin * lda_pairs : nullptr;
   if (K == 0)  // an empty sum: the depth loop would never write the buffer
     for (int64_t r = 0; r < rows; ++r) memset(buf.local + r * kLocalCols, 0, kLocalCols * sizeof(float));
-  for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock) {
-    const int64_t depth = min_i64(kDepthBlock, K - k0);
-    for (int s = 0; s < n_segs; ++s)
-      for (int64_t j = 0; j < segs[s].panels; ++j) {
-        const int64_t panel = segs[s].first_panel + j;
-        const W* block;
-        if (p.w.packed) {
-          block = w_expert + panel * panel_elements(K, p.w.dtype) + k0 * kPanelCols;
-        } else {
-          pack_panel(w_expert, p.w.N, K, panel, k0, depth, static_cast<W*>(buf.pack));
-          block = static_cast<const W*>(buf.pack);
-        }
-        const int64_t pair_step = kIsBf16<W> ? 2 : 1;  // elements per column in a panel row
-        for (int64_t slice = 0; slice < kPanelCols; slice += kMicroCols) {
-          float* c = buf.local + segs[s].local_col + j * kPanelCols + slice;
-          for (int64_t m = 0; m < rows; m += kMicroRows)
-            micro_dispatch<W>(static_cast<int>(min_i64(kMicroRows, rows - m)), a + m * K + k0, K,
-                              a_pairs ? a_pairs + m * lda_pairs + k0 / 2 : nullptr, lda_pairs,
-                              block + slice * pair_step, depth, c + m * kLocalCols, k0 > 0, dpbf16);
-        }
+  // One depth block of one panel: every microkernel slice times every row of the tile.
+  auto block_product = [&](int s, int64_t j, int64_t k0, bool prefetch) {
+    const int64_t depth = min_i64(kDepthBlock, K - k0), panel = segs[s].first_panel + j;
+    const W* block;
+    if (p.w.packed) {
+      block = w_expert + panel * panel_elements(K, p.w.dtype) + k0 * kPanelCols;
+    } else {
+      pack_panel(w_expert, p.w.N, K, panel, k0, depth, static_cast<W*>(buf.pack));
+      block = static_cast<const W*>(buf.pack);
+    }
+    const int64_t pair_step = kIsBf16<W> ? 2 : 1;  // elements per column in a panel row
+    for (int64_t slice = 0; slice < kPanelCols; slice += kMicroCols) {
+      float* c = buf.local + segs[s].local_col + j * kPanelCols + slice;
+      for (int64_t m = 0; m < rows; m += kMicroRows) {
+        const int r = static_cast<int>(min_i64(kMicroRows, rows - m));
+        const float* a_m = a + m * K + k0;
+        const uint32_t* pairs_m = a_pairs ? a_pairs + m * lda_pairs + k0 / 2 : nullptr;
+        if (prefetch)
+          micro_dispatch<true, W>(r, a_m, K, pairs_m, lda_pairs, block + slice * pair_step, depth, c + m * kLocalCols,
+                                  k0 > 0, dpbf16);
+        else
+          micro_dispatch<false, W>(r, a_m, K, pairs_m, lda_pairs, block + slice * pair_step, depth,
+                                   c + m * kLocalCols, k0 > 0, dpbf16);
       }
+    }
+  };
+  if (p.w.packed && rows <= kPanelFirstRows) {
+    // Few rows (decode): the weights are the whole cost. Walk each packed panel start to end (one
+    // contiguous stream, prefetched ahead) instead of hopping between the tile's panels per depth
+    // block; every output still adds its depth blocks in k0 order, so the sums are unchanged.
+    for (int s = 0; s < n_segs; ++s)
+      for (int64_t j = 0; j < segs[s].panels; ++j)
+        for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock) block_product(s, j, k0, true);
+  } else {
+    for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock)
+      for (int s = 0; s < n_segs; ++s)
+        for (int64_t j = 0; j < segs[s].panels; ++j) block_product(s, j, k0, false);
   }
 }
 
