@@ -20,6 +20,14 @@ void check_layout(const py::array& a, const char* name, const Shape& shape) {
     throw py::value_error(std::string(name) + ": expected an array aligned to its elements");
 }
 
+Activation activation_from(const std::string& name) {
+  if (name == "swiglu") return Activation::swiglu;
+  if (name == "geglu") return Activation::geglu;
+  if (name == "relu") return Activation::relu;
+  if (name == "gelu") return Activation::gelu;
+  throw py::value_error("activation: expected one of 'swiglu', 'geglu', 'relu', 'gelu'; got '" + name + "'");
+}
+
 DType dtype_of(const py::array& a, const char* name) {
   const py::dtype dt = a.dtype();
   if (dt.is(py::dtype::of<float>())) return DType::f32;

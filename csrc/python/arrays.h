@@ -40,6 +40,25 @@ WeightView weight_of(const py::object& w, const char* name, const Shape& shape);
 // A new C-contiguous array of `dtype`.
 py::array new_array(DType dtype, const Shape& shape);
 
+// The data pointer of a C-contiguous, aligned array of dtype T and the given shape (kAny matches any size).
+template <typename T>
+const T* data_of(const py::array& a, const char* name, const Shape& shape) {
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
+                         "; got " + std::string(py::str(a.dtype())));
+  check_layout(a, name, shape);
+  return static_cast<const T*>(a.data());
+}
+
+// A new C-contiguous array of T.
+template <typename T>
+py::array_t<T> output(const Shape& shape) {
+  return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+}
+
+// "swiglu" | "geglu" | "relu" | "gelu"; ValueError otherwise.
+Activation activation_from(const std::string& name);
+
 void bind_packed(py::module_& m);
 
 }  // namespace moe_ext::python

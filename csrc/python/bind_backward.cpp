@@ -8,41 +8,16 @@
 #include <vector>
 
 #include "core/backward.h"
+#include "python/arrays.h"
 
 namespace py = pybind11;
 
 namespace {
 
-using Shape = std::vector<int64_t>;
-constexpr int64_t kAny = -1;
-
-template <typename T>
-const T* data_of(const py::array& a, const char* name, const Shape& shape) {
-  if (!a.dtype().is(py::dtype::of<T>()))
-    throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
-                         "; got " + std::string(py::str(a.dtype())));
-  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
-  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] == kAny || a.shape(i) == shape[i];
-  if (!ok) throw py::value_error(std::string(name) + ": unexpected shape");
-  if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": expected a C-contiguous array");
-  if (reinterpret_cast<uintptr_t>(a.data()) % alignof(T) != 0)
-    throw py::value_error(std::string(name) + ": expected an array aligned to its elements");
-  return static_cast<const T*>(a.data());
-}
-
-template <typename T>
-py::array_t<T> output(const Shape& shape) {
-  return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
-}
-
-moe_ext::Activation activation_from(const std::string& name) {
-  using moe_ext::Activation;
-  if (name == "swiglu") return Activation::swiglu;
-  if (name == "geglu") return Activation::geglu;
-  if (name == "relu") return Activation::relu;
-  if (name == "gelu") return Activation::gelu;
-  throw py::value_error("activation: expected one of 'swiglu', 'geglu', 'relu', 'gelu'; got '" + name + "'");
-}
+using moe_ext::python::activation_from;
+using moe_ext::python::data_of;
+using moe_ext::python::kAny;
+using moe_ext::python::output;
 
 // The intermediate size f of h [M, 2f] (gated) or [M, f].
 int64_t intermediate_of(const py::array& h, moe_ext::Activation act) {

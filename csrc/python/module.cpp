@@ -26,27 +26,9 @@ using python::kAny;
 using python::Shape;
 using python::shape_str;
 using python::DataArg;
-
-// The data pointer of a C-contiguous array of dtype T and the given shape (kAny matches any size).
-template <typename T>
-const T* data_of(const py::array& a, const char* name, const Shape& shape) {
-  if (!a.dtype().is(py::dtype::of<T>()))
-    throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
-                         "; got " + std::string(py::str(a.dtype())));
-  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
-  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] == kAny || a.shape(i) == shape[i];
-  if (!ok) throw py::value_error(std::string(name) + ": unexpected shape " + shape_str(a));
-  if (!(a.flags() & py::array::c_style))
-    throw py::value_error(std::string(name) + ": expected a C-contiguous array");
-  if (reinterpret_cast<uintptr_t>(a.data()) % alignof(T) != 0)
-    throw py::value_error(std::string(name) + ": expected an array aligned to its elements");
-  return static_cast<const T*>(a.data());
-}
-
-template <typename T>
-py::array_t<T> output(const Shape& shape) {
-  return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
-}
+using python::activation_from;
+using python::data_of;
+using python::output;
 
 const float* optional_vector(const std::optional<py::array>& a, const char* name, int64_t E) {
   return a ? data_of<float>(*a, name, {E}) : nullptr;
@@ -56,14 +38,6 @@ Scoring scoring_from(const std::string& name) {
   if (name == "softmax") return Scoring::softmax;
   if (name == "sigmoid") return Scoring::sigmoid;
   throw py::value_error("scoring: expected 'softmax' or 'sigmoid'; got '" + name + "'");
-}
-
-Activation activation_from(const std::string& name) {
-  if (name == "swiglu") return Activation::swiglu;
-  if (name == "geglu") return Activation::geglu;
-  if (name == "relu") return Activation::relu;
-  if (name == "gelu") return Activation::gelu;
-  throw py::value_error("activation: expected one of 'swiglu', 'geglu', 'relu', 'gelu'; got '" + name + "'");
 }
 
 int64_t capacity_from(const std::optional<int64_t>& capacity) { return capacity ? *capacity : kNoCapacity; }
