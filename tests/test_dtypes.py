@@ -74,9 +74,11 @@ def test_permute_copies_bits(rng, dtype):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-# few rows (streaming), many rows in one expert (row blocks), odd K past a depth block, N past a tile
+# few rows (streaming), many rows in one expert (row blocks), odd K past a float32 depth block (256) and
+# past two of the 2-byte dtypes' (512), N past a tile
 @pytest.mark.parametrize("M,N,K,E,counts", [(7, 33, 45, 3, None), (300, 70, 301, 2, [290, 10]),
-                                            (60, 161, 17, 4, None), (1, 5, 3, 1, [1])])
+                                            (60, 161, 17, 4, None), (1, 5, 3, 1, [1]),
+                                            (40, 37, 1101, 2, [30, 10])])
 def test_grouped_gemm(rng, dtype, packed, bf16_dot, M, N, K, E, counts):
     if dtype != BF16 and not bf16_dot:
         pytest.skip("the bf16_dot switch only matters for bfloat16")

@@ -42,6 +42,10 @@ const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K) {
   const int64_t stride = (K + 1) / 2 * 2;
   uint16_t* rows = thread_workspace().get<uint16_t>(Scratch::gemm_a_bf16, M * stride);
   const Kernels& kern = kernels();
+  if (stride == K) {  // even K: the rows are one contiguous run, narrowed by all threads
+    kern.narrow(a, M * K, DType::bf16, num_threads(), rows);
+    return rows;
+  }
   for (int64_t m = 0; m < M; ++m) {
     kern.narrow(a + m * K, K, DType::bf16, 1, rows + m * stride);
     if (stride != K) rows[m * stride + K] = 0;

@@ -8,8 +8,8 @@
 // product is never written out). Inside a tile, per depth block of kDepthBlock:
 // - weights in the packed panel layout (core/packed.h: prepacked once, or packed here panel by panel
 //   when the caller passed a plain array) feed a register-blocked microkernel (cpu/gemm_micro.h);
-//   the loop order keeps one microkernel's weight slice (kDepthBlock x kMicroCols) in L1 across the
-//   tile's rows and the tile's rows of a (<= 256 x kDepthBlock floats) in L2;
+//   the loop order keeps one microkernel's weight slice (kDepthBlock<W> x kMicroCols) in L1 across the
+//   tile's rows and the tile's rows of a (<= 256 x kDepthBlock<W> floats) in L2;
 // - plain weights with few rows per expert (decode): packing would cost as much as the math, so each
 //   weight row is streamed once, with prefetch, and dotted with every row of the expert.
 // Each output element is summed in an order fixed by the data and these constants, never by the thread
@@ -26,7 +26,9 @@ namespace moe_ext::cpu::MOE_EXT_CPU_NS {
 
 namespace {
 
-constexpr int64_t kDepthBlock = 256;   // one slice of a panel's depth block: 256 x kMicroCols floats <= 32 KiB (L1)
+// Depths per block: a panel's depth block (kDepthBlock x kPanelCols weights) is 32 KiB, the L1 size:
+// 256 float32 depths, 512 for the 2-byte dtypes (half the partial-sum round trips of 256).
+template <typename W> constexpr int64_t kDepthBlock = 32 * 1024 / (kPanelCols * int64_t{sizeof(W)});
 constexpr int64_t kTileCols = 128;     // output columns of a tile (4 panels; gated fused: 4 gate + 5 up panels)
 constexpr int64_t kTileRows = 128;     // rows of a tile with packed weights (a's block: 128 KiB, in L2)
 constexpr int64_t kMaxTileRows = 256;  // plain weights: more rows per tile amortise the per-tile packing
@@ -34,9 +36,9 @@ constexpr int64_t kFewRows = 8;        // plain weights, at most this many rows 
 constexpr int64_t kPanelFirstRows = 2 * kMicroRows;  // packed weights, at most this many rows: panel by panel
 constexpr int64_t kLocalCols = kTileCols + kTileCols + kPanelCols;  // gate span + up span (misaligned up)
 constexpr int64_t kLocalBytes = kMaxTileRows * kLocalCols * 4;
-constexpr int64_t kPackBytes = kPanelCols * kDepthBlock * 4;
+constexpr int64_t kPackBytes = kPanelCols * kDepthBlock<float> * 4;
 static_assert(kLocalBytes + kPackBytes <= kGemmScratchBytes, "a tile's buffers fit the scratch");
-static_assert(kTileCols % kPanelCols == 0 && kDepthBlock % 2 == 0, "tiles hold whole panels, blocks whole pairs");
+static_assert(kTileCols % kPanelCols == 0 && kDepthBlock<float> % 2 == 0, "tiles hold whole panels, blocks whole pairs");
 
 // The columns of w a tile reads: one segment, or for a fused gated tile the gate and the up segment.
 struct Segment {
@@ -163,7 +165,7 @@ void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, in
     for (int64_t r = 0; r < rows; ++r) memset(buf.local + r * kLocalCols, 0, kLocalCols * sizeof(float));
   // One depth block of one panel: every microkernel slice times every row of the tile.
   auto block_product = [&](int s, int64_t j, int64_t k0, bool prefetch) {
-    const int64_t depth = min_i64(kDepthBlock, K - k0), panel = segs[s].first_panel + j;
+    const int64_t depth = min_i64(kDepthBlock<W>, K - k0), panel = segs[s].first_panel + j;
     const W* block;
     if (p.w.packed) {
       block = w_expert + panel * panel_elements(K, p.w.dtype) + k0 * kPanelCols;
@@ -193,9 +195,9 @@ void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, in
     // block; every output still adds its depth blocks in k0 order, so the sums are unchanged.
     for (int s = 0; s < n_segs; ++s)
       for (int64_t j = 0; j < segs[s].panels; ++j)
-        for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock) block_product(s, j, k0, true);
+        for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock<W>) block_product(s, j, k0, true);
   } else {
-    for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock)
+    for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock<W>)
       for (int s = 0; s < n_segs; ++s)
         for (int64_t j = 0; j < segs[s].panels; ++j) block_product(s, j, k0, false);
   }
