@@ -1,7 +1,10 @@
 """Time every implementation on every (shape, dtype) in one process; table, JSON and plots.
 
-Per (shape, dtype, implementation): one first call (the first warm-up; it is timed, and a peer whose
-first call takes longer than the budget is skipped), the rest of the warm-up, then `repeats` timed calls.
+Per (shape, dtype): every implementation is prepared and makes its first call (the first warm-up; it
+is timed, and a peer whose first call takes longer than the budget is skipped) and the rest of its
+warm-up; then the `repeats` timed calls are interleaved: round r calls each implementation once, in an
+order rotated by r. A shared machine's load drifts over seconds; interleaved, the drift falls on every
+implementation alike instead of on whichever ran during a busy spell, so the ratios stay fair.
 From the timed calls: p50/p95/p99 ms, tokens/s = T / p50, GFLOP/s = FLOPs (SPEC §6) / p50, for decode
 shapes GB/s = weight bytes touched / p50, the fraction of this run's ceiling (bandwidth for decode,
 compute otherwise; the ceilings are measured before the first and after the last implementation, the
@@ -249,12 +252,11 @@ def run(shapes=None, dtypes=("fp32",), impls=None, warmup=1, repeats=5, budget_s
                 touched = work.experts_touched() if shape.decode else None
                 baseline = None
                 for dt in dtypes:
-                    rows = []
-                    for name in impl_names:
-                        bar.status(f"{shape.name} {dt} {name}")
-                        time.sleep(SETTLE_S)
-                        row = _run_one(peers.BY_NAME[name], work, shape, dt, touched, warmup, repeats,
-                                       budget_s)
+                    bar.status(f"{shape.name} {dt}")
+                    rows = _run_interleaved([peers.BY_NAME[n] for n in impl_names], work, shape, dt, touched,
+                                            warmup, repeats, budget_s)
+                    for row in rows:
+                        name = row["impl"]
                         output = row.pop("_output", None)
                         if name == "moe_ext" and dt == "fp32" and output is not None:
                             baseline = output
@@ -266,7 +268,6 @@ def run(shapes=None, dtypes=("fp32",), impls=None, warmup=1, repeats=5, budget_s
                                 row["note"] = (row.get("note", "") + f" differs from moe_ext "
                                                f"(rel err {row['rel_err']:.2g})").strip()
                         del output
-                        rows.append(row)
                         bar.step(row)
                     doc["groups"].append(_ratios(rows, shape, dt, touched))
                     doc["results"].extend(rows)
@@ -379,7 +380,39 @@ def work_baseline(work):
     return _api.moe(work.x, work.w_router, work.w13, work.w2, work.shape.k)
 
 
-def _run_one(peer, work, shape, dtype, touched, warmup, repeats, budget_s):
+def _run_interleaved(peer_list, work, shape, dtype, touched, warmup, repeats, budget_s):
+    """The rows of every peer on one (shape, dtype): prepare and warm each up, then `repeats` rounds of
+    one timed call per peer (order rotated each round). All prepared peers are alive together."""
+    rows, fns = [], {}
+    for peer in peer_list:
+        time.sleep(SETTLE_S)
+        row, fn = _start(peer, work, shape, dtype, warmup, budget_s)
+        rows.append(row)
+        if fn is not None:
+            fns[peer.name] = fn
+    live = [r for r in rows if r["impl"] in fns]
+    for r in range(repeats):
+        for row in live[r % len(live):] + live[:r % len(live)]:
+            if row["status"] != "ok" or len(row["seconds"]) >= repeats:
+                continue
+            time.sleep(SETTLE_S)  # the previous peer's thread pools stop spinning
+            try:
+                start = time.perf_counter()
+                fns[row["impl"]]()
+                row["seconds"].append(time.perf_counter() - start)
+            except Exception as e:  # noqa: BLE001 - a failing implementation is a row, not a crash
+                row.update(status="error", note=f"error: {type(e).__name__}: {str(e)[:200]}", seconds=[])
+                row.pop("_output", None)
+    fns.clear()
+    for row in live:
+        if row["status"] == "ok":
+            _finish(row, shape, dtype, touched)
+    return rows
+
+
+def _start(peer, work, shape, dtype, warmup, budget_s):
+    """(row, fn): the row with its first call and warm-up done, and the callable to time (None when the
+    peer is unavailable, failed or over budget: the row says which)."""
     T, d, f, E, k = shape.dims
     row = {"shape": shape.name, "T": T, "d": d, "f": f, "E": E, "k": k, "dtype": dtype, "impl": peer.name,
            "kind": peer.kind, "bound": "bandwidth" if shape.decode else "compute", "status": "ok",
@@ -388,22 +421,28 @@ def _run_one(peer, work, shape, dtype, touched, warmup, repeats, budget_s):
         fn = peer.prepare(work, dtype)
     except peers.Unavailable as e:
         row.update(status=e.status, note=str(e))
-        return row
+        return row, None
     try:
-        status, first, seconds, output = measure(fn, warmup, repeats,
-                                                 None if peer.name == "moe_ext" else budget_s)
+        status, first, seconds, output = measure(fn, warmup, 0, None if peer.name == "moe_ext" else budget_s)
     except Exception as e:  # noqa: BLE001 - a failing implementation is a row, not a crash
         row.update(status="error", note=f"error: {type(e).__name__}: {str(e)[:200]}")
-        return row
+        return row, None
     row["first_call_s"] = first
     if status == "skipped":
         row.update(status="skipped", note=f"skipped (budget): first call {first:.1f} s > {budget_s:g} s")
-        return row
-    row["seconds"] = seconds
-    row.update(_percentiles(seconds))
+        return row, None
+    row["seconds"] = seconds  # the first call, when there is no warm-up
+    row["_output"] = output
+    return row, fn
+
+
+def _finish(row, shape, dtype, touched):
+    """Percentiles, throughput and bytes of a row from its timed calls."""
+    T, d, f, E, k = shape.dims
+    row.update(_percentiles(row["seconds"]))
     p50 = row["p50_ms"] / 1e3
     itemsize = 4 if dtype == "fp32" else 2
-    dense = peer.kind == "dense"
+    dense = row["kind"] == "dense"
     row["flop"] = workload.dense_flops(*shape.dims) if dense else workload.flops(*shape.dims)
     row["tokens_per_s"] = T / p50
     row["gflop_per_s"] = row["flop"] / p50 / 1e9
@@ -411,8 +450,6 @@ def _run_one(peer, work, shape, dtype, touched, warmup, repeats, budget_s):
         row["bytes"] = (workload.dense_bytes(d, f, k, itemsize) if dense
                         else workload.weight_bytes(d, f, E, touched, itemsize))
         row["gb_per_s"] = row["bytes"] / p50 / 1e9
-    row["_output"] = output
-    return row
 
 
 def _ratios(rows, shape, dtype, touched):
