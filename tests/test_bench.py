@@ -181,6 +181,38 @@ def test_budget_skips_slow_peers_but_not_moe_ext():
     assert "tokens/s" in text and "skipped (budget)" in text and doc["files"] == {}
 
 
+class _FakePeer(peers.Peer):
+    """A peer whose calls append its name to a shared log; `fail_on` makes that call raise."""
+
+    def __init__(self, name, log, fail_on=None):
+        self.name, self.log, self.fail_on, self.calls = name, log, fail_on, 0
+
+    def prepare(self, work, dtype):
+        def forward():
+            self.calls += 1
+            if self.calls == self.fail_on:
+                raise RuntimeError("boom")
+            self.log.append(self.name)
+            return None
+
+        return forward
+
+
+def test_timed_calls_interleave_in_rotated_rounds(monkeypatch):
+    monkeypatch.setattr(harness, "SETTLE_S", 0)
+    log = []
+    fakes = [_FakePeer("a", log), _FakePeer("b", log), _FakePeer("c", log, fail_on=3)]
+    shape = workload.parse_spec(TINY)
+    rows = harness._run_interleaved(fakes, None, shape, "fp32", None, warmup=1, repeats=3, budget_s=None)
+    # warm-ups a b c; round 0: a b c; round 1, rotated: b c a (c's third call raises: an error row,
+    # no more calls); round 2: a b
+    assert log == ["a", "b", "c", "a", "b", "c", "b", "a", "a", "b"]
+    by = {r["impl"]: r for r in rows}
+    assert [r["impl"] for r in rows] == ["a", "b", "c"]
+    assert len(by["a"]["seconds"]) == 3 and by["a"]["status"] == "ok" and "p50_ms" in by["a"]
+    assert by["c"]["status"] == "error" and "boom" in by["c"]["note"] and by["c"]["seconds"] == []
+
+
 def test_shape_names():
     assert [s.name for s in workload.expand(["decode"])] == ["decode-1", "decode-4", "decode-16"]
     assert [s.name for s in workload.expand(["quick"])] == ["small"] == bench.QUICK
