@@ -33,7 +33,8 @@ CASES = {  # name: (per-expert row counts, N, K)
     "N1": ([4, 6], 1, 9),
     "wide-K": ([6, 5], 8, 1000),  # K far from multiples of 16: tail handling
     "E64": ([(7 * e) % 5 for e in range(64)], 23, 45),  # 64 small experts, every fifth one empty
-    "many-rows-odd": ([9, 0, 13, 25, 7], 37, 45),  # just above / below a few-rows path, partial panels
+    # either side of the few-rows paths (streamed plain weights up to 16 rows, packed panel by panel)
+    "many-rows-odd": ([9, 0, 13, 16, 17, 25, 7], 37, 45),
     "deep-K": ([9, 13, 0, 20], 37, 600),  # K over several depth blocks (partial last one)
     "wide-N": ([15, 10], 300, 45),  # N over several column blocks (partial last one)
     "deep-wide": ([12, 3], 270, 260),

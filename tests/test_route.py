@@ -7,7 +7,8 @@ from moe_ext import reference as ref
 from conftest import (ROUTE_RTOL, SELECTION_MARGIN, assert_close, f64, random_router, random_x,
                       selection_margins, unchanged)
 
-# (T, d, E, k): empty, one token, sizes not multiples of 16, k = E, E = 1, many small experts.
+# (T, d, E, k): empty, one token, sizes not multiples of 16, k = E, E = 1, many small experts, T and E
+# off the router's token and expert blocks (4 x 4 with AVX-512, 2 x 4 below).
 SHAPES = [
     (0, 16, 8, 2),
     (1, 16, 8, 2),
@@ -16,6 +17,9 @@ SHAPES = [
     (23, 23, 1, 1),
     (300, 64, 64, 6),
     (50, 17, 16, 4),
+    (7, 33, 7, 3),
+    (6, 16, 5, 2),
+    (5, 100, 10, 3),
 ]
 
 

@@ -73,8 +73,10 @@ struct Kernels {
 // Per thread: the tile's float32 results and one packed weight block.
 constexpr int64_t kGemmScratchBytes = 512 * 1024;
 
-// Per thread: scores, keys, excluded flags, group scores, group flags.
-inline int64_t route_scratch_floats(int64_t E) { return 5 * E; }
+// Tokens whose router logits route computes together (their dot products share loads).
+constexpr int64_t kRouteTokenBlock = 4;
+// Per thread: a token block's logits, then scores, keys, excluded flags, group scores, group flags.
+inline int64_t route_scratch_floats(int64_t E) { return (kRouteTokenBlock + 5) * E; }
 
 // The table of the tier in use.
 const Kernels& kernels();
