@@ -4,8 +4,8 @@
 // Work is cut into tiles of (expert, block of rows, block of kTileCols output columns), scheduled
 // dynamically over the threads, so both cores stay busy when one expert holds most rows or when T is
 // tiny. A tile computes into a float32 buffer of its own (scratch), then its epilogue writes the output:
-// a copy, or the activation (gated: act(gate) * up from the tile's gate and up columns, so the [M, 2f]
-// product is never written out). Inside a tile, per depth block of kDepthBlock:
+// the activation (gated: act(gate) * up from the tile's gate and up columns, so the [M, 2f] product is
+// never written out), or without one a copy of what did not go straight to out (whole panels do). Inside a tile, per depth block of kDepthBlock:
 // - weights in the packed panel layout (core/packed.h: prepacked once, or packed here panel by panel
 //   when the caller passed a plain array) feed a register-blocked microkernel (cpu/gemm_micro.h);
 //   the loop order keeps one microkernel's weight slice (kDepthBlock<W> x kMicroCols) in L1 across the
@@ -120,29 +120,36 @@ struct TileBuffers {
   void* pack;    // one packed panel block
 };
 
+// A tile without an activation computes its first `panels` panels (whole ones, inside N) straight into
+// out, row stride ld; only the rest goes through the tile's buffer and the epilogue's copy.
+struct DirectOut {
+  float* out = nullptr;
+  int64_t ld = 0, panels = 0;
+};
+
 // a_pairs (with dpbf16): the same rows as a, bfloat16 pairs, row stride lda_pairs words.
 template <int Rows, bool Prefetch, typename W>
 void micro_dispatch_rows(const float* a, int64_t lda, const uint32_t* a_pairs, int64_t lda_pairs, const W* b,
-                         int64_t depth, float* c, bool accumulate, bool dpbf16) {
+                         int64_t depth, float* c, int64_t ldc, bool accumulate, bool dpbf16) {
   (void)a_pairs, (void)lda_pairs, (void)dpbf16;
   if constexpr (kIsBf16<W>) {
 #if defined(__AVX512F__)
     if (dpbf16)
-      return micro_kernel_dpbf16<Rows, Prefetch>(a_pairs, lda_pairs, b, (depth + 1) / 2, c, kLocalCols, accumulate);
+      return micro_kernel_dpbf16<Rows, Prefetch>(a_pairs, lda_pairs, b, (depth + 1) / 2, c, ldc, accumulate);
 #endif
-    micro_kernel_bf16<Rows, Prefetch>(a, lda, b, depth, c, kLocalCols, accumulate);
+    micro_kernel_bf16<Rows, Prefetch>(a, lda, b, depth, c, ldc, accumulate);
   } else {
-    micro_kernel<Rows, Prefetch>(a, lda, b, depth, c, kLocalCols, accumulate);
+    micro_kernel<Rows, Prefetch>(a, lda, b, depth, c, ldc, accumulate);
   }
 }
 
 template <bool Prefetch, typename W>
 void micro_dispatch(int rows, const float* a, int64_t lda, const uint32_t* a_pairs, int64_t lda_pairs, const W* b,
-                    int64_t depth, float* c, bool accumulate, bool dpbf16) {
+                    int64_t depth, float* c, int64_t ldc, bool accumulate, bool dpbf16) {
   switch (rows) {
 #define MOE_EXT_ROWS_CASE(R)                                                                                 \
   case R:                                                                                                    \
-    return micro_dispatch_rows<(R <= kMicroRows ? R : 1), Prefetch>(a, lda, a_pairs, lda_pairs, b, depth, c, \
+    return micro_dispatch_rows<(R <= kMicroRows ? R : 1), Prefetch>(a, lda, a_pairs, lda_pairs, b, depth, c, ldc, \
                                                                     accumulate, dpbf16);
     MOE_EXT_ROWS_CASE(1) MOE_EXT_ROWS_CASE(2) MOE_EXT_ROWS_CASE(3) MOE_EXT_ROWS_CASE(4)
     MOE_EXT_ROWS_CASE(5) MOE_EXT_ROWS_CASE(6) MOE_EXT_ROWS_CASE(7) MOE_EXT_ROWS_CASE(8)
@@ -151,10 +158,11 @@ void micro_dispatch(int rows, const float* a, int64_t lda, const uint32_t* a_pai
   }
 }
 
-// The tile's product a[rows] @ w[e, columns of the segments]^T into buf.local via the microkernels.
+// The tile's product a[rows] @ w[e, columns of the segments]^T via the microkernels, into buf.local or,
+// for its first direct.panels panels, into out.
 template <typename W>
 void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, int n_segs, bool dpbf16,
-                    const TileBuffers& buf) {
+                    const TileBuffers& buf, const DirectOut& direct) {
   const int64_t K = p.w.K, rows = t.row_end - t.row_begin;
   const W* w_expert = static_cast<const W*>(p.w.data) +
                       (p.w.packed ? t.expert * packed_expert_elements(p.w.N, K, p.w.dtype) : t.expert * p.w.N * K);
@@ -174,18 +182,20 @@ void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, in
       block = static_cast<const W*>(buf.pack);
     }
     const int64_t pair_step = kIsBf16<W> ? 2 : 1;  // elements per column in a panel row
+    const bool to_out = s == 0 && j < direct.panels;
+    const int64_t ldc = to_out ? direct.ld : kLocalCols;
     for (int64_t slice = 0; slice < kPanelCols; slice += kMicroCols) {
-      float* c = buf.local + segs[s].local_col + j * kPanelCols + slice;
+      float* c = (to_out ? direct.out : buf.local + segs[s].local_col) + j * kPanelCols + slice;
       for (int64_t m = 0; m < rows; m += kMicroRows) {
         const int r = static_cast<int>(min_i64(kMicroRows, rows - m));
         const float* a_m = a + m * K + k0;
         const uint32_t* pairs_m = a_pairs ? a_pairs + m * lda_pairs + k0 / 2 : nullptr;
         if (prefetch)
-          micro_dispatch<true, W>(r, a_m, K, pairs_m, lda_pairs, block + slice * pair_step, depth, c + m * kLocalCols,
+          micro_dispatch<true, W>(r, a_m, K, pairs_m, lda_pairs, block + slice * pair_step, depth, c + m * ldc, ldc,
                                   k0 > 0, dpbf16);
         else
-          micro_dispatch<false, W>(r, a_m, K, pairs_m, lda_pairs, block + slice * pair_step, depth,
-                                   c + m * kLocalCols, k0 > 0, dpbf16);
+          micro_dispatch<false, W>(r, a_m, K, pairs_m, lda_pairs, block + slice * pair_step, depth, c + m * ldc, ldc,
+                                   k0 > 0, dpbf16);
       }
     }
   };
@@ -258,13 +268,15 @@ void streamed_product(const GemmProblem& p, const Tile& t, const Segment* segs, 
   }
 }
 
-// Writes the tile's rows of out from its buffer: a copy or the activation.
-void epilogue(const GemmProblem& p, const Geometry& g, const Tile& t, const Segment* segs, const float* local) {
+// Writes the tile's rows of out from its buffer (past the `direct` columns already there): a copy or the
+// activation.
+void epilogue(const GemmProblem& p, const Geometry& g, const Tile& t, const Segment* segs, const float* local,
+              int64_t direct) {
   for (int64_t r = 0; r < t.row_end - t.row_begin; ++r) {
     const float* src = local + r * kLocalCols + segs[0].offset;
     float* dst = p.out + (t.row_begin + r) * g.out_cols + t.col_begin;
     if (!p.fuse_activation)
-      memcpy(dst, src, static_cast<size_t>(t.cols) * sizeof(float));
+      memcpy(dst + direct, src + direct, static_cast<size_t>(t.cols - direct) * sizeof(float));
     else
       activate_row(p.activation, src, g.gated ? local + r * kLocalCols + segs[1].local_col + segs[1].offset : nullptr,
                    t.cols, dst);
@@ -278,11 +290,17 @@ void run_tile(const GemmProblem& p, const Geometry& g, const Tile& t, bool dpbf1
   int n_segs = 1;
   if (g.gated) segs[n_segs++] = segment(g.half + t.col_begin, t.cols, segs[0].panels * kPanelCols);
   const int64_t expert_rows = p.offsets[t.expert + 1] - p.offsets[t.expert];
-  if (streams(p, expert_rows))
+  DirectOut direct;
+  if (streams(p, expert_rows)) {
     streamed_product<W>(p, t, segs, n_segs, buf.local);
-  else
-    packed_product<W>(p, t, segs, n_segs, dpbf16, buf);
-  epilogue(p, g, t, segs, buf.local);
+  } else {
+    // Without an activation the tile starts on a panel boundary (col_begin is a multiple of kTileCols),
+    // so its whole panels can go straight to out. K = 0 leaves the sums to the zeroed buffer.
+    if (!p.fuse_activation && p.w.K > 0)
+      direct = {p.out + t.row_begin * g.out_cols + t.col_begin, g.out_cols, t.cols / kPanelCols};
+    packed_product<W>(p, t, segs, n_segs, dpbf16, buf, direct);
+  }
+  epilogue(p, g, t, segs, buf.local, direct.panels * kPanelCols);
 }
 
 // The tile with this index in (expert, row block, column block) order, or false when past the end.
