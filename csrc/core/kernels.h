@@ -13,7 +13,7 @@ namespace moe_ext {
 // A grouped GEMM: out[rows of e] = a[rows of e] @ w[e]^T for the rows offsets[e]..offsets[e+1]-1, with
 // the activation optionally applied in the epilogue (the [M, N] product is then never written out).
 struct GemmProblem {
-  const float* a = nullptr;        // [M, K], M = offsets[E]
+  const float* a = nullptr;        // [M, K], M = offsets[E]; may be null with bf16_dot and packed weights
   WeightView w;                    // [E, N, K], unpacked or packed
   const int32_t* offsets = nullptr;
   bool fuse_activation = false;    // out = activation(product): [M, N / 2] gated, [M, N] otherwise

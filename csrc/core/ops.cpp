@@ -53,13 +53,15 @@ const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K) {
   return rows;
 }
 
+// a_bf16: with vdpbf16ps, a's rows already rounded (then a itself may be null: packed weights never read
+// the float32 rows under vdpbf16ps); null to round them here.
 void run_gemm(const float* a, DType caller_dtype, const WeightView& w, const int32_t* offsets, bool fuse,
-              Activation activation, float* out) {
+              Activation activation, float* out, const uint16_t* a_bf16 = nullptr) {
   GemmProblem problem;
   problem.a = a, problem.w = w, problem.offsets = offsets, problem.out = out;
   problem.fuse_activation = fuse, problem.activation = activation;
   problem.bf16_dot = use_bf16_dot(caller_dtype, w);
-  if (problem.bf16_dot) problem.a_bf16 = round_rows_to_bf16(a, offsets[w.E], w.K);
+  if (problem.bf16_dot) problem.a_bf16 = a_bf16 ? a_bf16 : round_rows_to_bf16(a, offsets[w.E], w.K);
   const int threads = num_threads();  // read once: the scratch is sized for exactly this many
   kernels().grouped_gemm(problem, threads, gemm_scratch(threads));
 }
@@ -134,10 +136,19 @@ void experts(const void* x, DType x_dtype, const WeightView& w13_or_w1, const We
   float* x_perm = ws.get<float>(Scratch::x_perm, M * d);
   float* activated = ws.get<float>(Scratch::activated, M * f);
   const Kernels& kern = kernels();
+  // bfloat16 tokens into vdpbf16ps on packed weights: the rows are gathered as they are, already the
+  // operand (rows of even d need no padding), rather than widened to float32 and rounded back.
+  const bool gather_bf16 = use_bf16_dot(x_dtype, w13_or_w1) && w13_or_w1.packed && d % 2 == 0;
   if (M > 0) {
-    kern.gather_rows(x, x_dtype, perm_rows, T, k, d, x_perm, DType::f32);  // widened once, here
     // The activation runs in the first GEMM's epilogue: the [M, 2f] product is never written out.
-    run_gemm(x_perm, x_dtype, w13_or_w1, offsets, true, activation, activated);
+    if (gather_bf16) {
+      uint16_t* rows = ws.get<uint16_t>(Scratch::gemm_a_bf16, M * d);
+      kern.gather_rows(x, x_dtype, perm_rows, T, k, d, rows, x_dtype);
+      run_gemm(nullptr, x_dtype, w13_or_w1, offsets, true, activation, activated, rows);
+    } else {
+      kern.gather_rows(x, x_dtype, perm_rows, T, k, d, x_perm, DType::f32);  // widened once, here
+      run_gemm(x_perm, x_dtype, w13_or_w1, offsets, true, activation, activated);
+    }
     // x_perm is dead after the first GEMM and has y_perm's shape [M, d].
     run_gemm(activated, x_dtype, w2, offsets, false, activation, x_perm);
   }

@@ -166,7 +166,7 @@ void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, in
   const int64_t K = p.w.K, rows = t.row_end - t.row_begin;
   const W* w_expert = static_cast<const W*>(p.w.data) +
                       (p.w.packed ? t.expert * packed_expert_elements(p.w.N, K, p.w.dtype) : t.expert * p.w.N * K);
-  const float* a = p.a + t.row_begin * K;
+  const float* a = p.a ? p.a + t.row_begin * K : nullptr;  // null under vdpbf16ps from gathered rows
   const int64_t lda_pairs = (K + 1) / 2;
   const uint32_t* a_pairs = dpbf16 ? reinterpret_cast<const uint32_t*>(p.a_bf16) + t.row_begin * lda_pairs : nullptr;
   if (K == 0)  // an empty sum: the depth loop would never write the buffer
@@ -188,7 +188,7 @@ void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, in
       float* c = (to_out ? direct.out : buf.local + segs[s].local_col) + j * kPanelCols + slice;
       for (int64_t m = 0; m < rows; m += kMicroRows) {
         const int r = static_cast<int>(min_i64(kMicroRows, rows - m));
-        const float* a_m = a + m * K + k0;
+        const float* a_m = a ? a + m * K + k0 : nullptr;
         const uint32_t* pairs_m = a_pairs ? a_pairs + m * lda_pairs + k0 / 2 : nullptr;
         if (prefetch)
           micro_dispatch<true, W>(r, a_m, K, pairs_m, lda_pairs, block + slice * pair_step, depth, c + m * ldc, ldc,
