@@ -5,7 +5,8 @@
 // dynamically over the threads, so both cores stay busy when one expert holds most rows or when T is
 // tiny. A tile computes into a float32 buffer of its own (scratch), then its epilogue writes the output:
 // the activation (gated: act(gate) * up from the tile's gate and up columns, so the [M, 2f] product is
-// never written out), or without one a copy of what did not go straight to out (whole panels do). Inside a tile, per depth block of kDepthBlock:
+// never written out), or without one a copy of what did not go straight to out (whole panels do).
+// Inside a tile, per depth block of kDepthBlock:
 // - weights in the packed panel layout (core/packed.h: prepacked once, or packed here panel by panel
 //   when the caller passed a plain array) feed a register-blocked microkernel (cpu/gemm_micro.h);
 //   the loop order keeps one microkernel's weight slice (kDepthBlock<W> x kMicroCols) in L1 across the
@@ -233,14 +234,11 @@ void stream_rows(const float* a, int64_t lda, const W* w_row, int64_t K, float* 
   float w_tail[kStep] = {};
   for (int64_t i = 0; p + i < K; ++i) w_tail[i] = to_f32(w_row[p + i]);
   for (int r = 0; r < Rows; ++r) {
-    float a_tail[kStep] = {}, lanes[kStep];
+    float a_tail[kStep] = {};
     for (int64_t i = 0; p + i < K; ++i) a_tail[i] = a[r * lda + p + i];
     acc[r][0] += load(a_tail) * load(w_tail);
     acc[r][1] += load(a_tail + kLanes) * load(w_tail + kLanes);
-    store(lanes, acc[r][0] + acc[r][1]);
-    for (int width = kLanes / 2; width > 0; width /= 2)
-      for (int lane = 0; lane < width; ++lane) lanes[lane] += lanes[lane + width];
-    c[r * kLocalCols] = lanes[0];
+    c[r * kLocalCols] = lane_sum(acc[r][0] + acc[r][1]);
   }
 }
 

@@ -82,14 +82,6 @@ constexpr int kExpertBlock = 4;
 constexpr int kTokens = kLanes == 16 ? 4 : 2;  // Tb x Eb accumulators + Eb weights fit the register file
 static_assert(kTokens <= kRouteTokenBlock, "a thread's scratch holds the token block's logits");
 
-float lane_sum(vec v) {
-  float lanes[kLanes];
-  store(lanes, v);
-  for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int lane = 0; lane < width; ++lane) lanes[lane] += lanes[lane + width];
-  return lanes[0];
-}
-
 // logits[t * E + e] = x[t] . w_router[e] for Tb tokens and Eb experts from e0.
 template <int Tb, int Eb>
 void logits_block(const float* x, const float* w_router, int64_t d, int64_t E, int64_t e0, float* logits) {
@@ -104,12 +96,13 @@ void logits_block(const float* x, const float* w_router, int64_t d, int64_t E, i
     }
   }
   if (p < d) {  // the tail, zero-padded to a whole vector
-    float xt[kLanes] = {}, we[kLanes] = {};
+    float xt[Tb][kLanes] = {}, we[Eb][kLanes] = {};
+    for (int64_t i = 0; p + i < d; ++i) {
+      for (int t = 0; t < Tb; ++t) xt[t][i] = x[t * d + p + i];
+      for (int e = 0; e < Eb; ++e) we[e][i] = w_router[(e0 + e) * d + p + i];
+    }
     for (int t = 0; t < Tb; ++t)
-      for (int e = 0; e < Eb; ++e) {
-        for (int64_t i = 0; p + i < d; ++i) xt[i] = x[t * d + p + i], we[i] = w_router[(e0 + e) * d + p + i];
-        acc[t][e] += load(xt) * load(we);
-      }
+      for (int e = 0; e < Eb; ++e) acc[t][e] += load(xt[t]) * load(we[e]);
   }
   for (int t = 0; t < Tb; ++t)
     for (int e = 0; e < Eb; ++e) logits[t * E + e0 + e] = lane_sum(acc[t][e]);

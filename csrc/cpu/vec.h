@@ -22,6 +22,15 @@ static inline void store(float* p, vec v) { *reinterpret_cast<vec_u*>(p) = v; }
 // x - (+0) is x for every x (unlike x + 0 for -0), so the compiler folds it into a plain broadcast.
 static inline vec broadcast(float x) { return x - vec{}; }
 
+// The sum of v's lanes in a fixed tree (halves added pairwise), so every caller sums alike.
+static inline float lane_sum(vec v) {
+  float lanes[kLanes];
+  store(lanes, v);
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int lane = 0; lane < width; ++lane) lanes[lane] += lanes[lane + width];
+  return lanes[0];
+}
+
 typedef int32_t ivec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 // e^x to about 1 ulp (Cephes' expf: x = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial in r, and
