@@ -1,4 +1,4 @@
-"""Decode (T <= 16) against the machine's read bandwidth at the same moment: moe_ext.moe on prepacked
+"""Decode (T <= 16) against the machine's read bandwidth at the same moment: moe_ext.moe on prepacked (or plain)
 Mixtral-shaped experts, interleaved call by call with a plain read (torch.sum, else NumPy's sum) of a
 buffer holding as many bytes as the decode step reads.
 
@@ -7,7 +7,7 @@ fraction of a ceiling measured at another moment says as much about the neighbou
 kernel. Here every moe_ext call has a read right next to it; the figure is the median over the pairs
 of read seconds / moe_ext seconds (1.0 = as fast as a plain read of the same bytes).
 
-    python bench/decode_bandwidth.py [--tokens 1] [--dtype fp32|bf16] [--pairs 15]
+    python bench/decode_bandwidth.py [--tokens 1] [--dtype fp32|bf16] [--weights packed|plain] [--pairs 15]
 """
 import argparse
 import time
@@ -37,6 +37,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--weights", choices=["packed", "plain"], default="packed",
+                        help="moe_ext.prepack'd weights (default) or the plain arrays")
     parser.add_argument("--pairs", type=int, default=15, help="timed (moe_ext, read) pairs")
     args = parser.parse_args()
 
@@ -46,8 +48,8 @@ def main():
 
         x = x.astype(ml_dtypes.bfloat16)
         w13, w2 = w13.astype(ml_dtypes.bfloat16), w2.astype(ml_dtypes.bfloat16)
-    p13, p2 = moe_ext.prepack(w13), moe_ext.prepack(w2)
-    del w13, w2
+    if args.weights == "packed":
+        w13, w2 = moe_ext.prepack(w13), moe_ext.prepack(w2)
     touched = len(np.unique(moe_ext.route(np.asarray(x, np.float32), w_router, K)[1]))
     nbytes = workload.weight_bytes(D, F, E, touched, 4 if args.dtype == "fp32" else 2)
     what, read = _reader(nbytes, args.dtype)
@@ -58,7 +60,7 @@ def main():
         return time.perf_counter() - start
 
     def decode():
-        return moe_ext.moe(x, w_router, p13, p2, K)
+        return moe_ext.moe(x, w_router, w13, w2, K)
 
     decode(), read()  # warm-up
     ours, reads = [], []
@@ -69,7 +71,7 @@ def main():
         reads.append(b if first is decode else a)
     ours, reads = np.array(ours), np.array(reads)
     print(f"decode T={args.tokens} {args.dtype}: {touched} experts touched, {nbytes / 1e9:.3f} GB per step; "
-          f"read: {what}; {args.pairs} pairs")
+          f"{args.weights} weights; read: {what}; {args.pairs} pairs")
     print(f"  moe_ext  p50 {np.median(ours) * 1e3:8.2f} ms  {nbytes / np.median(ours) / 1e9:6.1f} GB/s")
     print(f"  read     p50 {np.median(reads) * 1e3:8.2f} ms  {nbytes / np.median(reads) / 1e9:6.1f} GB/s")
     print(f"  moe_ext / read bandwidth: median over pairs {np.median(reads / ours):.3f}, "

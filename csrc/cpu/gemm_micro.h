@@ -26,25 +26,11 @@ static inline void store_tile(vec (&acc)[Rows][2], float* c, int64_t ldc, bool a
 }
 
 // float32 or float16 panels: element (p, c) at p * kPanelCols + c; b points at the slice's column 0.
-// Prefetch (few rows, memory-bound): each depth step also asks for the panel row kPrefetchBytes ahead, so
-// the weight stream stays in flight while the FMAs run (a no-op for the sums).
-constexpr int64_t kPrefetchBytes = 2048;
-
-template <bool Prefetch>
-static inline void prefetch_panel_row(const void* row) {
-  if constexpr (Prefetch) {
-    const char* at = static_cast<const char*>(row) + kPrefetchBytes;
-    __builtin_prefetch(at);
-    __builtin_prefetch(at + 64);
-  }
-}
-
-template <int Rows, bool Prefetch = false, typename P>
+template <int Rows, typename P>
 static void micro_kernel(const float* a, int64_t lda, const P* b, int64_t depth, float* c, int64_t ldc,
                          bool accumulate) {
   vec acc[Rows][2] = {};
   for (int64_t p = 0; p < depth; ++p) {
-    prefetch_panel_row<Prefetch>(b + p * moe_ext::kPanelCols);
     const vec b0 = load_f32(b + p * moe_ext::kPanelCols), b1 = load_f32(b + p * moe_ext::kPanelCols + kLanes);
     for (int r = 0; r < Rows; ++r) {
       const vec ar = broadcast(a[r * lda + p]);
@@ -57,7 +43,7 @@ static void micro_kernel(const float* a, int64_t lda, const P* b, int64_t depth,
 
 // bfloat16 pair panels widened in registers: the 32-bit word of column c at pair q holds depth 2q in
 // its low half and 2q+1 in its high half, so a shift and a mask give both as float32.
-template <int Rows, bool Prefetch = false>
+template <int Rows>
 static void micro_kernel_bf16(const float* a, int64_t lda, const bf16_t* b, int64_t depth, float* c, int64_t ldc,
                               bool accumulate) {
   const uint32_t* words = reinterpret_cast<const uint32_t*>(b);
@@ -65,7 +51,6 @@ static void micro_kernel_bf16(const float* a, int64_t lda, const bf16_t* b, int6
   const uvec high_half = (uvec){} + 0xffff0000u;
   int64_t q = 0;
   for (; 2 * q + 1 < depth; ++q) {
-    prefetch_panel_row<Prefetch>(words + q * moe_ext::kPanelCols);
     const uvec w0 = *reinterpret_cast<const uvec_u*>(words + q * moe_ext::kPanelCols);
     const uvec w1 = *reinterpret_cast<const uvec_u*>(words + q * moe_ext::kPanelCols + kLanes);
     const vec even0 = (vec)(w0 << 16), even1 = (vec)(w1 << 16), odd0 = (vec)(w0 & high_half),
@@ -91,10 +76,41 @@ static void micro_kernel_bf16(const float* a, int64_t lda, const bf16_t* b, int6
 }
 
 #if defined(__AVX512F__)
+// Few rows of float32 panels (decode), where streaming the weights is the whole cost: the same product as
+// micro_kernel<Rows> with 256-bit loads, which read a stream a few percent faster than 512-bit ones on
+// Zen 4 (the stream_loads binary, csrc/bench/, measures both). Every lane adds the same products in the
+// same order as micro_kernel's, so the results are bit-identical. No software prefetch here or anywhere
+// in the decode path: the hardware prefetchers follow a sequential panel, and asking for every line
+// ahead made the same read slower (stream_loads again).
+typedef float narrow_vec __attribute__((vector_size(32)));
+typedef float narrow_vec_u __attribute__((vector_size(32), aligned(4)));
+constexpr int kNarrowLanes = 8, kNarrowRows = 4;  // 4 rows x 4 accumulators: half the register file
+
+template <int Rows>
+static void micro_kernel_narrow(const float* a, int64_t lda, const float* b, int64_t depth, float* c, int64_t ldc,
+                                bool accumulate) {
+  constexpr int kParts = kMicroCols / kNarrowLanes;
+  narrow_vec acc[Rows][kParts] = {};
+  for (int64_t p = 0; p < depth; ++p) {
+    narrow_vec w[kParts];
+    for (int i = 0; i < kParts; ++i)
+      w[i] = *reinterpret_cast<const narrow_vec_u*>(b + p * moe_ext::kPanelCols + i * kNarrowLanes);
+    for (int r = 0; r < Rows; ++r) {
+      const narrow_vec ar = a[r * lda + p] - narrow_vec{};
+      for (int i = 0; i < kParts; ++i) acc[r][i] += ar * w[i];
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int i = 0; i < kParts; ++i) {
+      narrow_vec_u* dst = reinterpret_cast<narrow_vec_u*>(c + r * ldc + i * kNarrowLanes);
+      *dst = accumulate ? *dst + acc[r][i] : acc[r][i];
+    }
+}
+
 // AVX512_BF16: vdpbf16ps adds a[2q] b[2q] + a[2q+1] b[2q+1] to each float32 lane, 32 products per
 // instruction. `a_pairs` holds the rows rounded to bfloat16, two depths per 32-bit word (row stride
 // lda_pairs words); depth is whole pairs (padding is zero on both sides).
-template <int Rows, bool Prefetch = false>
+template <int Rows>
 __attribute__((target("avx512bf16"))) static void micro_kernel_dpbf16(const uint32_t* a_pairs, int64_t lda_pairs,
                                                                      const bf16_t* b, int64_t pairs, float* c,
                                                                      int64_t ldc, bool accumulate) {
@@ -102,7 +118,6 @@ __attribute__((target("avx512bf16"))) static void micro_kernel_dpbf16(const uint
   __m512 acc[Rows][2];
   for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t q = 0; q < pairs; ++q) {
-    prefetch_panel_row<Prefetch>(words + q * moe_ext::kPanelCols);
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(words + q * moe_ext::kPanelCols);
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(words + q * moe_ext::kPanelCols + 16);
     for (int r = 0; r < Rows; ++r) {

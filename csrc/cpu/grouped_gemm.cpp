@@ -12,7 +12,7 @@
 //   the loop order keeps one microkernel's weight slice (kDepthBlock<W> x kMicroCols) in L1 across the
 //   tile's rows and the tile's rows of a (<= 256 x kDepthBlock<W> floats) in L2;
 // - plain weights with few rows per expert (decode): packing would cost as much as the math, so each
-//   weight row is streamed once, with prefetch, and dotted with every row of the expert.
+//   weight row is streamed once and dotted with every row of the expert.
 // Each output element is summed in an order fixed by the data and these constants, never by the thread
 // count or the schedule, so results are bit-identical for any number of threads.
 #include "core/packed.h"
@@ -22,6 +22,8 @@
 #include "cpu/gemm_micro.h"
 #include "cpu/kernels.h"
 #include "cpu/vec.h"
+
+#include <type_traits>
 
 namespace moe_ext::cpu::MOE_EXT_CPU_NS {
 
@@ -128,29 +130,33 @@ struct DirectOut {
   int64_t ld = 0, panels = 0;
 };
 
-// a_pairs (with dpbf16): the same rows as a, bfloat16 pairs, row stride lda_pairs words.
-template <int Rows, bool Prefetch, typename W>
+// a_pairs (with dpbf16): the same rows as a, bfloat16 pairs, row stride lda_pairs words. Stream: few rows
+// (decode), the weight stream is the whole cost.
+template <int Rows, bool Stream, typename W>
 void micro_dispatch_rows(const float* a, int64_t lda, const uint32_t* a_pairs, int64_t lda_pairs, const W* b,
                          int64_t depth, float* c, int64_t ldc, bool accumulate, bool dpbf16) {
   (void)a_pairs, (void)lda_pairs, (void)dpbf16;
   if constexpr (kIsBf16<W>) {
 #if defined(__AVX512F__)
-    if (dpbf16)
-      return micro_kernel_dpbf16<Rows, Prefetch>(a_pairs, lda_pairs, b, (depth + 1) / 2, c, ldc, accumulate);
+    if (dpbf16) return micro_kernel_dpbf16<Rows>(a_pairs, lda_pairs, b, (depth + 1) / 2, c, ldc, accumulate);
 #endif
-    micro_kernel_bf16<Rows, Prefetch>(a, lda, b, depth, c, ldc, accumulate);
+    micro_kernel_bf16<Rows>(a, lda, b, depth, c, ldc, accumulate);
   } else {
-    micro_kernel<Rows, Prefetch>(a, lda, b, depth, c, ldc, accumulate);
+#if defined(__AVX512F__)
+    if constexpr (Stream && Rows <= kNarrowRows && std::is_same_v<W, float>)
+      return micro_kernel_narrow<Rows>(a, lda, b, depth, c, ldc, accumulate);
+#endif
+    micro_kernel<Rows>(a, lda, b, depth, c, ldc, accumulate);
   }
 }
 
-template <bool Prefetch, typename W>
+template <bool Stream, typename W>
 void micro_dispatch(int rows, const float* a, int64_t lda, const uint32_t* a_pairs, int64_t lda_pairs, const W* b,
                     int64_t depth, float* c, int64_t ldc, bool accumulate, bool dpbf16) {
   switch (rows) {
 #define MOE_EXT_ROWS_CASE(R)                                                                                 \
   case R:                                                                                                    \
-    return micro_dispatch_rows<(R <= kMicroRows ? R : 1), Prefetch>(a, lda, a_pairs, lda_pairs, b, depth, c, ldc, \
+    return micro_dispatch_rows<(R <= kMicroRows ? R : 1), Stream>(a, lda, a_pairs, lda_pairs, b, depth, c, ldc, \
                                                                     accumulate, dpbf16);
     MOE_EXT_ROWS_CASE(1) MOE_EXT_ROWS_CASE(2) MOE_EXT_ROWS_CASE(3) MOE_EXT_ROWS_CASE(4)
     MOE_EXT_ROWS_CASE(5) MOE_EXT_ROWS_CASE(6) MOE_EXT_ROWS_CASE(7) MOE_EXT_ROWS_CASE(8)
@@ -173,7 +179,7 @@ void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, in
   if (K == 0)  // an empty sum: the depth loop would never write the buffer
     for (int64_t r = 0; r < rows; ++r) memset(buf.local + r * kLocalCols, 0, kLocalCols * sizeof(float));
   // One depth block of one panel: every microkernel slice times every row of the tile.
-  auto block_product = [&](int s, int64_t j, int64_t k0, bool prefetch) {
+  auto block_product = [&](int s, int64_t j, int64_t k0, bool stream) {
     const int64_t depth = min_i64(kDepthBlock<W>, K - k0), panel = segs[s].first_panel + j;
     const W* block;
     if (p.w.packed) {
@@ -191,7 +197,7 @@ void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, in
         const int r = static_cast<int>(min_i64(kMicroRows, rows - m));
         const float* a_m = a ? a + m * K + k0 : nullptr;
         const uint32_t* pairs_m = a_pairs ? a_pairs + m * lda_pairs + k0 / 2 : nullptr;
-        if (prefetch)
+        if (stream)
           micro_dispatch<true, W>(r, a_m, K, pairs_m, lda_pairs, block + slice * pair_step, depth, c + m * ldc, ldc,
                                   k0 > 0, dpbf16);
         else
@@ -202,8 +208,8 @@ void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, in
   };
   if (p.w.packed && rows <= kPanelFirstRows) {
     // Few rows (decode): the weights are the whole cost. Walk each packed panel start to end (one
-    // contiguous stream, prefetched ahead) instead of hopping between the tile's panels per depth
-    // block; every output still adds its depth blocks in k0 order, so the sums are unchanged.
+    // contiguous stream) instead of hopping between the tile's panels per depth block; every output
+    // still adds its depth blocks in k0 order, so the sums are unchanged.
     for (int s = 0; s < n_segs; ++s)
       for (int64_t j = 0; j < segs[s].panels; ++j)
         for (int64_t k0 = 0; k0 < K; k0 += kDepthBlock<W>) block_product(s, j, k0, true);
@@ -221,10 +227,8 @@ template <int Rows, typename W>
 void stream_rows(const float* a, int64_t lda, const W* w_row, int64_t K, float* c) {
   vec acc[Rows][2] = {};
   int64_t p = 0;
-  constexpr int64_t kStep = 2 * kLanes, kStepBytes = kStep * sizeof(W);
+  constexpr int64_t kStep = 2 * kLanes;
   for (; p + kStep <= K; p += kStep) {
-    for (int64_t line = 0; line < kStepBytes; line += 64)  // ~1 KiB ahead: the next lines of this stream
-      __builtin_prefetch(reinterpret_cast<const char*>(w_row + p) + 1024 + line);
     const vec w0 = load_f32(w_row + p), w1 = load_f32(w_row + p + kLanes);
     for (int r = 0; r < Rows; ++r) {
       acc[r][0] += load(a + r * lda + p) * w0;
