@@ -7,6 +7,9 @@ float32, bfloat16 and float16 tensors (scores and top-k weights float32). Semant
 """
 import torch  # noqa: F401  (a clear ImportError here when torch is missing)
 
+if not hasattr(getattr(torch, "library", None), "custom_op"):
+    raise ImportError(f"moe_ext.torch needs torch >= 2.4 (torch.library.custom_op); this is torch {torch.__version__}")
+
 from . import _ops  # registers torch.ops.moe_ext.*
 from ._functional import (PermuteResult, RouteResult, activation, experts, grouped_gemm, load_balancing_loss,
                           moe, permute, route, router_z_loss, unpermute)
