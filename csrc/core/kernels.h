@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "core/isa.h"
+#include "core/quant.h"
 #include "core/types.h"
 
 namespace moe_ext {
@@ -26,6 +27,22 @@ struct GemmProblem {
   // each 32-bit word holds the pair of depths vdpbf16ps multiplies.
   const uint16_t* a_bf16 = nullptr;
   float* out = nullptr;            // [M, N] or [M, N / 2]
+};
+
+// A grouped GEMM on quantised weights (core/quant.h): as GemmProblem, plus the int8 activation rows the
+// kernel fills first when w.quantize_activations (per token: a_q [M, w.row_depth], a_scales [M], a_sums
+// [M, w.groups], the sums of each group's quantised activations, for the zero-point correction).
+struct QuantGemmProblem {
+  const float* a = nullptr;  // [M, K]
+  const QuantView* w = nullptr;
+  const int32_t* offsets = nullptr;
+  bool fuse_activation = false;
+  Activation activation = Activation::swiglu;
+  bool vnni = false;  // avx512 tier: vpdpbusd (set only where the CPU has AVX512_VNNI)
+  int8_t* a_q = nullptr;
+  float* a_scales = nullptr;
+  int32_t* a_sums = nullptr;
+  float* out = nullptr;
 };
 
 struct Kernels {
@@ -68,6 +85,9 @@ struct Kernels {
   // [M, N], a [M, K]. `scratch` holds kGemmScratchBytes bytes per thread.
   void (*grouped_gemm_grad_w)(const float* grad_out, const float* a, const int32_t* offsets, int64_t E, int64_t N,
                               int64_t K, int threads, void* scratch, float* grad_w);
+
+  // See QuantGemmProblem. `scratch` holds quant_gemm_scratch_bytes(w.row_depth) bytes per thread.
+  void (*quant_gemm)(const QuantGemmProblem& problem, int threads, void* scratch);
 };
 
 // Per thread: the tile's float32 results and one packed weight block.

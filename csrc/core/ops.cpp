@@ -3,6 +3,7 @@
 #include "core/checks.h"
 #include "core/isa.h"
 #include "core/kernels.h"
+#include "core/quant.h"
 #include "core/threads.h"
 #include "core/workspace.h"
 
@@ -57,6 +58,7 @@ const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K) {
 // the float32 rows under vdpbf16ps); null to round them here.
 void run_gemm(const float* a, DType caller_dtype, const WeightView& w, const int32_t* offsets, bool fuse,
               Activation activation, float* out, const uint16_t* a_bf16 = nullptr) {
+  if (w.quant != nullptr) return run_quant_gemm(a, *w.quant, offsets, fuse, activation, out);
   GemmProblem problem;
   problem.a = a, problem.w = w, problem.offsets = offsets, problem.out = out;
   problem.fuse_activation = fuse, problem.activation = activation;

@@ -27,13 +27,16 @@ enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
 
 inline int64_t dtype_size(DType t) { return t == DType::f32 ? 4 : 2; }
 
+struct QuantView;  // core/quant.h
+
 // The weights of a grouped GEMM, [E, N, K]: a caller's row-major array in `dtype`, or (packed = true)
-// the panel layout of core/packed.h made once by prepack().
+// the panel layout of core/packed.h made once by prepack(), or (quant set) quantised weights.
 struct WeightView {
   const void* data = nullptr;
   DType dtype = DType::f32;
   bool packed = false;
   int64_t E = 0, N = 0, K = 0;
+  const QuantView* quant = nullptr;  // quantised weights (then data, dtype and packed are unused)
 };
 
 // "No capacity limit" for permute.

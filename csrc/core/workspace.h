@@ -24,6 +24,7 @@ enum class Scratch : int {
   backward_lhs,    // backward: a transposed GEMM operand (core/backward.cpp)
   backward_rhs,    // backward: the other transposed GEMM operand
   backward_marks,  // backward: rows seen (repeat detection) or ones (permute_backward's weights)
+  quant_rows,      // quantised GEMM: the int8 activation rows, their scales and group sums
   count
 };
 

@@ -23,6 +23,7 @@ void unpermute_backward(const float* grad_y, const float* y_perm, const int32_t*
                         int64_t T, int64_t k, int64_t d, int threads, float* grad_y_perm, float* grad_weights);
 void grouped_gemm_grad_w(const float* grad_out, const float* a, const int32_t* offsets, int64_t E, int64_t N,
                          int64_t K, int threads, void* scratch, float* grad_w);
+void quant_gemm(const QuantGemmProblem& problem, int threads, void* scratch);
 const Kernels& kernels();
 
 }  // namespace moe_ext::cpu::MOE_EXT_CPU_NS

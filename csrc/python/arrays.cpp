@@ -57,15 +57,23 @@ DataArg data_of(const py::array& a, const char* name, const Shape& shape) {
 }
 
 WeightView weight_of(const py::object& w, const char* name, const Shape& shape) {
-  if (py::isinstance<PackedWeight>(w)) {
-    const WeightView v = w.cast<const PackedWeight&>().view();
+  const bool quantized = py::isinstance<QuantizedWeight>(w);
+  if (quantized || py::isinstance<PackedWeight>(w)) {
+    WeightView v;
+    if (quantized) {
+      const QuantView& q = w.cast<const QuantizedWeight&>().view();
+      v.quant = &q, v.E = q.E, v.N = q.N, v.K = q.K;  // q lives as long as the caller's object
+    } else {
+      v = w.cast<const PackedWeight&>().view();
+    }
     const int64_t dims[3] = {v.E, v.N, v.K};
     for (int i = 0; i < 3; ++i)
       if (shape[i] != kAny && shape[i] != dims[i])
-        throw py::value_error(std::string(name) + ": unexpected shape of the packed weight");
+        throw py::value_error(std::string(name) + ": unexpected shape of the packed or quantised weight");
     return v;
   }
-  if (!py::isinstance<py::array>(w)) throw py::type_error(std::string(name) + ": expected an array or a PackedWeight");
+  if (!py::isinstance<py::array>(w))
+    throw py::type_error(std::string(name) + ": expected an array, a PackedWeight or a QuantizedWeight");
   const py::array a = w.cast<py::array>();
   const DataArg arg = data_of(a, name, shape);
   WeightView v;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/packed.h"
+#include "core/quant.h"
 #include "core/types.h"
 
 namespace moe_ext::python {
@@ -34,7 +35,7 @@ struct DataArg {
 // An activation/weight array of shape `shape` in one of the three dtypes.
 DataArg data_of(const py::array& a, const char* name, const Shape& shape);
 
-// A weight argument: a PackedWeight (its view) or an array [E, N, K] (kAny allowed).
+// A weight argument: a PackedWeight or QuantizedWeight (its view) or an array [E, N, K] (kAny allowed).
 WeightView weight_of(const py::object& w, const char* name, const Shape& shape);
 
 // A new C-contiguous array of `dtype`.
@@ -60,5 +61,6 @@ py::array_t<T> output(const Shape& shape) {
 Activation activation_from(const std::string& name);
 
 void bind_packed(py::module_& m);
+void bind_quant(py::module_& m);
 
 }  // namespace moe_ext::python

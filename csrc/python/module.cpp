@@ -238,6 +238,7 @@ PYBIND11_MODULE(_core, m) {
   });
   set_isa_from_env();
   python::bind_packed(m);
+  python::bind_quant(m);
 
   using py::arg;
   m.def("route", &py_route, arg("x"), arg("w_router"), arg("top_k"), arg("scoring"), arg("renormalize"), arg("scale"),

@@ -10,7 +10,8 @@ from ._api import (experts, grouped_gemm, load_balancing_loss, moe, permute, pre
                    unpermute)
 from ._backward import (activation, activation_backward, grouped_gemm_backward, permute_backward,
                         unpermute_backward)
-from ._core import PackedWeight
+from ._core import PackedWeight, QuantizedWeight
+from .quant import dequantize, quantize
 from ._types import PermuteResult
 
 try:
@@ -20,6 +21,7 @@ except _metadata.PackageNotFoundError:  # imported from a source tree
 
 __all__ = [
     "route", "permute", "grouped_gemm", "unpermute", "experts", "moe", "prepack", "PackedWeight",
+    "quantize", "dequantize", "QuantizedWeight",
     "load_balancing_loss", "router_z_loss", "activation", "activation_backward", "grouped_gemm_backward",
     "unpermute_backward", "permute_backward", "PermuteResult", "info", "available_isas", "get_isa", "set_isa",
     "get_num_threads", "set_num_threads", "__version__",

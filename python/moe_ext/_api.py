@@ -3,6 +3,9 @@ from . import _checks as check
 from . import _core
 from ._types import PermuteResult
 
+# What an expert-weight argument may be besides an array.
+WEIGHT_TYPES = (_core.PackedWeight, _core.QuantizedWeight)
+
 SCORINGS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -74,7 +77,7 @@ def grouped_gemm(a, w, expert_offsets):
     """out[rows of e] = a[rows of e] @ w[e].T for the rows expert_offsets[e]:expert_offsets[e+1].
     out has a's dtype; w may be a PackedWeight."""
     a = check.data_array(a, "a", 2)
-    w = check.weight(w, "w", _core.PackedWeight)
+    w = check.weight(w, "w", WEIGHT_TYPES)
     check.expect_shape(w, "w", (None, None, a.shape[1]), " (E, N, K) with K = a.shape[1]")
     if w.shape[0] < 1:
         check.fail(ValueError, "w", "at least one expert (E >= 1)", f"shape {w.shape}")
@@ -94,12 +97,12 @@ def unpermute(y_perm, perm_rows, topk_weights):
 
 def _expert_weights(x, w13_or_w1, w2, activation):
     activation = check.choice(activation, "activation", ACTIVATIONS)
-    w2 = check.weight(w2, "w2", _core.PackedWeight)
+    w2 = check.weight(w2, "w2", WEIGHT_TYPES)
     E, d, f = w2.shape
     check.expect_shape(w2, "w2", (None, x.shape[1], None), " (E, d, f) with d = x.shape[1]")
     if E < 1:
         check.fail(ValueError, "w2", "at least one expert (E >= 1)", f"shape {w2.shape}")
-    w13_or_w1 = check.weight(w13_or_w1, "w13_or_w1", _core.PackedWeight)
+    w13_or_w1 = check.weight(w13_or_w1, "w13_or_w1", WEIGHT_TYPES)
     if activation in GATED_ACTIVATIONS:
         check.expect_shape(w13_or_w1, "w13_or_w1", (E, 2 * f, d), f" (E, 2f, d) for activation {activation!r}")
     else:

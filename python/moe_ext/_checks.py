@@ -58,7 +58,8 @@ def data_array(value, name, ndim):
 
 
 def weight(value, name, packed_type):
-    """Expert weights [E, N, K]: a PackedWeight (from prepack) or a data array."""
+    """Expert weights [E, N, K]: a PackedWeight (prepack) or QuantizedWeight (quantize), or a data array;
+    packed_type is the class or a tuple of the classes accepted."""
     if isinstance(value, packed_type):
         return value
     return data_array(value, name, 3)

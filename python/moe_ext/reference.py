@@ -420,3 +420,10 @@ def permute_backward(grad_x_perm, perm_rows):
     g = np.asarray(grad_x_perm, dtype=_float_dtype(grad_x_perm))
     rows = np.asarray(perm_rows)
     return unpermute(g, rows, np.ones(rows.shape, dtype=g.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. Quantised expert weights (python/moe_ext/_reference_quant.py)
+# --------------------------------------------------------------------------------------------------
+from ._reference_quant import (QuantParts, dequantize, fake_quantize_activations, pack,  # noqa: E402
+                               quantize, quantize_activations, quantized_experts)

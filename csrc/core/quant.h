@@ -1,0 +1,91 @@
+// Quantised expert weights (SPEC §3.7): int8 and int4 weights [E, N, K] with float32 scales, in the
+// layout the quantised grouped GEMM (csrc/cpu/quant_gemm.cpp) reads. Numerics: docs/api.md §9.
+//
+// Layout, per expert and output row n (rows of an expert consecutive, experts consecutive):
+// - values [E, N, row_bytes]: int8: one signed byte per depth, the row zero-padded to row_depth
+//   (K rounded up to kQuantBlock); int4: blocks of 32 depths in 16 bytes, byte j of a block holding
+//   depth j in its low nibble and depth j + 16 in its high one (GGUF Q4_0's order), unsigned 0..15;
+// - scales [E, N, groups] float32: one per `group` consecutive depths (int8 per row: group = row_depth);
+// - zeros [E, N, groups] uint8 (int4 with zero points only).
+// A weight is value = scale * (q - z) with z = 0 (int8), 8 (int4 symmetric) or zeros[...] (int4 with
+// zero points), evaluated in float32: (q - z) exactly, then one rounded product.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "core/types.h"
+
+namespace moe_ext {
+
+enum class QuantScheme : int { int8 = 0, int4 = 1 };
+
+// Depths per integer block of the kernels (one 32-byte vector of int8 activations).
+constexpr int64_t kQuantBlock = 32;
+// int4 symmetric weights store q + 8 (unsigned nibbles): their zero point.
+constexpr int kInt4SymmetricZero = 8;
+
+// What the kernels read: pointers into a QuantizedWeight.
+struct QuantView {
+  QuantScheme scheme = QuantScheme::int8;
+  int64_t E = 0, N = 0, K = 0;
+  int64_t row_depth = 0;  // K rounded up to kQuantBlock (the int8 rows' padding; int4 needs none)
+  int64_t group = 0;      // depths per scale: a multiple of kQuantBlock dividing row_depth
+  int64_t groups = 0;     // row_depth / group
+  int64_t row_bytes = 0;  // bytes of one row's values
+  const uint8_t* values = nullptr;
+  const float* scales = nullptr;
+  const uint8_t* zeros = nullptr;     // null: z = 0 (int8) or kInt4SymmetricZero (int4)
+  bool quantize_activations = false;  // W8A8 / W4A8: the GEMM's rows are quantised per token to int8
+};
+
+// An owned, immutable quantised weight. Thread-safe to share: kernels only read it.
+class QuantizedWeight {
+ public:
+  // Quantises w [E, N, K] of `dtype`; group_size 0 means one scale per row (int8 only). Throws
+  // std::invalid_argument (naming `w` or `group_size`) for a bad group size, an odd K (int4) or a
+  // non-finite weight.
+  static std::unique_ptr<QuantizedWeight> quantize(const void* w, DType dtype, int64_t E, int64_t N, int64_t K,
+                                                   QuantScheme scheme, int64_t group_size, bool zero_point,
+                                                   bool quantize_activations);
+  // Copies already-quantised parts in this layout (an import, no requantisation): values
+  // [E, N, row_bytes], scales [E, N, groups], zeros [E, N, groups] or null.
+  static std::unique_ptr<QuantizedWeight> from_parts(QuantScheme scheme, int64_t E, int64_t N, int64_t K,
+                                                     int64_t group_size, const uint8_t* values, const float* scales,
+                                                     const uint8_t* zeros, bool quantize_activations);
+  // The view's sizes (row_depth, group, groups, row_bytes) for a format, without data; throws as quantize.
+  static QuantView layout(QuantScheme scheme, int64_t E, int64_t N, int64_t K, int64_t group_size, bool zero_point);
+  // A copy sharing nothing, with the activation mode changed.
+  std::unique_ptr<QuantizedWeight> with_activations(bool quantize_activations) const;
+
+  // The float32 values [E, N, K] the kernels multiply by.
+  void dequantize(float* out) const;
+
+  const QuantView& view() const { return view_; }
+  int64_t group_size() const { return group_size_; }  // 0: one scale per row
+  bool zero_point() const { return view_.zeros != nullptr; }
+  std::size_t nbytes() const { return bytes_; }
+
+ private:
+  QuantizedWeight(QuantScheme scheme, int64_t E, int64_t N, int64_t K, int64_t group_size, bool zero_point,
+                  bool quantize_activations);
+  struct Free { void operator()(void* p) const; };
+  std::unique_ptr<void, Free> data_;  // values, then scales, then zeros
+  std::size_t bytes_ = 0;
+  int64_t group_size_ = 0;
+  QuantView view_;
+};
+
+// Per-thread scratch bytes of the quantised grouped GEMM for rows of row_depth depths.
+int64_t quant_gemm_scratch_bytes(int64_t row_depth);
+// Whether the avx512 tier multiplies int8 with vpdpbusd: true where the CPU has AVX512_VNNI. Tests turn
+// it off to reach the vpmaddubsw path on such CPUs; it cannot be turned on elsewhere.
+bool vnni_enabled();
+void set_vnni_enabled(bool enabled);
+
+// out [M, N] (or [M, N/2] gated with the activation fused) = a [M, K] float32 times w's rows per expert:
+// what core/ops.cpp's grouped GEMM runs for a quantised weight.
+void run_quant_gemm(const float* a, const QuantView& w, const int32_t* offsets, bool fuse_activation,
+                    Activation activation, float* out);
+
+}  // namespace moe_ext

@@ -1,0 +1,159 @@
+// Integer dot products of the quantised grouped GEMM (W8A8 / W4A8): one quantised weight row times a
+// few int8 activation rows, int32 per group, scales applied per group in float32.
+//
+// A policy supplies the 32-depth block product (int32 lanes, each the sum of 4 depths):
+// - DotScalar: plain integer loops (scalar tier);
+// - DotAvx2: vpmaddubsw + vpmaddwd. vpmaddubsw multiplies unsigned by signed bytes and saturates its
+//   int16 pair sums, so int8 weights go in as |w| against sign(w) * a (both at most 127 in magnitude:
+//   2 * 127 * 128 < 32767, never saturating); int4 weights are unsigned nibbles (<= 15) already;
+// - DotVnni (csrc/cpu/quant_gemm_vnni.cpp only, compiled with AVX512_VNNI): vpdpbusd, unsigned weight
+//   bytes times signed activations into int32 with no int16 stage. int8 weights go in as w + 128
+//   (one xor), so the block sum holds 128 * sum(a) too, removed with the group's activation sum.
+// Every policy gives the exact integer sum, so all tiers agree on the integers; the float32 epilogue
+// (per group: sum += float(isum) * scale; at the end times the token's scale) may round differently
+// where a tier contracts into FMA.
+#pragma once
+#include "core/kernels.h"
+#include "core/quant.h"
+#include "cpu/common.h"
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+// Policies and templates in the tier's namespace, with internal linkage: each tier (and the VNNI file)
+// has its own copy compiled with its own flags (see cpu/common.h).
+namespace moe_ext::cpu::MOE_EXT_CPU_NS {
+namespace {
+
+struct DotScalar {
+  static constexpr int kS8Bias = 0;  // what the block sum adds per unit of activation sum (int8 weights)
+  struct Block { int8_t v[32]; };
+  static Block load_s8(const uint8_t* p) {
+    Block b;
+    memcpy(b.v, p, 32);
+    return b;
+  }
+  static Block load_u4(const uint8_t* p) {
+    Block b;
+    for (int j = 0; j < 16; ++j) b.v[j] = static_cast<int8_t>(p[j] & 15), b.v[j + 16] = static_cast<int8_t>(p[j] >> 4);
+    return b;
+  }
+  static i32x8 dot_s8(i32x8 acc, const Block& w, const int8_t* a) {
+    for (int lane = 0; lane < 8; ++lane)
+      for (int j = 0; j < 4; ++j) acc[lane] += w.v[4 * lane + j] * a[4 * lane + j];
+    return acc;
+  }
+  static i32x8 dot_u8(i32x8 acc, const Block& w, const int8_t* a) { return dot_s8(acc, w, a); }
+  static int32_t hsum(i32x8 v) {
+    uint32_t s = 0;  // unsigned: wrap-around instead of overflow (the exact sum always fits)
+    for (int lane = 0; lane < 8; ++lane) s += static_cast<uint32_t>(v[lane]);
+    return static_cast<int32_t>(s);
+  }
+};
+
+#if defined(__AVX2__)
+struct DotAvx2 {
+  static constexpr int kS8Bias = 0;
+  typedef __m256i Block;
+  static Block load_s8(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static Block load_u4(const uint8_t* p) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), low = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low), _mm_and_si128(bytes, low));
+  }
+  static i32x8 pairs_to_i32(i32x8 acc, __m256i pairs16) {
+    return acc + (i32x8)_mm256_madd_epi16(pairs16, _mm256_set1_epi16(1));
+  }
+  static i32x8 dot_s8(i32x8 acc, Block w, const int8_t* a) {
+    const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+    return pairs_to_i32(acc, _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(av, w)));
+  }
+  static i32x8 dot_u8(i32x8 acc, Block w, const int8_t* a) {
+    return pairs_to_i32(acc, _mm256_maddubs_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))));
+  }
+  static int32_t hsum(i32x8 v) {
+    const __m256i x = (__m256i)v;
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+  }
+};
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+struct DotVnni {
+  static constexpr int kS8Bias = 128;
+  typedef __m256i Block;
+  static Block load_s8(const uint8_t* p) {
+    return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), _mm256_set1_epi8(-128));
+  }
+  static Block load_u4(const uint8_t* p) { return DotAvx2::load_u4(p); }
+  static i32x8 dot_u8(i32x8 acc, Block w, const int8_t* a) {
+    return (i32x8)_mm256_dpbusd_epi32((__m256i)acc, w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+  }
+  static i32x8 dot_s8(i32x8 acc, Block w, const int8_t* a) { return dot_u8(acc, w, a); }
+  static int32_t hsum(i32x8 v) { return DotAvx2::hsum(v); }
+};
+#endif
+
+// Rows r < R of c (stride ldc) = weight row `row` (flat index e * N + n) times activation rows
+// aq[r * lda ...], with their group sums (stride w.groups) and scales.
+template <class Dot, bool Int4, int R>
+void int_dot_rows(const QuantView& w, int64_t row, const int8_t* aq, int64_t lda, const int32_t* sums,
+                  const float* a_scales, float* c, int64_t ldc) {
+  const uint8_t* values = w.values + row * w.row_bytes;
+  const float* scales = w.scales + row * w.groups;
+  const uint8_t* zeros = w.zeros ? w.zeros + row * w.groups : nullptr;
+  constexpr int64_t kBlockBytes = Int4 ? kQuantBlock / 2 : kQuantBlock;
+  const int64_t blocks = w.group / kQuantBlock;
+  float acc[R] = {};
+  for (int64_t g = 0; g < w.groups; ++g) {
+    i32x8 s[R] = {};
+    for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
+      const auto wv = Int4 ? Dot::load_u4(values + b * kBlockBytes) : Dot::load_s8(values + b * kBlockBytes);
+      for (int r = 0; r < R; ++r)
+        s[r] = Int4 ? Dot::dot_u8(s[r], wv, aq + r * lda + b * kQuantBlock)
+                    : Dot::dot_s8(s[r], wv, aq + r * lda + b * kQuantBlock);
+    }
+    const int32_t zero = Int4 ? (zeros ? zeros[g] : kInt4SymmetricZero) : Dot::kS8Bias;
+    for (int r = 0; r < R; ++r) {
+      const int32_t isum = Dot::hsum(s[r]) - zero * sums[r * w.groups + g];
+      acc[r] += static_cast<float>(isum) * scales[g];
+    }
+  }
+  for (int r = 0; r < R; ++r) c[r * ldc] = acc[r] * a_scales[r];
+}
+
+constexpr int kQuantRows = 8;  // activation rows per pass over a weight row (int32 sums in registers)
+
+// c[r * ldc] for the `rows` activation rows starting at a_row: weight row `row` times each.
+template <class Dot>
+void int_column(const QuantGemmProblem& p, int64_t row, int64_t a_row, int64_t rows, float* c, int64_t ldc) {
+  const QuantView& w = *p.w;
+  for (int64_t m = 0; m < rows; m += kQuantRows) {
+    const int64_t at = a_row + m;
+    const int8_t* aq = p.a_q + at * w.row_depth;
+    const int32_t* sums = p.a_sums + at * w.groups;
+    const float* a_scales = p.a_scales + at;
+    float* cm = c + m * ldc;
+    const int n = static_cast<int>(min_i64(kQuantRows, rows - m));
+    switch (n * 2 + (w.scheme == QuantScheme::int4 ? 1 : 0)) {
+#define MOE_EXT_INT_CASE(R)                                                                               \
+  case 2 * R: int_dot_rows<Dot, false, R>(w, row, aq, w.row_depth, sums, a_scales, cm, ldc); break; \
+  case 2 * R + 1: int_dot_rows<Dot, true, R>(w, row, aq, w.row_depth, sums, a_scales, cm, ldc); break;
+      MOE_EXT_INT_CASE(1) MOE_EXT_INT_CASE(2) MOE_EXT_INT_CASE(3) MOE_EXT_INT_CASE(4)
+      MOE_EXT_INT_CASE(5) MOE_EXT_INT_CASE(6) MOE_EXT_INT_CASE(7) MOE_EXT_INT_CASE(8)
+#undef MOE_EXT_INT_CASE
+      default: break;
+    }
+  }
+}
+
+}  // namespace
+
+// The VNNI instantiation (csrc/cpu/quant_gemm_vnni.cpp, avx512 tier only).
+void int_column_vnni(const QuantGemmProblem& p, int64_t row, int64_t a_row, int64_t rows, float* c, int64_t ldc);
+
+}  // namespace moe_ext::cpu::MOE_EXT_CPU_NS

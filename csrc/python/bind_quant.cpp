@@ -1,0 +1,115 @@
+// moe_ext._core.QuantizedWeight: quantised expert weights (core/quant.h), accepted by grouped_gemm,
+// experts and moe wherever a weight is. Conversions only; moe_ext.quantize (python/moe_ext/quant.py)
+// checks the arguments with the user-facing messages.
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+
+#include "core/quant.h"
+#include "python/arrays.h"
+
+namespace moe_ext::python {
+
+namespace {
+
+QuantScheme scheme_from(const std::string& name) {
+  if (name == "int8") return QuantScheme::int8;
+  if (name == "int4") return QuantScheme::int4;
+  throw py::value_error("scheme: expected 'int8' or 'int4'; got '" + name + "'");
+}
+
+const char* scheme_name(QuantScheme s) { return s == QuantScheme::int8 ? "int8" : "int4"; }
+
+// A read-only NumPy view of part of q's storage (kept alive by `owner`).
+template <typename T>
+py::array view_of(const T* data, const Shape& shape, const py::object& owner) {
+  py::array a(py::dtype::of<T>(), std::vector<py::ssize_t>(shape.begin(), shape.end()), data, owner);
+  py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return a;
+}
+
+std::unique_ptr<QuantizedWeight> from_parts(const std::string& scheme, int64_t E, int64_t N, int64_t K,
+                                            int64_t group_size, const py::array& values, const py::array& scales,
+                                            const std::optional<py::array>& zeros, bool activations) {
+  const QuantScheme s = scheme_from(scheme);
+  const QuantView v = QuantizedWeight::layout(s, E, N, K, group_size, zeros.has_value());
+  const uint8_t* values_ptr = data_of<uint8_t>(values, "values", {E, N, v.row_bytes});
+  const float* scales_ptr = data_of<float>(scales, "scales", {E, N, v.groups});
+  const uint8_t* zeros_ptr = zeros ? data_of<uint8_t>(*zeros, "zeros", {E, N, v.groups}) : nullptr;
+  py::gil_scoped_release release;
+  return QuantizedWeight::from_parts(s, E, N, K, group_size, values_ptr, scales_ptr, zeros_ptr, activations);
+}
+
+}  // namespace
+
+void bind_quant(py::module_& m) {
+  py::class_<QuantizedWeight>(m, "QuantizedWeight",
+                              "Quantised expert weights [E, N, K] (moe_ext.quantize); see docs/api.md §9.")
+      .def_property_readonly("shape", [](const QuantizedWeight& q) {
+        return py::make_tuple(q.view().E, q.view().N, q.view().K);
+      })
+      .def_property_readonly("ndim", [](const QuantizedWeight&) { return 3; })
+      .def_property_readonly("scheme", [](const QuantizedWeight& q) { return scheme_name(q.view().scheme); })
+      .def_property_readonly("dtype", [](const QuantizedWeight& q) { return scheme_name(q.view().scheme); })
+      .def_property_readonly("group_size", [](const QuantizedWeight& q) -> py::object {
+        if (q.group_size() == 0) return py::none();
+        return py::int_(q.group_size());
+      })
+      .def_property_readonly("zero_point", &QuantizedWeight::zero_point)
+      .def_property_readonly("activations", [](const QuantizedWeight& q) -> py::object {
+        if (q.view().quantize_activations) return py::str("int8");
+        return py::none();
+      })
+      .def_property_readonly("nbytes", &QuantizedWeight::nbytes)
+      .def_property_readonly("values", [](const py::object& self) {
+        const QuantView& v = self.cast<const QuantizedWeight&>().view();
+        return view_of<uint8_t>(v.values, {v.E, v.N, v.row_bytes}, self);
+      })
+      .def_property_readonly("scales", [](const py::object& self) {
+        const QuantView& v = self.cast<const QuantizedWeight&>().view();
+        return view_of<float>(v.scales, {v.E, v.N, v.groups}, self);
+      })
+      .def_property_readonly("zeros", [](const py::object& self) -> py::object {
+        const QuantView& v = self.cast<const QuantizedWeight&>().view();
+        if (v.zeros == nullptr) return py::none();
+        return view_of<uint8_t>(v.zeros, {v.E, v.N, v.groups}, self);
+      })
+      .def("dequantize", [](const QuantizedWeight& q) {
+        const QuantView& v = q.view();
+        auto out = output<float>({v.E, v.N, v.K});
+        float* out_ptr = out.mutable_data();
+        py::gil_scoped_release release;
+        q.dequantize(out_ptr);
+        return out;
+      })
+      .def("with_activations", [](const QuantizedWeight& q, bool activations) {
+        py::gil_scoped_release release;
+        return q.with_activations(activations);
+      }, py::arg("quantize_activations"))
+      .def("__repr__", [](const QuantizedWeight& q) {
+        const QuantView& v = q.view();
+        return "QuantizedWeight(shape=(" + std::to_string(v.E) + ", " + std::to_string(v.N) + ", " +
+               std::to_string(v.K) + "), scheme='" + scheme_name(v.scheme) + "', group_size=" +
+               (q.group_size() == 0 ? std::string("None") : std::to_string(q.group_size())) +
+               ", zero_point=" + (q.zero_point() ? "True" : "False") + ", activations=" +
+               (v.quantize_activations ? "'int8'" : "None") + ")";
+      });
+
+  m.def("quantize", [](const py::array& w, const std::string& scheme, int64_t group_size, bool zero_point,
+                       bool activations) {
+        const DataArg arg = data_of(w, "w", {kAny, kAny, kAny});
+        const int64_t E = w.shape(0), N = w.shape(1), K = w.shape(2);
+        const QuantScheme s = scheme_from(scheme);
+        py::gil_scoped_release release;
+        return QuantizedWeight::quantize(arg.data, arg.dtype, E, N, K, s, group_size, zero_point, activations);
+      }, py::arg("w"), py::arg("scheme"), py::arg("group_size"), py::arg("zero_point"), py::arg("activations"));
+  m.def("quantized_from_parts", &from_parts, py::arg("scheme"), py::arg("E"), py::arg("N"), py::arg("K"),
+        py::arg("group_size"), py::arg("values"), py::arg("scales"), py::arg("zeros").none(true),
+        py::arg("activations"));
+  m.def("vnni_enabled", &vnni_enabled, "Whether int8 products use vpdpbusd (AVX512_VNNI) on the avx512 tier.");
+  m.def("_set_vnni_enabled", &set_vnni_enabled, py::arg("enabled"),
+        "Tests only: turn vpdpbusd off to reach the vpmaddubsw path (cannot turn it on without the CPU).");
+}
+
+}  // namespace moe_ext::python

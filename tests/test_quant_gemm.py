@@ -1,0 +1,213 @@
+"""Quantised weights in grouped_gemm, experts and moe, on every tier, against the float64 reference on
+the dequantised weights: weight-only (W8A16 / W4A16) to float32 accumulation rounding; activation-
+quantised (W8A8 / W4A8) against the reference that quantises the activations by the same rule."""
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import moe_ext
+from moe_ext import reference
+from conftest import (GATED, GEMM_RTOL, assert_close, random_expert_weights, random_ids, random_offsets,
+                      random_router, random_topk_weights, random_x, unchanged)
+
+U = 2.0 ** -24  # float32 unit roundoff
+
+# (scheme, group_size, zero_point)
+SCHEMES = [("int8", None, False), ("int8", 32, False), ("int4", 32, False), ("int4", 64, True),
+           ("int4", 128, False), ("int4", 128, True)]
+
+
+def _id(s):
+    return f"{s[0]}-g{s[1]}{'-zp' if s[2] else ''}"
+
+
+def _quantize(w, fmt, activations):
+    scheme, group, zp = fmt
+    return moe_ext.quantize(w, scheme, group_size=group, zero_point=zp, activations=activations)
+
+
+def _depth(fmt, multiple=1):
+    """A K the format accepts: group multiples (and an odd K for int8 per row)."""
+    scheme, group, _ = fmt
+    return (group or 32) * multiple + (13 if group is None else 0)
+
+
+@pytest.fixture(params=["vnni", "no-vnni"])
+def vnni(request, isa):
+    """On the avx512 tier of a CPU with AVX512_VNNI, both int8 product paths; elsewhere one run."""
+    has = moe_ext._core.vnni_enabled()
+    if request.param == "no-vnni" and not (has and isa == "avx512"):
+        pytest.skip("no second int8 path on this tier")
+    moe_ext._core._set_vnni_enabled(request.param == "vnni")
+    try:
+        yield request.param
+    finally:
+        moe_ext._core._set_vnni_enabled(has)
+
+
+@pytest.mark.parametrize("fmt", SCHEMES, ids=_id)
+@pytest.mark.parametrize("counts", [[0, 0, 0], [1, 0, 2], [5, 16, 3], [130, 7, 0]], ids=str)
+def test_grouped_gemm_weight_only(rng, fmt, counts):
+    E, N, K = 3, 37, _depth(fmt, 3)
+    w = rng.standard_normal((E, N, K)).astype(np.float32)
+    offsets = random_offsets(rng, E, counts=counts)
+    a = rng.standard_normal((int(offsets[-1]), K)).astype(np.float32)
+    q = _quantize(w, fmt, None)
+    with unchanged(a):
+        out = moe_ext.grouped_gemm(a, q, offsets)
+    want = reference.grouped_gemm(a.astype(np.float64), moe_ext.dequantize(q).astype(np.float64), offsets)
+    assert out.dtype == np.float32 and out.shape == (a.shape[0], N)
+    assert_close(out, want, GEMM_RTOL, "grouped_gemm")
+    w_dq = moe_ext.dequantize(q).astype(np.float64)
+    for e in range(E):  # per element: the worst case of a float32 dot of length K on the same weights
+        lo, hi = offsets[e], offsets[e + 1]
+        bound = K * U * (np.abs(a[lo:hi]).astype(np.float64) @ np.abs(w_dq[e]).T)
+        assert np.all(np.abs(out[lo:hi] - want[lo:hi]) <= bound), e
+
+
+@pytest.mark.parametrize("fmt", SCHEMES, ids=_id)
+@pytest.mark.parametrize("counts", [[0, 0, 0], [1, 0, 2], [5, 16, 3], [130, 7, 0]], ids=str)
+def test_grouped_gemm_activation_quantised(rng, vnni, fmt, counts):
+    E, N, K = 3, 37, _depth(fmt, 3)
+    w = rng.standard_normal((E, N, K)).astype(np.float32)
+    offsets = random_offsets(rng, E, counts=counts)
+    a = rng.standard_normal((int(offsets[-1]), K)).astype(np.float32)
+    if a.shape[0]:
+        a[0] = 0  # a row of zeros: scale 0, output 0
+    q = _quantize(w, fmt, "int8")
+    out = moe_ext.grouped_gemm(a, q, offsets)
+    a_fq = reference.fake_quantize_activations(a)
+    w_dq = moe_ext.dequantize(q).astype(np.float64)
+    want = reference.grouped_gemm(a_fq, w_dq, offsets)
+    groups = q.scales.shape[-1]
+    for e in range(E):
+        lo, hi = offsets[e], offsets[e + 1]
+        bound = 2 * (groups + 4) * U * (np.abs(a_fq[lo:hi]) @ np.abs(w_dq[e]).T)
+        assert np.all(np.abs(out[lo:hi] - want[lo:hi]) <= bound), e
+    if a.shape[0]:
+        assert not out[0].any()
+
+
+def test_int8_paths_agree_exactly_on_the_integers(rng, isa):
+    """Integer sums are exact on every path: with one group and power-of-two scales the whole result is
+    exact, so every tier and both avx512 paths give the same bits."""
+    E, N, K = 2, 9, 64
+    codes = rng.integers(-127, 128, size=(E, N, K)).astype(np.int8)
+    q = moe_ext.quant.from_parts("int8", (E, N, K), None, codes.view(np.uint8),
+                                 np.full((E, N, 1), 0.25, np.float32), activations="int8")
+    a = rng.integers(-127, 128, size=(5, K)).astype(np.float32)
+    a[:, 0] = 127  # scale exactly 1
+    offsets = np.array([0, 2, 5], np.int32)
+    want = reference.grouped_gemm(a.astype(np.float64), codes.astype(np.float64) * 0.25, offsets)
+    np.testing.assert_array_equal(moe_ext.grouped_gemm(a, q, offsets), want)
+
+
+def test_nan_and_inf_activations(rng):
+    w = rng.standard_normal((1, 5, 64)).astype(np.float32)
+    a = rng.standard_normal((3, 64)).astype(np.float32)
+    a[1, 3] = np.nan
+    a[2, 7] = np.inf
+    offsets = np.array([0, 3], np.int32)
+    out = moe_ext.grouped_gemm(a, moe_ext.quantize(w, "int8", activations="int8"), offsets)
+    assert np.isfinite(out[0]).all() and np.isnan(out[1:]).all()  # docs/api.md §9: the token's outputs are NaN
+    out = moe_ext.grouped_gemm(a, moe_ext.quantize(w, "int8"), offsets)
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all() and not np.isfinite(out[2]).any()
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])
+def test_16_bit_activations(rng, dtype):
+    w = rng.standard_normal((2, 20, 64)).astype(np.float32)
+    a = rng.standard_normal((7, 64)).astype(dtype)
+    offsets = np.array([0, 3, 7], np.int32)
+    q = moe_ext.quantize(w, "int4", group_size=32)
+    out = moe_ext.grouped_gemm(a, q, offsets)
+    assert out.dtype == np.dtype(dtype)
+    want = reference.grouped_gemm(a.astype(np.float64), moe_ext.dequantize(q).astype(np.float64), offsets)
+    assert_close(out, want, 2.0 ** -8 if dtype == ml_dtypes.bfloat16 else 2.0 ** -10, "16-bit")
+
+
+EXPERT_CASES = [  # T, d, f, E, k, activation
+    (0, 64, 32, 4, 2, "swiglu"), (1, 64, 32, 4, 2, "swiglu"), (1, 64, 64, 1, 1, "geglu"),
+    (9, 96, 64, 3, 3, "swiglu"), (40, 128, 96, 8, 2, "relu"), (17, 64, 32, 5, 2, "gelu"),
+    (200, 64, 64, 2, 2, "swiglu"),
+]
+
+
+@pytest.mark.parametrize("fmt", [("int8", None, False), ("int4", 32, True), ("int4", 32, False)], ids=_id)
+@pytest.mark.parametrize("case", EXPERT_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("activations", [None, "int8"], ids=["weight-only", "a8"])
+def test_experts_and_moe(rng, fmt, case, activations):
+    T, d, f, E, k, act = case
+    x = random_x(rng, T, d)
+    w13, w2 = random_expert_weights(rng, E, d, f, act)
+    q13, q2 = _quantize(w13, fmt, activations), _quantize(w2, fmt, activations)
+    weights, ids = random_topk_weights(rng, T, k), random_ids(rng, T, E, k)
+    got = moe_ext.experts(x, q13, q2, weights, ids, activation=act)
+    a8 = activations == "int8"
+    want = reference.quantized_experts(x, moe_ext.dequantize(q13), moe_ext.dequantize(q2), weights, ids,
+                                       activation=act, quantize_inputs=(a8, a8))
+    # Weight-only: float32 accumulation only. Activation-quantised: float32 rounding of the first
+    # GEMM's output can move the second GEMM's input across a rounding boundary of its int8 grid (by
+    # one step, scale = max|h| / 127, on rare elements): a bound of a few steps' worth, 1e-3 relative.
+    assert_close(got, want, GEMM_RTOL if not a8 else 1e-3, "experts")
+    router = random_router(rng, E, d)
+    got_moe = moe_ext.moe(x, router, q13, q2, k, activation=act)
+    tw, ti = reference.route(x.astype(np.float64), router.astype(np.float64), k)
+    want_moe = reference.quantized_experts(x, moe_ext.dequantize(q13), moe_ext.dequantize(q2), tw, ti,
+                                           activation=act, quantize_inputs=(a8, a8))
+    assert_close(got_moe, want_moe, GEMM_RTOL if not a8 else 1e-3, "moe")
+
+
+def test_mixed_weights(rng):
+    """One slot quantised, the other a plain or packed array; and quantised weights under capacity."""
+    T, d, f, E, k = 12, 64, 32, 4, 2
+    x = random_x(rng, T, d)
+    w13, w2 = random_expert_weights(rng, E, d, f)
+    weights, ids = random_topk_weights(rng, T, k), random_ids(rng, T, E, k)
+    q13 = moe_ext.quantize(w13, "int4", group_size=64)
+    for other in (w2, moe_ext.prepack(w2)):
+        got = moe_ext.experts(x, q13, other, weights, ids, capacity=3)
+        want = reference.experts(x.astype(np.float64), moe_ext.dequantize(q13).astype(np.float64),
+                                 w2.astype(np.float64), weights.astype(np.float64), ids, capacity=3)
+        assert_close(got, want, GEMM_RTOL, "mixed")
+
+
+def test_wrong_shape_in_slot(rng):
+    x = random_x(rng, 3, 64)
+    w13, w2 = random_expert_weights(rng, 4, 64, 16)
+    q13, q2 = moe_ext.quantize(w13, "int8"), moe_ext.quantize(w2, "int8")
+    weights, ids = random_topk_weights(rng, 3, 2), random_ids(rng, 3, 4, 2)
+    with pytest.raises(ValueError, match=r"^w13_or_w1: expected shape \(4, 32, 64\)"):
+        moe_ext.experts(x, moe_ext.quantize(w13[:, :16].copy(), "int8"), q2, weights, ids)
+    with pytest.raises(ValueError, match=r"^w13_or_w1: expected shape \(4, 32, 64\)"):
+        moe_ext.experts(x, q2, q2, weights, ids)
+    with pytest.raises(ValueError, match=r"^w2: expected shape \(\*, 64, \*\)"):
+        moe_ext.experts(x, q13, q13, weights, ids)
+    with pytest.raises(ValueError, match=r"^w: expected shape \(\*, \*, 32\)"):
+        moe_ext.grouped_gemm(x[:, :32].copy(), q13, np.array([0, 3, 3, 3, 3], np.int32))
+
+
+# Measured on Gaussian weights (docs/api.md §9 reports these figures): the layer-output error of each
+# scheme against the unquantised float32 layer, Frobenius-relative (T=32, d=f=256, E=4, k=2, SwiGLU),
+# with a margin of ~1.25x over the measured figures.
+ERROR_BOUNDS = {("int8", None, False, None): 0.015, ("int8", None, False, "int8"): 0.027,
+                ("int8", 32, False, None): 0.012, ("int8", 32, False, "int8"): 0.026,
+                ("int4", 32, False, None): 0.22, ("int4", 32, True, None): 0.18,
+                ("int4", 64, False, None): 0.24, ("int4", 128, False, None): 0.26,
+                ("int4", 128, True, None): 0.22, ("int4", 128, False, "int8"): 0.26}
+
+
+@pytest.mark.parametrize("key", list(ERROR_BOUNDS), ids=lambda k: _id(k[:3]) + (f"-a8" if k[3] else ""))
+def test_error_vs_unquantised_layer(rng, key):
+    T, d, f, E, k = 32, 256, 256, 4, 2
+    x = random_x(rng, T, d)
+    w13, w2 = random_expert_weights(rng, E, d, f)
+    weights, ids = random_topk_weights(rng, T, k), random_ids(rng, T, E, k)
+    exact = reference.experts(x.astype(np.float64), w13.astype(np.float64), w2.astype(np.float64),
+                              weights.astype(np.float64), ids)
+    fmt, activations = key[:3], key[3]
+    got = moe_ext.experts(x, _quantize(w13, fmt, activations), _quantize(w2, fmt, activations), weights, ids)
+    err = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+    assert err <= ERROR_BOUNDS[key], err
