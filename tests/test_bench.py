@@ -69,6 +69,9 @@ def test_every_implementation_has_a_row_or_a_reason(result):
         assert fp32["moe_ext"]["status"] == "ok" and fp32["reference"]["status"] == "ok"
         assert bf16["moe_ext"]["status"] == "ok"
         assert bf16["reference"]["status"] == "unavailable"
+        for dt_rows in (fp32, bf16):
+            assert dt_rows["moe_ext_plain"]["status"] == "ok"
+            assert dt_rows["moe_ext_torch"]["status"] == ("ok" if HAS_TORCH else "unavailable")
         for impl in ("torch_eager", "torch_grouped_mm", "dense"):
             for rows in (fp32, bf16):
                 r = rows[impl]
@@ -99,7 +102,7 @@ def test_rows_carry_timings_throughput_and_ceiling_fractions(result):
             assert r["fraction_of_ceiling"] is None
         else:
             assert r["fraction_of_ceiling"] > 0
-        if r["kind"] == "moe":  # the same layer as moe_ext's float32 output
+        if r["kind"] in ("moe", "user_path"):  # the same layer as moe_ext's float32 output
             assert r["rel_err"] < (1e-4 if r["dtype"] == "fp32" else 0.1), r
         if r["T"] == 1:
             assert r["bound"] == "bandwidth" and r["gb_per_s"] == pytest.approx(r["bytes"] / p50 / 1e9)
@@ -135,6 +138,12 @@ def test_ratios_against_every_peer_and_the_fastest(result):
         assert g["fastest_peer"] == fastest["impl"] != "dense"
         assert g["ratio_vs_fastest_peer"] == pytest.approx(fastest["p50_ms"] / moe["p50_ms"])
         assert moe["ratio_vs_fastest_peer"] == g["ratio_vs_fastest_peer"]
+        # the user paths are moe_ext, not peers: compared with the fastest peer and the prepacked path
+        assert all(r["kind"] != "user_path" for r in moe_peers)
+        for name, u in g["user_paths"].items():
+            r = rows[name]
+            assert u["ratio_vs_fastest_peer"] == pytest.approx(fastest["p50_ms"] / r["p50_ms"])
+            assert u["ratio_vs_packed"] == pytest.approx(moe["p50_ms"] / r["p50_ms"])
 
 
 def test_json_has_ceilings_info_and_definitions(result):
@@ -220,3 +229,35 @@ def test_shape_names():
     assert workload.shape("mixtral").dims == (1024, 4096, 14336, 8, 2) and workload.shape("decode-4").decode
     with pytest.raises(ValueError, match="T,d,f,E,k"):
         workload.parse_spec("1,2,3")
+
+
+@pytest.mark.skipif(not (HAS_TORCH and importable("transformers")), reason="needs torch and transformers")
+def test_hf_layer_mode(tmp_path):
+    """--mode hf on a tiny Mixtral layer: every implementation has prefill and decode rows with
+    percentiles, the outputs agree with eager, decode bytes count the touched experts, JSON and table."""
+    from moe_ext._bench import hf_layer
+
+    settle, harness.SETTLE_S = harness.SETTLE_S, 0.0
+    try:
+        status = cli.main(["bench", "--mode", "hf", "--shape-spec", "8,64,96,4,2", "--dtype", "fp32",
+                           "--repeats", "1", "--json", str(tmp_path / "hf.json"), "--png-dir", str(tmp_path),
+                           *SMALL_CEILINGS])
+    finally:
+        harness.SETTLE_S = settle
+    assert status == 0
+    doc = json.loads((tmp_path / "hf.json").read_text())
+    assert doc["layer"]["hidden_size"] == 64 and doc["prefill_tokens"] == 8
+    phases = {(r["impl"], r["phase"]): r for r in doc["rows"]}
+    assert set(phases) == {(i, p) for i in hf_layer.IMPLS for p in ("prefill", "decode-b1", "decode-b8")}
+    for (impl, phase), r in phases.items():
+        assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert r["calls"] == (1 if phase == "prefill" else doc["steps"])
+        if phase == "prefill":
+            assert r["rel_err_vs_eager"] < 1e-4, r
+        else:
+            one_expert = 3 * 64 * 96 * 4
+            assert r["bytes_per_step"] > one_expert  # at least one expert and the attention weights
+        assert r["moe_ext_speedup"] == pytest.approx(r["p50_ms"] / phases[("moe_ext", phase)]["p50_ms"])
+    assert "| prefill | moe_ext |" in hf_layer.table(doc)
+    if HAS_MATPLOTLIB:
+        assert (tmp_path / "hf_layer.png").exists()

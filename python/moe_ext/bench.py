@@ -11,6 +11,7 @@ table (with a tqdm bar), a JSON file and two PNGs. torch, tqdm and matplotlib ar
 Python API: ``run(...)`` (moe_ext._bench.harness.run) returns the JSON document.
 """
 import argparse
+import os
 import sys
 
 from ._bench import ceiling, harness, peers, workload
@@ -30,8 +31,8 @@ def add_arguments(parser):
                              + " and ".join(QUICK) + " (the default)")
     parser.add_argument("--quick", action="store_true",
                         help="the quick set (" + " and ".join(QUICK) + "), also the default without --shape")
-    parser.add_argument("--dtype", action="append", choices=peers.DTYPES,
-                        help="fp32 (default) and/or bf16, repeatable")
+    parser.add_argument("--dtype", action="append", choices=peers.DTYPES + ("fp16",),
+                        help="fp32 (default) and/or bf16, repeatable (fp16: --mode hf only)")
     parser.add_argument("--impl", action="append", choices=peers.NAMES,
                         help="only these implementations, repeatable (default: all)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per row (default 5)")
@@ -43,9 +44,12 @@ def add_arguments(parser):
     parser.add_argument("--png-dir", default=harness.DEFAULT_PNG_DIR, metavar="DIR",
                         help="PNG plots directory (default %(default)s; '' for none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--mode", choices=("forward", "train"), default="forward",
-                        help="forward (default) or train: forward+backward of one layer vs the PyTorch peers "
-                             "(shapes small and medium by default; moe_ext._bench.train)")
+    parser.add_argument("--mode", choices=("forward", "train", "hf"), default="forward",
+                        help="forward (default); train: forward+backward of one layer vs the PyTorch peers "
+                             "(shapes small and medium by default; moe_ext._bench.train); hf: a transformers "
+                             "Mixtral decoder layer (d=4096, f=14336, E=8, k=2) with experts_implementation "
+                             "moe_ext / grouped_mm / eager, prefill T=512 and decode batch 1 and 8 "
+                             "(--dtype, default bf16; moe_ext._bench.hf_layer)")
     # Hidden: custom shapes and small ceilings, for tests and quick experiments.
     parser.add_argument("--shape-spec", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--ceiling-n", type=int, default=ceiling.COMPUTE_N, help=argparse.SUPPRESS)
@@ -72,11 +76,28 @@ def run_args(args, argv=None):
                   dtypes=args.dtype or ["fp32", "bf16"], warmup=args.warmup, repeats=args.repeats,
                   json_path=args.json or None)
         return 0
+    if args.mode == "hf":
+        from ._bench import hf_layer
+        hf_layer.run(dtype=(args.dtype or ["bf16"])[0], repeats=args.repeats,
+                     json_path=args.json if args.json != harness.DEFAULT_JSON else hf_layer.DEFAULT_JSON,
+                     png_path=os.path.join(args.png_dir, "hf_layer.png") if args.png_dir else None,
+                     ceiling_n=args.ceiling_n, ceiling_bytes=int(args.ceiling_mib * 2**20),
+                     **dict(_hf_overrides(specs)))
+        return 0
     run(shapes=shapes or QUICK, dtypes=args.dtype or ["fp32"], impls=args.impl, warmup=args.warmup,
         repeats=args.repeats, budget_s=args.budget, json_path=args.json or None,
         png_dir=args.png_dir or None, progress=not args.no_progress, ceiling_n=args.ceiling_n,
         ceiling_bytes=int(args.ceiling_mib * 2**20), argv=argv)
     return 0
+
+
+def _hf_overrides(specs):
+    """--mode hf with one --shape-spec 'T,d,f,E,k': a smaller layer (tests, quick looks); T is the prefill."""
+    if not specs:
+        return {}
+    s = specs[0]
+    return dict(prefill_tokens=s.T, hidden_size=s.d, intermediate_size=s.f, num_local_experts=s.E,
+                num_experts_per_tok=s.k)
 
 
 def main(argv=None, prog="bench/run.py"):

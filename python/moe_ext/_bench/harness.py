@@ -37,6 +37,10 @@ DEFINITIONS = {
     "ratio_vs_fastest_peer": "fastest MoE peer's p50 / moe_ext's p50 (peers: reference, torch_eager, "
                              "torch_grouped_mm; dense excluded)",
     "ratio_vs_dense": "dense p50 / moe_ext p50",
+    "user paths": "moe_ext_plain (moe_ext.moe on unpacked weights) and moe_ext_torch (torch.ops.moe_ext.moe on "
+                  "torch tensors): moe_ext as users call it, not peers; on their rows ratio_vs_fastest_peer = "
+                  "fastest MoE peer's p50 / the row's p50 and ratio_vs_packed = moe_ext's (prepacked) p50 / "
+                  "the row's p50",
     "dense": peers.Dense.description + "; its weights are views of the first k experts' weights "
              "(the same bytes read as [2*k*f, d] and [d, k*f]; values do not change a dense FFN's time)",
     "reference": "moe_ext.reference.moe on float32 arrays: computes in float32 (fp32 only)",
@@ -183,7 +187,8 @@ def header(width=10):
 
 
 def format_row(r, width=10):
-    ratio = r.get("ratio_vs_fastest_peer") if r["impl"] == "moe_ext" else r.get("moe_ext_speedup")
+    ratio = r.get("ratio_vs_fastest_peer") if r["kind"] != "moe" and r["kind"] != "dense" \
+        else r.get("moe_ext_speedup")
     note = r.get("note") or ""
     frac = r.get("fraction_of_ceiling")
     return (f"{r['shape']:<{width}} {r['dtype']:<5} {r['impl']:<17} {_fmt(r.get('p50_ms'), '10.3f'):>10} "
@@ -193,8 +198,9 @@ def format_row(r, width=10):
             f"{_fmt(ratio, '8.2f') + ('x' if ratio is not None else ''):>9}  {note}").rstrip()
 
 
-LEGEND = ("moe_ext x: on a peer's row, that row's p50 / moe_ext's p50 (> 1: moe_ext faster); on moe_ext's "
-          "row, the fastest MoE peer's p50 / moe_ext's p50 (dense excluded). ceil %: of this run's compute "
+LEGEND = ("moe_ext x: on a peer's row, that row's p50 / moe_ext's p50 (> 1: moe_ext faster); on the rows of "
+          "moe_ext and its user paths (moe_ext_plain, moe_ext_torch), the fastest MoE peer's p50 / the row's "
+          "p50 (dense excluded). ceil %: of this run's compute "
           "ceiling, decode rows of its bandwidth ceiling. GB/s: expert weights touched (decode rows).")
 
 
@@ -260,7 +266,7 @@ def run(shapes=None, dtypes=("fp32",), impls=None, warmup=1, repeats=5, budget_s
                         output = row.pop("_output", None)
                         if name == "moe_ext" and dt == "fp32" and output is not None:
                             baseline = output
-                        if output is not None and peers.BY_NAME[name].kind == "moe":
+                        if output is not None and peers.BY_NAME[name].kind in ("moe", "user_path"):
                             if baseline is None:
                                 baseline = work_baseline(work)
                             row["rel_err"] = _rel_err(output, baseline)
@@ -293,6 +299,9 @@ def run(shapes=None, dtypes=("fp32",), impls=None, warmup=1, repeats=5, budget_s
         if g["ratio_vs_fastest_peer"] is not None:
             print(f"{g['shape']} {g['dtype']}: moe_ext {g['ratio_vs_fastest_peer']:.2f}x the fastest peer "
                   f"({g['fastest_peer']})", file=out)
+        for name, u in g["user_paths"].items():
+            print(f"{g['shape']} {g['dtype']}: {name} {_fmt(u['ratio_vs_fastest_peer'], '.2f')}x the fastest peer, "
+                  f"{_fmt(u['ratio_vs_packed'], '.2f')}x moe_ext prepacked", file=out)
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         doc["files"]["json"] = json_path
@@ -468,10 +477,18 @@ def _ratios(rows, shape, dtype, touched):
              "moe_ext_p50_ms": moe and moe["p50_ms"], "fastest_peer": fastest and fastest["impl"],
              "fastest_peer_p50_ms": fastest and fastest["p50_ms"], "ratio_vs_fastest_peer": ratio,
              "ratio_vs_dense": dense["p50_ms"] / moe["p50_ms"] if (moe and dense) else None}
+    group["user_paths"] = {}
     for r in rows:
         if r["impl"] == "moe_ext":
             r["ratio_vs_fastest_peer"] = ratio
             r["fastest_peer"] = group["fastest_peer"]
             if ratio is not None and not r["note"]:
+                r["note"] = f"vs {fastest['impl']}"
+        elif r["kind"] == "user_path" and r["impl"] in ok:
+            r["ratio_vs_fastest_peer"] = fastest["p50_ms"] / r["p50_ms"] if fastest else None
+            r["ratio_vs_packed"] = moe["p50_ms"] / r["p50_ms"] if moe else None
+            r["fastest_peer"] = group["fastest_peer"]
+            group["user_paths"][r["impl"]] = {k: r[k] for k in ("p50_ms", "ratio_vs_fastest_peer", "ratio_vs_packed")}
+            if fastest and not r["note"]:
                 r["note"] = f"vs {fastest['impl']}"
     return group

@@ -7,6 +7,10 @@ f..2f-1) and w2 [E,d,f]; y[t] = sum_j weight[t,j] * w2[e] @ (silu(gate[e] @ x[t]
 * ``moe_ext``: moe_ext.moe on the same arrays (bf16: the arrays rounded to ml_dtypes.bfloat16), the
   expert weights packed once with moe_ext.prepack in prepare (outside the timing, as the torch peers'
   weights are laid out before it).
+* ``moe_ext_plain``: the path users take from NumPy: moe_ext.moe on the plain (unpacked) weight arrays,
+  as a caller holds them (bf16: the arrays rounded to ml_dtypes.bfloat16 once, outside the timing).
+* ``moe_ext_torch``: the path users take from PyTorch: torch.ops.moe_ext.moe on the torch tensors the
+  torch peers use (moe_ext.torch's custom op; nothing prepacked).
 * ``reference``: moe_ext.reference.moe on the float32 arrays, so it computes in float32 (the reference
   computes in its inputs' dtype); Python loops over tokens for routing and permutation, one NumPy matmul
   per expert. NumPy has no bfloat16, so there is no bf16 row.
@@ -90,6 +94,45 @@ class MoeExt(Peer):
         else:
             w13, w2 = _api.prepack(work.w13), _api.prepack(work.w2)
         return lambda: _api.moe(x, w_router, w13, w2, k)
+
+
+class MoeExtPlain(Peer):
+    name = "moe_ext_plain"
+    kind = "user_path"  # moe_ext itself: not a peer in the ratios, compared with the fastest peer and moe_ext
+    description = "moe_ext.moe on plain (unpacked) weight arrays: the NumPy user's path"
+
+    def prepare(self, work, dtype):
+        if dtype not in MOE_EXT_DTYPES:
+            raise Unavailable(f"not supported: dtype {dtype}", status="unsupported")
+        x, w_router, w13, w2, k = work.x, work.w_router, work.w13, work.w2, work.shape.k
+        if dtype == "bf16":
+            import ml_dtypes
+
+            x, w_router, w13, w2 = (a.astype(ml_dtypes.bfloat16) for a in (x, w_router, w13, w2))
+        return lambda: _api.moe(x, w_router, w13, w2, k)
+
+
+class MoeExtTorch(Peer):
+    name = "moe_ext_torch"
+    kind = "user_path"
+    uses_torch = True
+    description = "torch.ops.moe_ext.moe on the torch peers' tensors (nothing prepacked): the PyTorch user's path"
+
+    def prepare(self, work, dtype):
+        torch = torch_module()
+        try:
+            import moe_ext.torch  # noqa: F401 - registers torch.ops.moe_ext
+        except ImportError as e:
+            raise Unavailable(f"moe_ext.torch cannot be imported: {e}") from None
+        x, w_router, w13, w2 = work.torch_arrays(torch_dtype(dtype))
+        k = work.shape.k
+        op = torch.ops.moe_ext.moe
+
+        def forward():
+            with torch.inference_mode():
+                return op(x, w_router, w13, w2, k, "swiglu", "softmax", True, 1.0, None, None, None, None, None)
+
+        return forward
 
 
 class Reference(Peer):
@@ -224,6 +267,6 @@ class Dense(Peer):
         return forward
 
 
-PEERS = [MoeExt(), Reference(), TorchEager(), TorchGroupedMM(), Dense()]
+PEERS = [MoeExt(), MoeExtPlain(), MoeExtTorch(), Reference(), TorchEager(), TorchGroupedMM(), Dense()]
 BY_NAME = {p.name: p for p in PEERS}
 NAMES = [p.name for p in PEERS]

@@ -6,7 +6,8 @@ of a bar.
 """
 import os
 
-COLORS = {"moe_ext": "#d62728", "reference": "#7f7f7f", "torch_eager": "#1f77b4",
+COLORS = {"moe_ext": "#d62728", "moe_ext_plain": "#e377c2", "moe_ext_torch": "#8c564b", "reference": "#7f7f7f",
+          "torch_eager": "#1f77b4",
           "torch_grouped_mm": "#2ca02c", "dense": "#ff7f0e"}
 MISSING = {"unsupported": "not yet", "unavailable": "n/a", "skipped": "budget", "error": "error"}
 FILES = {"throughput": "throughput.png", "fraction": "ceiling_fraction.png"}
