@@ -1,4 +1,5 @@
-// The dispatch table: one set of kernels per ISA tier, chosen by current_isa().
+// The kernel signatures: one table of them per ISA tier, chosen by current_isa(). core knows only this
+// table; csrc/cpu/dispatch.cpp defines kernels_for() over the tiers it was built with.
 // Kernels never allocate, never validate and never touch Python; their callers (core/ops.cpp) do.
 // Every kernel gives results that do not depend on the thread count: each output element is computed
 // by one thread in a fixed order.

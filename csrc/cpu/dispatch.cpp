@@ -4,7 +4,10 @@
 
 namespace moe_ext {
 
-// Each tier's table lives in csrc/cpu/kernels.cpp, compiled once per tier with that tier's flags.
+// The dispatch layer between core and the CPU tiers, compiled once (not per tier): core declares
+// kernels_for() (core/kernels.h) and knows only the kernel signatures; each tier's table lives in
+// csrc/cpu/kernels.cpp, compiled once per tier with that tier's flags. A new tier or backend is added
+// here and in CMakeLists.txt, without touching core.
 namespace cpu::scalar { const Kernels& kernels(); }
 #if defined(MOE_EXT_X86_TIERS)
 namespace cpu::avx2 { const Kernels& kernels(); }
