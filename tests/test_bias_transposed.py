@@ -80,9 +80,10 @@ def test_experts_float32(rng, activation, bias, layout, packed, T, d, f, E, k):
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("activation", ["swiglu(limit=7.0)", GPT_OSS, "gelu_tanh", "relu2"])
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=["bfloat16", "float16"])
-def test_experts_16_bit(rng, dtype, activation, packed, layout):
+@pytest.mark.parametrize("T", [3, 40], ids=["decode", "prefill"])
+def test_experts_16_bit(rng, dtype, activation, packed, layout, T):
     """Weights, activations and biases in bfloat16 / float16 (biases widened exactly to float32)."""
-    T, d, f, E, k = 40, 24, 19, 3, 2
+    d, f, E, k = 24, 19, 3, 2
     x, w13, w2, b13, b2, weights, ids = expert_inputs(rng, T, d, f, E, k, activation, dtype)
     y = moe_ext.experts(x, *weight_args(w13, w2, layout, packed), weights, ids, activation=activation,
                         b13_or_b1=b13, b2=b2)
@@ -148,8 +149,10 @@ def test_interleaved_and_transposed_are_bit_identical_to_their_plain_forms(rng):
             np.testing.assert_array_equal(y, base, err_msg=f"{layout} packed={packed}")
 
 
-def test_results_do_not_depend_on_the_thread_count(rng):
-    T, d, f, E, k = 80, 48, 40, 4, 2
+@pytest.mark.parametrize("T,f", [(80, 40), (3, 300)], ids=["prefill", "decode-wide-tiles"])
+def test_results_do_not_depend_on_the_thread_count(rng, T, f):
+    """Also where transposed decode tiles narrow with more threads: only the tile of a column changes."""
+    d, E, k = 48, 4, 2
     x, w13, w2, b13, b2, weights, ids = expert_inputs(rng, T, d, f, E, k, GPT_OSS)
     before = moe_ext.get_num_threads()
     try:
