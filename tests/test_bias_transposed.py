@@ -346,3 +346,16 @@ def test_weights_with_other_strides_raise(rng, how):
                         random_topk_weights(rng, 2, 1), random_ids(rng, 2, E, 1))
     with pytest.raises(ValueError, match="^w: expected a C-contiguous array"):
         moe_ext.grouped_gemm_backward(random_x(rng, 3, w.shape[1]), random_x(rng, 3, K), w, offsets)
+
+
+def test_torch_transposed_weights_pass_without_a_copy(rng):
+    """HF stores gpt-oss's gate_up_proj as [E, d, 2f]: w_t.transpose(1, 2).numpy() is accepted as it is."""
+    torch = pytest.importorskip("torch")
+    T, d, f, E, k = 5, 12, 7, 3, 2
+    x, w13, w2, b13, b2, weights, ids = expert_inputs(rng, T, d, f, E, k, GPT_OSS)
+    gate_up_proj = torch.from_numpy(np.ascontiguousarray(w13.transpose(0, 2, 1)))  # [E, d, 2f]
+    view = gate_up_proj.transpose(1, 2).numpy()
+    assert np.shares_memory(view, gate_up_proj.numpy()) and not view.flags.c_contiguous
+    y = moe_ext.experts(x, view, w2, weights, ids, activation=GPT_OSS, b13_or_b1=b13, b2=b2)
+    want = ref.experts(*f64(x, w13, w2), f64(weights), ids, activation=GPT_OSS, b13_or_b1=f64(b13), b2=f64(b2))
+    assert_close(y, want, GEMM_RTOL, "experts")

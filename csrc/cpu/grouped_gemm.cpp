@@ -339,6 +339,14 @@ void streamed_product(const GemmProblem& p, const Tile& t, const Segment* segs, 
   }
 }
 
+// dst [depth][kMicroCols] = the first `width` columns of `depth` rows of src (row stride ld), zero-padded.
+template <typename W>
+void copy_padded_slice(const W* src, int64_t ld, int64_t depth, int64_t width, W* dst) {
+  memset(dst, 0, static_cast<size_t>(depth * kMicroCols) * sizeof(W));
+  for (int64_t q = 0; q < depth; ++q)
+    for (int64_t c = 0; c < width; ++c) dst[q * kMicroCols + c] = src[q * ld + c];
+}
+
 // Few rows on transposed weights w_t [K, N] (float32/float16): the microkernel reads slices of w_t's rows
 // in place (row stride N), kWideDepth depth rows at a time across all of the tile's columns, into the
 // tile's buffer (row stride ld). A slice cut by the segment's end is first copied, zero-padded to
@@ -361,9 +369,7 @@ void transposed_product(const GemmProblem& p, const Tile& t, const Segment* segs
         const W* b = w_t + k0 * N + col;
         int64_t ldb = N;
         if (width < kMicroCols) {
-          for (int64_t q = 0; q < depth; ++q)
-            for (int64_t c = 0; c < kMicroCols; ++c)
-              if (c < width) padded[q * kMicroCols + c] = b[q * N + c]; else memset(padded + q * kMicroCols + c, 0, sizeof(W));
+          copy_padded_slice(b, N, depth, width, padded);
           b = padded, ldb = kMicroCols;
         }
         float* c = buf.local + segs[s].local_col + segs[s].offset + j;
@@ -399,7 +405,8 @@ void epilogue(const GemmProblem& p, const Geometry& g, const Tile& t, const Segm
       continue;
     }
     if (bias)
-      for (int s = 0; s < n_segs; ++s) add_bias(row + segs[s].local_col + segs[s].offset, bias + segs[s].begin(), segs[s].cols);
+      for (int s = 0; s < n_segs; ++s)
+        add_bias(row + segs[s].local_col + segs[s].offset, bias + segs[s].begin(), segs[s].cols);
     activate_product_row(p.activation, row + segs[0].offset,
                          n_segs > 1 ? row + segs[1].local_col + segs[1].offset : nullptr, t.cols, dst);
   }
