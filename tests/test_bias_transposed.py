@@ -78,7 +78,7 @@ def test_experts_float32(rng, activation, bias, layout, packed, T, d, f, E, k):
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-@pytest.mark.parametrize("activation", ["swiglu(limit=7.0)", GPT_OSS, "gelu_tanh", "relu2"])
+@pytest.mark.parametrize("activation", DESCRIPTIONS)
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("T", [3, 40], ids=["decode", "prefill"])
 def test_experts_16_bit(rng, dtype, activation, packed, layout, T):
@@ -215,6 +215,13 @@ def test_quantized_experts_with_descriptions_and_biases(rng, activation, scheme,
     # Per-token int8 rounding of the second GEMM's input can flip where float32 and float64 activations
     # straddle a rounding boundary: a looser bound there (one int8 step in a few elements).
     assert_close(y, want, 1e-3 if quantized else GEMM_RTOL, "quantized experts")
+
+
+def test_quantize_a_transposed_view(rng):
+    w = random_weights(rng, (2, 40, 64), 64)
+    for scheme, group in (("int8", None), ("int4", 32)):
+        np.testing.assert_array_equal(moe_ext.dequantize(moe_ext.quantize(transposed(w), scheme, group_size=group)),
+                                      moe_ext.dequantize(moe_ext.quantize(w, scheme, group_size=group)))
 
 
 def test_quantized_grouped_gemm_bias(rng):
