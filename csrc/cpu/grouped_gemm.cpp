@@ -8,11 +8,20 @@
 // never written out), or without one a copy of what did not go straight to out (whole panels do).
 // Inside a tile, per depth block of kDepthBlock:
 // - weights in the packed panel layout (core/packed.h: prepacked once, or packed here panel by panel
-//   when the caller passed a plain array) feed a register-blocked microkernel (cpu/gemm_micro.h);
+//   when the caller passed a plain or transposed array) feed a register-blocked microkernel
+//   (cpu/gemm_micro.h);
 //   the loop order keeps one microkernel's weight slice (kDepthBlock<W> x kMicroCols) in L1 across the
 //   tile's rows and the tile's rows of a (<= 256 x kDepthBlock<W> floats) in L2;
 // - plain weights with few rows per expert (decode): packing would cost as much as the math, so each
-//   weight row is streamed once and dotted with every row of the expert.
+//   weight row is streamed once and dotted with every row of the expert. Transposed float32/float16
+//   weights (w_t [K, N]) have no contiguous weight rows: there the microkernel reads w_t in place, a few
+//   depth rows at a time across the whole tile, whose columns are widened (up to kWideCols) so that
+//   each depth row is read as one long contiguous run (transposed bfloat16 weights are packed, the
+//   microkernel needing the pair layout).
+// Gated activations with interleaved gate/up rows (g0 u0 g1 u1 ...) need no reordering of the weights:
+// a tile of output columns [c, c + n) computes the product columns [2c, 2c + 2n) as one segment, and the
+// epilogue reads gate and up from alternate columns. Biases are added per product column in the epilogue
+// (before the activation), so every path and layout shares them.
 // Each output element is summed in an order fixed by the data and these constants, never by the thread
 // count or the schedule, so results are bit-identical for any number of threads.
 #include "core/packed.h"
@@ -39,6 +48,12 @@ constexpr int64_t kFewRows = 16;       // plain weights, at most this many rows 
 constexpr int64_t kPanelFirstRows = 2 * kMicroRows;  // packed weights, at most this many rows: panel by panel
 constexpr int64_t kLocalCols = kTileCols + kTileCols + kPanelCols;  // gate span + up span (misaligned up)
 constexpr int64_t kLocalBytes = kMaxTileRows * kLocalCols * 4;
+// Transposed weights, few rows: output columns of a tile (at most), and depth rows read per pass. 1024
+// float32 columns are 4 KiB of a depth row, a page: the hardware prefetchers follow a run that long,
+// and 16 rows at a time keep few pages in flight.
+constexpr int64_t kWideCols = 1024;
+constexpr int64_t kWideDepth = 16;
+static_assert(kFewRows * (2 * kWideCols + kPanelCols) * 4 <= kLocalBytes, "a wide tile fits the scratch");
 constexpr int64_t kPackBytes = kPanelCols * kDepthBlock<float> * 4;
 static_assert(kLocalBytes + kPackBytes <= kGemmScratchBytes, "a tile's buffers fit the scratch");
 static_assert(kTileCols % kPanelCols == 0 && kDepthBlock<float> % 2 == 0, "tiles hold whole panels, blocks whole pairs");
@@ -48,6 +63,8 @@ struct Segment {
   int64_t first_panel = 0, panels = 0;  // panels covering [begin, begin + cols)
   int64_t local_col = 0;                // where the first panel lands in the tile's buffer
   int64_t offset = 0;                   // begin - first_panel * kPanelCols
+  int64_t cols = 0;                     // product columns of the segment
+  int64_t begin() const { return first_panel * kPanelCols + offset; }
 };
 
 template <typename W> constexpr bool kIsBf16 = false;
@@ -62,14 +79,11 @@ struct Tile {
 
 struct Geometry {
   int64_t out_cols;  // columns of out
-  int64_t half;      // fused gated: f (the up rows' offset in w); 0 otherwise
-  bool gated;
+  int64_t half;      // fused gated, concatenated: f (the up rows' offset in w); 0 otherwise
+  bool gated, interleaved;
+  int64_t tile_cols = kTileCols;  // output columns of a tile
+  int64_t ld = kLocalCols;        // row stride of a tile's buffer
 };
-
-Geometry geometry(const GemmProblem& p) {
-  const bool gated = p.fuse_activation && is_gated(p.activation);
-  return {gated ? p.w.N / 2 : p.w.N, gated ? p.w.N / 2 : 0, gated};
-}
 
 Segment segment(int64_t begin, int64_t cols, int64_t local_col) {
   Segment s;
@@ -77,10 +91,55 @@ Segment segment(int64_t begin, int64_t cols, int64_t local_col) {
   s.panels = ceil_div(begin + cols, kPanelCols) - s.first_panel;
   s.local_col = local_col;
   s.offset = begin - s.first_panel * kPanelCols;
+  s.cols = cols;
   return s;
 }
 
-bool streams(const GemmProblem& p, int64_t expert_rows) { return !p.w.packed && expert_rows <= kFewRows; }
+// The product segments of a tile: its columns; fused gated, the gate and the up columns (concatenated),
+// or the interleaved pairs of its columns (one segment of twice the width, starting on a panel boundary
+// since col_begin is a multiple of kTileCols). Returns the count.
+int tile_segments(const Geometry& g, const Tile& t, Segment* segs) {
+  if (g.interleaved) {
+    segs[0] = segment(2 * t.col_begin, 2 * t.cols, 0);
+    return 1;
+  }
+  segs[0] = segment(t.col_begin, t.cols, 0);
+  if (!g.gated) return 1;
+  segs[1] = segment(g.half + t.col_begin, t.cols, segs[0].panels * kPanelCols);
+  return 2;
+}
+
+// How a tile computes its product (see the top of the file).
+enum class Product { packed, streamed, transposed };
+
+Product product_of(const GemmProblem& p, int64_t expert_rows) {
+  if (p.w.packed || expert_rows > kFewRows) return Product::packed;
+  if (!p.w.transposed) return Product::streamed;
+  return p.w.dtype == DType::bf16 ? Product::packed : Product::transposed;
+}
+
+// Whether a tile takes all of its expert's rows (the few-row paths, which read each weight once).
+bool streams(const GemmProblem& p, int64_t expert_rows) { return product_of(p, expert_rows) != Product::packed; }
+
+// Tiles are wide when every expert takes the transposed few-row path: as wide as kWideCols, halved while
+// there are fewer than two tiles per thread (only which tile computes a column depends on `threads`,
+// never how it is summed).
+Geometry geometry(const GemmProblem& p, int threads) {
+  const bool gated = p.fuse_activation && is_gated(p.activation);
+  const bool interleaved = gated && p.activation.interleaved;
+  Geometry g{gated ? p.w.N / 2 : p.w.N, gated && !interleaved ? p.w.N / 2 : 0, gated, interleaved};
+  int64_t experts = 0;
+  for (int64_t e = 0; e < p.w.E; ++e) {
+    const int64_t rows = p.offsets[e + 1] - p.offsets[e];
+    if (rows == 0) continue;
+    if (product_of(p, rows) != Product::transposed) return g;
+    ++experts;
+  }
+  int64_t cols = kWideCols;
+  while (cols > kTileCols && experts * ceil_div(g.out_cols, cols) < 2 * threads) cols /= 2;
+  g.tile_cols = cols, g.ld = 2 * cols + kPanelCols;
+  return g;
+}
 
 // Rows per tile for an expert: at most kTileRows (packed) or kMaxTileRows (plain; streaming tiles take
 // all rows), fewer when the whole problem has too few tiles to keep every thread busy. A multiple of
@@ -97,23 +156,33 @@ int64_t tile_rows(const GemmProblem& p, int64_t expert_rows, int64_t col_tiles, 
 
 // --- packing ---------------------------------------------------------------------------------------
 
-// Panel `panel` of one expert's w [N, K], depths [k0, k0 + depth), into dst (core/packed.h's layout with
-// `depth` in place of K). Columns past N and the bfloat16 pair padding are zero.
+// Where depth p of column c goes in a packed panel (core/packed.h).
 template <typename W>
-void pack_panel(const W* w_expert, int64_t N, int64_t K, int64_t panel, int64_t k0, int64_t depth, W* dst) {
-  const bool pairs = kIsBf16<W>;
-  const int64_t padded = pairs ? (depth + 1) / 2 * 2 : depth;
-  for (int64_t c = 0; c < kPanelCols; ++c) {
-    const int64_t n = panel * kPanelCols + c;
-    const W* src = w_expert + n * K + k0;
-    for (int64_t p = 0; p < padded; ++p) {
-      const int64_t at = pairs ? (p / 2) * 2 * kPanelCols + 2 * c + (p % 2) : p * kPanelCols + c;
-      if (n < N && p < depth)
-        dst[at] = src[p];
-      else
-        memset(dst + at, 0, sizeof(W));
+int64_t panel_at(int64_t p, int64_t c) {
+  return kIsBf16<W> ? (p / 2) * 2 * kPanelCols + 2 * c + (p % 2) : p * kPanelCols + c;
+}
+
+// Panel `panel` of one expert's w [N, K] (row-major, or transposed: element (n, k) at k * N + n), depths
+// [k0, k0 + depth), into dst (core/packed.h's layout with `depth` in place of K). Columns past N and the
+// bfloat16 pair padding are zero. Each layout is read along its contiguous direction.
+template <typename W>
+void pack_panel(const W* w_expert, int64_t N, int64_t K, bool transposed, int64_t panel, int64_t k0, int64_t depth,
+                W* dst) {
+  const int64_t padded = kIsBf16<W> ? (depth + 1) / 2 * 2 : depth;
+  const int64_t n0 = panel * kPanelCols, cols = min_i64(kPanelCols, N - n0);
+  if (transposed) {
+    for (int64_t p = 0; p < depth; ++p) {
+      const W* src = w_expert + (k0 + p) * N + n0;
+      for (int64_t c = 0; c < cols; ++c) dst[panel_at<W>(p, c)] = src[c];
+    }
+  } else {
+    for (int64_t c = 0; c < cols; ++c) {
+      const W* src = w_expert + (n0 + c) * K + k0;
+      for (int64_t p = 0; p < depth; ++p) dst[panel_at<W>(p, c)] = src[p];
     }
   }
+  for (int64_t p = 0; p < padded; ++p)
+    for (int64_t c = p < depth ? cols : 0; c < kPanelCols; ++c) memset(dst + panel_at<W>(p, c), 0, sizeof(W));
 }
 
 // --- one tile --------------------------------------------------------------------------------------
@@ -185,7 +254,7 @@ void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, in
     if (p.w.packed) {
       block = w_expert + panel * panel_elements(K, p.w.dtype) + k0 * kPanelCols;
     } else {
-      pack_panel(w_expert, p.w.N, K, panel, k0, depth, static_cast<W*>(buf.pack));
+      pack_panel(w_expert, p.w.N, K, p.w.transposed, panel, k0, depth, static_cast<W*>(buf.pack));
       block = static_cast<const W*>(buf.pack);
     }
     const int64_t pair_step = kIsBf16<W> ? 2 : 1;  // elements per column in a panel row
@@ -252,8 +321,8 @@ void streamed_product(const GemmProblem& p, const Tile& t, const Segment* segs, 
   const W* w_expert = static_cast<const W*>(p.w.data) + t.expert * p.w.N * K;
   const float* a = p.a + t.row_begin * K;
   for (int s = 0; s < n_segs; ++s) {
-    const int64_t begin = segs[s].first_panel * kPanelCols + segs[s].offset;
-    for (int64_t n = begin; n < begin + t.cols; ++n)
+    const int64_t begin = segs[s].begin();
+    for (int64_t n = begin; n < begin + segs[s].cols; ++n)
       for (int64_t m = 0; m < rows; m += kStreamRows) {
         float* c = local + m * kLocalCols + segs[s].local_col + segs[s].offset + (n - begin);
         const float* a_rows = a + m * K;
@@ -270,31 +339,90 @@ void streamed_product(const GemmProblem& p, const Tile& t, const Segment* segs, 
   }
 }
 
+// dst [depth][kMicroCols] = the first `width` columns of `depth` rows of src (row stride ld), zero-padded.
+template <typename W>
+void copy_padded_slice(const W* src, int64_t ld, int64_t depth, int64_t width, W* dst) {
+  memset(dst, 0, static_cast<size_t>(depth * kMicroCols) * sizeof(W));
+  for (int64_t q = 0; q < depth; ++q)
+    for (int64_t c = 0; c < width; ++c) dst[q * kMicroCols + c] = src[q * ld + c];
+}
+
+// Few rows on transposed weights w_t [K, N] (float32/float16): the microkernel reads slices of w_t's rows
+// in place (row stride N), kWideDepth depth rows at a time across all of the tile's columns, into the
+// tile's buffer (row stride ld). A slice cut by the segment's end is first copied, zero-padded to
+// kMicroCols columns, so nothing past the segment is read. Each output adds its depths in order within
+// a pass and the passes in order.
+template <typename W>
+void transposed_product(const GemmProblem& p, const Tile& t, const Segment* segs, int n_segs, int64_t ld,
+                        const TileBuffers& buf) {
+  const int64_t K = p.w.K, N = p.w.N, rows = t.row_end - t.row_begin;
+  const W* w_t = static_cast<const W*>(p.w.data) + t.expert * N * K;
+  const float* a = p.a + t.row_begin * K;
+  W* padded = static_cast<W*>(buf.pack);
+  if (K == 0)
+    for (int64_t r = 0; r < rows; ++r) memset(buf.local + r * ld, 0, ld * sizeof(float));
+  for (int64_t k0 = 0; k0 < K; k0 += kWideDepth) {
+    const int64_t depth = min_i64(kWideDepth, K - k0);
+    for (int s = 0; s < n_segs; ++s)
+      for (int64_t j = 0; j < segs[s].cols; j += kMicroCols) {
+        const int64_t col = segs[s].begin() + j, width = min_i64(kMicroCols, segs[s].cols - j);
+        const W* b = w_t + k0 * N + col;
+        int64_t ldb = N;
+        if (width < kMicroCols) {
+          copy_padded_slice(b, N, depth, width, padded);
+          b = padded, ldb = kMicroCols;
+        }
+        float* c = buf.local + segs[s].local_col + segs[s].offset + j;
+        for (int64_t m = 0; m < rows; m += kMicroRows) {
+          const float* a_m = a + m * K + k0;
+          float* c_m = c + m * ld;
+          switch (min_i64(kMicroRows, rows - m)) {
+#define MOE_EXT_STRIDED_CASE(R)                                                                         \
+  case R:                                                                                               \
+    micro_kernel_strided<(R <= kMicroRows ? R : 1)>(a_m, K, b, ldb, depth, c_m, ld, k0 > 0);         \
+    break;
+            MOE_EXT_STRIDED_CASE(1) MOE_EXT_STRIDED_CASE(2) MOE_EXT_STRIDED_CASE(3) MOE_EXT_STRIDED_CASE(4)
+            MOE_EXT_STRIDED_CASE(5) MOE_EXT_STRIDED_CASE(6) MOE_EXT_STRIDED_CASE(7) MOE_EXT_STRIDED_CASE(8)
+#undef MOE_EXT_STRIDED_CASE
+            default: break;
+          }
+        }
+      }
+  }
+}
+
 // Writes the tile's rows of out from its buffer (past the `direct` columns already there): a copy or the
-// activation.
-void epilogue(const GemmProblem& p, const Geometry& g, const Tile& t, const Segment* segs, const float* local,
+// activation, after the bias (added to the buffer, or to out for the direct columns).
+void epilogue(const GemmProblem& p, const Geometry& g, const Tile& t, const Segment* segs, int n_segs, float* local,
               int64_t direct) {
+  const float* bias = p.bias ? p.bias + t.expert * p.w.N : nullptr;
   for (int64_t r = 0; r < t.row_end - t.row_begin; ++r) {
-    const float* src = local + r * kLocalCols + segs[0].offset;
+    float* row = local + r * g.ld;
     float* dst = p.out + (t.row_begin + r) * g.out_cols + t.col_begin;
-    if (!p.fuse_activation)
-      memcpy(dst + direct, src + direct, static_cast<size_t>(t.cols - direct) * sizeof(float));
-    else
-      activate_row(p.activation, src, g.gated ? local + r * kLocalCols + segs[1].local_col + segs[1].offset : nullptr,
-                   t.cols, dst);
+    if (!p.fuse_activation) {
+      memcpy(dst + direct, row + segs[0].offset + direct, static_cast<size_t>(t.cols - direct) * sizeof(float));
+      if (bias) add_bias(dst, bias + t.col_begin, t.cols);
+      continue;
+    }
+    if (bias)
+      for (int s = 0; s < n_segs; ++s)
+        add_bias(row + segs[s].local_col + segs[s].offset, bias + segs[s].begin(), segs[s].cols);
+    activate_product_row(p.activation, row + segs[0].offset,
+                         n_segs > 1 ? row + segs[1].local_col + segs[1].offset : nullptr, t.cols, dst);
   }
 }
 
 template <typename W>
 void run_tile(const GemmProblem& p, const Geometry& g, const Tile& t, bool dpbf16, const TileBuffers& buf) {
   Segment segs[2];
-  segs[0] = segment(t.col_begin, t.cols, 0);
-  int n_segs = 1;
-  if (g.gated) segs[n_segs++] = segment(g.half + t.col_begin, t.cols, segs[0].panels * kPanelCols);
+  const int n_segs = tile_segments(g, t, segs);
   const int64_t expert_rows = p.offsets[t.expert + 1] - p.offsets[t.expert];
   DirectOut direct;
-  if (streams(p, expert_rows)) {
+  const Product product = product_of(p, expert_rows);
+  if (product == Product::streamed) {
     streamed_product<W>(p, t, segs, n_segs, buf.local);
+  } else if (product == Product::transposed) {
+    if constexpr (!kIsBf16<W>) transposed_product<W>(p, t, segs, n_segs, g.ld, buf);
   } else {
     // Without an activation the tile starts on a panel boundary (col_begin is a multiple of kTileCols),
     // so its whole panels can go straight to out. K = 0 leaves the sums to the zeroed buffer.
@@ -302,11 +430,11 @@ void run_tile(const GemmProblem& p, const Geometry& g, const Tile& t, bool dpbf1
       direct = {p.out + t.row_begin * g.out_cols + t.col_begin, g.out_cols, t.cols / kPanelCols};
     packed_product<W>(p, t, segs, n_segs, dpbf16, buf, direct);
   }
-  epilogue(p, g, t, segs, buf.local, direct.panels * kPanelCols);
+  epilogue(p, g, t, segs, n_segs, buf.local, direct.panels * kPanelCols);
 }
 
 // The tile with this index in (expert, row block, column block) order, or false when past the end.
-bool find_tile(const GemmProblem& p, int64_t index, int64_t col_tiles, int64_t out_cols, int64_t total_rows,
+bool find_tile(const GemmProblem& p, const Geometry& g, int64_t index, int64_t col_tiles, int64_t total_rows,
                int threads, Tile* t) {
   for (int64_t e = 0; e < p.w.E; ++e) {
     const int64_t begin = p.offsets[e], rows = p.offsets[e + 1] - begin;
@@ -321,8 +449,8 @@ bool find_tile(const GemmProblem& p, int64_t index, int64_t col_tiles, int64_t o
     t->expert = e;
     t->row_begin = begin + row_block * per_tile;
     t->row_end = min_i64(begin + rows, t->row_begin + per_tile);
-    t->col_begin = col_block * kTileCols;
-    t->cols = min_i64(kTileCols, out_cols - t->col_begin);
+    t->col_begin = col_block * g.tile_cols;
+    t->cols = min_i64(g.tile_cols, g.out_cols - t->col_begin);
     return true;
   }
   return false;
@@ -330,8 +458,8 @@ bool find_tile(const GemmProblem& p, int64_t index, int64_t col_tiles, int64_t o
 
 template <typename W>
 void grouped_gemm_typed(const GemmProblem& p, int threads, void* scratch) {
-  const Geometry g = geometry(p);
-  const int64_t col_tiles = ceil_div(g.out_cols, kTileCols), total_rows = p.offsets[p.w.E];
+  const Geometry g = geometry(p, threads);
+  const int64_t col_tiles = ceil_div(g.out_cols, g.tile_cols), total_rows = p.offsets[p.w.E];
   int64_t tiles = 0;
   for (int64_t e = 0; e < p.w.E; ++e) {
     const int64_t rows = p.offsets[e + 1] - p.offsets[e];
@@ -349,17 +477,18 @@ void grouped_gemm_typed(const GemmProblem& p, int threads, void* scratch) {
     char* mine = static_cast<char*>(scratch) + thread_index() * kGemmScratchBytes;
     const TileBuffers buf{reinterpret_cast<float*>(mine), mine + kLocalBytes};
     Tile t;
-    if (find_tile(p, index, col_tiles, g.out_cols, total_rows, threads, &t)) run_tile<W>(p, g, t, dpbf16, buf);
+    if (find_tile(p, g, index, col_tiles, total_rows, threads, &t)) run_tile<W>(p, g, t, dpbf16, buf);
   }
 }
 
 template <typename W>
-void pack_weight_typed(const W* w, int64_t E, int64_t N, int64_t K, int threads, W* packed) {
-  const int64_t panels = panel_count(N), panel_size = panel_elements(K, kDType<W>);
+void pack_weight_typed(const WeightView& w, int threads, W* packed) {
+  const int64_t N = w.N, K = w.K, panels = panel_count(N), panel_size = panel_elements(K, kDType<W>);
   MOE_EXT_PARALLEL_FOR(threads)
-  for (int64_t i = 0; i < E * panels; ++i) {
+  for (int64_t i = 0; i < w.E * panels; ++i) {
     const int64_t e = i / panels, panel = i % panels;
-    pack_panel(w + e * N * K, N, K, panel, 0, K, packed + e * panels * panel_size + panel * panel_size);
+    pack_panel(static_cast<const W*>(w.data) + e * N * K, N, K, w.transposed, panel, 0, K,
+               packed + e * panels * panel_size + panel * panel_size);
   }
 }
 
@@ -373,14 +502,11 @@ void grouped_gemm(const GemmProblem& problem, int threads, void* scratch) {
   }
 }
 
-void pack_weight(const void* w, DType dtype, int64_t E, int64_t N, int64_t K, int threads, void* packed) {
-  switch (dtype) {
-    case DType::f32:
-      return pack_weight_typed(static_cast<const float*>(w), E, N, K, threads, static_cast<float*>(packed));
-    case DType::bf16:
-      return pack_weight_typed(static_cast<const bf16_t*>(w), E, N, K, threads, static_cast<bf16_t*>(packed));
-    case DType::f16:
-      return pack_weight_typed(static_cast<const f16_t*>(w), E, N, K, threads, static_cast<f16_t*>(packed));
+void pack_weight(const WeightView& w, int threads, void* packed) {
+  switch (w.dtype) {
+    case DType::f32: return pack_weight_typed(w, threads, static_cast<float*>(packed));
+    case DType::bf16: return pack_weight_typed(w, threads, static_cast<bf16_t*>(packed));
+    case DType::f16: return pack_weight_typed(w, threads, static_cast<f16_t*>(packed));
   }
 }
 
