@@ -252,6 +252,7 @@ POISON_OUTPUTS = False
 
 
 def _new(shape, dtype, device):
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
     if not POISON_OUTPUTS:
         return torch.empty(shape, dtype=dtype, device=device)
     return torch.full(shape, float("nan") if dtype.is_floating_point else 2**31 - 1, dtype=dtype, device=device)
