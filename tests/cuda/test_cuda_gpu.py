@@ -175,6 +175,23 @@ def test_strided_views_are_a_clear_error(gpu):
                      torch.zeros(16, 1, dtype=torch.int32, device="cuda"))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_ops_take_strided_and_unaligned_views(poisoned, dtype):
+    """torch.ops.moe_ext makes its inputs contiguous: a transposed x and an unaligned w13 give the right result."""
+    import moe_ext.torch  # noqa: F401
+    rng = np.random.default_rng(11)
+    T, d, f, E, k = 40, 64, 48, 6, 2
+    x_np = rng.standard_normal((T, d))
+    x = on_gpu(x_np.T, DTYPES[dtype]).t()  # a transposed view
+    assert not x.is_contiguous()
+    w13 = misaligned(rng.standard_normal((E, 2 * f, d)) / 8, DTYPES[dtype])
+    w2 = on_gpu(rng.standard_normal((E, d, f)) / 7, DTYPES[dtype])
+    ids, weights = random_ids(rng, T, E, k), rng.random((T, k)).astype(np.float32)
+    y = torch.ops.moe_ext.experts(x, w13, w2, torch.from_numpy(weights).cuda(), ids_on_gpu(ids), "swiglu", None)
+    want = reference.experts(f64(x), f64(w13), f64(w2), weights.astype(np.float64), ids)
+    assert_rows_close(y, want, RTOL[dtype], "torch.ops.moe_ext.experts on views")
+
+
 # ------------------------------------------------------------------------------------------ route
 ROUTE_CASES = {
     "mixtral": dict(E=8, k=2),
