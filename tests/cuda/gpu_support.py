@@ -88,9 +88,11 @@ def _numpy64(t):
     return np.asarray(t, dtype=np.float64)
 
 
-def row_errors(got, want):
+def row_errors(got, want, floor=0.0):
     """Per row (all axes but the last flattened into rows): max |got - want| / max |want|; rows whose
-    reference is all zeros give 0 if got is all zeros there too, else inf. Non-finite got: inf."""
+    reference is all zeros give 0 if got is all zeros there too, else inf. Non-finite got: inf.
+    floor > 0: a row's scale is at least floor * (the largest |want| anywhere), for whole-model gradients,
+    where rows far smaller than the rest carry noise propagated from everywhere else (kernel tests use 0)."""
     got, want = _numpy64(got), _numpy64(want)
     assert got.shape == want.shape, f"shape {got.shape}, expected {want.shape}"
     if got.size == 0:
@@ -99,21 +101,21 @@ def row_errors(got, want):
     got, want = got.reshape(-1, cols), want.reshape(-1, cols)
     with np.errstate(invalid="ignore", divide="ignore"):
         diff = np.abs(got - want).max(axis=1)
-        scale = np.abs(want).max(axis=1)
+        scale = np.maximum(np.abs(want).max(axis=1), floor * np.abs(want).max())
         err = np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), np.where(diff == 0, 0.0, np.inf))
     err[~np.isfinite(got).all(axis=1)] = np.inf
     return err
 
 
-def assert_rows_close(got, want, rtol, what="result"):
-    """Every element finite, and each row within rtol (see the module docstring)."""
+def assert_rows_close(got, want, rtol, what="result", floor=0.0):
+    """Every element finite, and each row within rtol (see the module docstring and row_errors)."""
     g = _numpy64(got)
     bad = ~np.isfinite(g)
     assert not bad.any(), (f"{what}: {int(bad.sum())} of {g.size} elements not finite (unwritten or overflowed), "
                            f"first at index {tuple(int(i) for i in np.argwhere(bad)[0])}")
     want = _numpy64(want)
     assert np.isfinite(want).all(), f"{what}: the reference itself is not finite"
-    err = row_errors(g, want)
+    err = row_errors(g, want, floor)
     if err.size:
         row = int(np.argmax(err))
         assert err[row] <= rtol, (f"{what}: row {row} has max relative error {err[row]:.3g} > {rtol:g} "

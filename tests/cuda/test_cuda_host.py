@@ -413,3 +413,11 @@ def test_row_comparison_catches_what_a_norm_hides():
         assert_rows_close(unwritten, want, 3e-2)
     zero_row = np.zeros((2, 4))
     assert list(row_errors(np.array([[0, 0, 0, 0], [0, 1e-30, 0, 0]]), zero_row)) == [0, np.inf]
+
+
+def test_row_floor_for_whole_model_gradients():
+    from gpu_support import row_errors
+    want = np.array([[100.0, -50.0], [1e-4, 2e-4]])
+    noisy = want + np.array([[1e-3, 0.0], [0.0, 1e-4]])  # the small row's noise is 50% of itself
+    assert row_errors(noisy, want)[1] == pytest.approx(0.5)
+    assert row_errors(noisy, want, floor=1e-2)[1] == pytest.approx(1e-4)  # judged against 1% of 100

@@ -11,7 +11,9 @@ the MoE module and a tiny Mixtral with experts_implementation="moe_ext" against 
 element (gpu_support.assert_rows_close: every element finite, per-row max relative error), with the CUDA
 outputs pre-filled with NaN. Tolerances: gpu_support.RTOL by dtype (the CPU kernels compute half dtypes in
 float32 and round once; the CUDA kernels also round the intermediates h, activation, y_perm); gradients
-go through the forward chain and then the backward one, twice the roundings: 2 * RTOL.
+go through the forward chain and then the backward one, twice the roundings: 2 * RTOL. Gradients of
+whole layers and models compare rows no smaller than 1% of the tensor's largest value (floor=1e-2): a
+row far below the rest carries noise propagated from every other row.
 """
 import importlib.util
 import os
@@ -312,7 +314,7 @@ def test_autograd_on_cuda_matches_cpu(dtype, capacity):
                     [i["x"], i["w_router"], i["w13"], i["w2"]])
         results.append(ex + mo)
     for got, want in zip(results[1], results[0]):
-        assert_rows_close(got, want, 2 * RTOL[dtype])
+        assert_rows_close(got, want, 2 * RTOL[dtype], floor=1e-2)
 
 
 @needs_gpu
@@ -350,7 +352,7 @@ def test_moe_module_forward_backward_on_cuda():
         outs.append([y] + [p.grad for p in module.parameters()])
         assert module.last_expert_counts.device == xx.device
     for got, want in zip(outs[1], outs[0]):
-        assert_rows_close(got, want, 2 * RTOL[torch.float32])
+        assert_rows_close(got, want, 2 * RTOL[torch.float32], floor=1e-2)
 
 
 @needs_gpu
@@ -373,4 +375,4 @@ def test_tiny_mixtral_on_cuda_matches_eager():
     experts = [m for m in model.modules() if hasattr(m, "gate_up_proj")]
     assert experts and all(hf.fallback_reason(m) is None for m in experts)  # ran on moe_ext, not eager
     for got, want in zip(results["moe_ext"], results["eager"]):
-        assert_rows_close(got, want, 2 * RTOL[torch.float32])
+        assert_rows_close(got, want, 2 * RTOL[torch.float32], floor=1e-2)
