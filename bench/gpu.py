@@ -492,6 +492,8 @@ def main(argv=None, impl_overrides=None):
                     "check": {"ok": False, "error": f"{type(error).__name__}: {str(error)[:300]}"}}]
         rows += new
         print(format_table(new).split("\n", 2)[-1], f"  [{time.perf_counter() - started:.1f} s]", flush=True)
+        if args.json:  # after every case: a run stopped by a timeout still leaves the cases it finished
+            write_json(args.json, meta, rows)
         if gpu:
             torch.cuda.empty_cache()
     print("\n" + format_table(rows))
