@@ -111,7 +111,11 @@ fi
   grep -E "^(FAILED|ERROR) " "$OUT/first.log" "$OUT/tests.log" 2>/dev/null | head -20
   if [ -f "$OUT/bench.log" ]; then
     grep -E "^device:" "$OUT/bench.log" | head -1
-    awk '/^case +impl/{table=1} table' "$OUT/bench.log" | grep -E "^case|moe_ext |grouped_mm|FAIL" | head -60
+    if grep -qE "^case +impl" "$OUT/bench.log"; then  # the final table; else (stopped early) the cases done
+      awk '/^case +impl/{table=1} table' "$OUT/bench.log" | grep -E "^case|moe_ext |grouped_mm|FAIL" | head -60
+    else
+      grep -E "moe_ext |grouped_mm" "$OUT/bench.log" | head -60
+    fi
     grep -E "^FAIL|peer failed" "$OUT/bench.log" | head -10
   fi
 } >> "$SUMMARY"
