@@ -445,7 +445,8 @@ def device_meta(torch, gpu, dry_run):
     if gpu:
         props = torch.cuda.get_device_properties(0)
         meta.update(device=torch.cuda.get_device_name(0), sm_count=props.multi_processor_count,
-                    memory_gib=round(props.total_memory / 2**30, 1), capability=list(torch.cuda.get_device_capability(0)))
+                    memory_gib=round(props.total_memory / 2**30, 1),
+                    capability=list(torch.cuda.get_device_capability(0)))
     else:
         meta["device"] = "cpu (dry run: timings are not GPU figures)"
     return meta

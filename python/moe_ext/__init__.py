@@ -77,7 +77,8 @@ def _cuda_info():
     try:
         from . import _cuda
     except ImportError as error:  # built, but it does not load: say why (never "not built")
-        return {"built": True, "available": False, "device_count": 0, "reason": f"moe_ext._cuda failed to load: {error}"}
+        return {"built": True, "available": False, "device_count": 0,
+                "reason": f"moe_ext._cuda failed to load: {error}"}
     count = _cuda.device_count()
     build = dict(_cuda.build_info())
     info = {"built": True, "available": count > 0, "device_count": count,

@@ -68,8 +68,9 @@ def _load_extension():
 _cuda = _load_extension()
 
 __all__ = [
-    "available", "device_count", "raise_capture_errors", "route", "permute", "grouped_gemm", "activate", "unpermute", "experts",
-    "moe", "grouped_gemm_backward", "activation_backward", "unpermute_backward", "permute_backward",
+    "available", "device_count", "raise_capture_errors", "route", "permute", "grouped_gemm", "activate",
+    "unpermute", "experts", "moe", "grouped_gemm_backward", "activation_backward", "unpermute_backward",
+    "permute_backward",
 ]
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

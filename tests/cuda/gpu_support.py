@@ -118,8 +118,9 @@ def assert_rows_close(got, want, rtol, what="result", floor=0.0):
     err = row_errors(g, want, floor)
     if err.size:
         row = int(np.argmax(err))
+        got_row, want_row = g.reshape(err.size, -1)[row], want.reshape(err.size, -1)[row]
         assert err[row] <= rtol, (f"{what}: row {row} has max relative error {err[row]:.3g} > {rtol:g} "
-                                  f"(got {g.reshape(err.size, -1)[row][:4]}, want {want.reshape(err.size, -1)[row][:4]})")
+                                  f"(got {got_row[:4]}, want {want_row[:4]})")
 
 
 def assert_equal(got, want, what="result"):

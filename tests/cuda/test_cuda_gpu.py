@@ -19,7 +19,8 @@ stream is ordered on that stream.
 import numpy as np
 import pytest
 
-from gpu_support import RTOL, ROUTE_WEIGHT_RTOL, assert_equal, assert_rows_close, gpu, import_torch, poisoned  # noqa: F401
+from gpu_support import (RTOL, ROUTE_WEIGHT_RTOL, assert_equal, assert_rows_close, gpu, import_torch,  # noqa: F401
+                         poisoned)
 
 torch = import_torch()
 
@@ -437,8 +438,8 @@ def test_cuda_graph_replay_on_new_inputs_equals_eager(gpu, T, api):
     else:
         ops = torch.ops.moe_ext
         experts = lambda c: ops.experts(c["x"], c["w13"], c["w2"], c["weights"], c["ids"], "swiglu", None)  # noqa: E731
-        moe = lambda c: ops.moe(c["x"], c["w_router"], c["w13"], c["w2"], 2, "swiglu", "softmax", True, 1.0, None,  # noqa: E731
-                                None, None, None, None)
+        moe = lambda c: ops.moe(c["x"], c["w_router"], c["w13"], c["w2"], 2,  # noqa: E731
+                                "swiglu", "softmax", True, 1.0, None, None, None, None, None)
     static = _graph_case(T=T)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
