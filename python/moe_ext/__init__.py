@@ -73,10 +73,14 @@ def info():
 
 def _cuda_info():
     """Whether the CUDA kernels (module moe_ext._cuda) were built, and the devices they can see."""
+    import importlib.util
+    if importlib.util.find_spec(__name__ + "._cuda") is None:
+        return {"built": False, "available": False, "device_count": 0}
     try:
         from . import _cuda
-    except ImportError:
-        return {"built": False, "available": False, "device_count": 0}
+    except ImportError as error:  # built, but it does not load: say why (never "not built")
+        return {"built": True, "available": False, "device_count": 0,
+                "reason": f"moe_ext._cuda failed to load: {error}"}
     count = _cuda.device_count()
     build = dict(_cuda.build_info())
     info = {"built": True, "available": count > 0, "device_count": count,

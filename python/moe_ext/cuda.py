@@ -3,11 +3,15 @@
 The torch custom ops (`moe_ext.torch`) register these as the CUDA kernels of `torch.ops.moe_ext.*`.
 Every function runs on `torch.cuda.current_stream()` of its tensors' device and allocates its outputs
 with torch (so the caching allocator and CUDA graphs see them). Nothing synchronises with the host except
-the optional value checks `check_ids=True` / `check_offsets=True`, which read one reduction back.
+the value checks `check_ids=True` / `check_offsets=True` (the default), which read one reduction back.
+Under CUDA graph capture (torch.cuda.graph) the checks run on the device instead and count failures,
+which `raise_capture_errors()` turns into a ValueError after the replay; `moe` (router ids are in range
+by construction) and calls with the checks off never synchronise. Every call here can be captured.
 
 Signatures (T tokens, d hidden, f intermediate, E experts, k top-k; M rows of the permuted layout):
 
     available() -> bool                     # built with CUDA and a device is present
+    raise_capture_errors(device=None)       # ValueError if value checks failed in graph replays (host sync)
     device_count() -> int                   # 0 without a GPU or driver (never raises)
     route(x [T,d], w_router [E,d], top_k, *, scoring="softmax", renormalize=True, scale=1.0,
           bias=None [E] f32, correction_bias=None [E] f32, n_group=None, topk_group=None,
@@ -39,16 +43,34 @@ index tensors are int32 (int64 topk_ids are accepted and converted). All tensors
 device. Errors: TypeError (not a tensor, wrong dtype), ValueError (shape, contiguity, values, a tensor
 on the wrong device), RuntimeError (moe_ext built without CUDA, or no CUDA device present).
 """
+import importlib
+import importlib.util
+import warnings
+
 import torch
 
-try:
-    from . import _cuda
-except ImportError:  # a CPU-only build
-    _cuda = None
+
+def _load_extension():
+    """moe_ext._cuda, or None in a build without CUDA (no such module: the one silent case). A module that
+    is there but does not load (a missing symbol, a wrong runtime, a file for another Python) raises
+    ImportError with the loader's message: a broken build must never look like a CPU-only one, which
+    would turn every GPU test into a skip."""
+    spec = importlib.util.find_spec(__name__.rpartition(".")[0] + "._cuda")
+    if spec is None:
+        return None
+    try:
+        return importlib.import_module(spec.name)
+    except ImportError as error:
+        raise ImportError(f"moe_ext._cuda is installed ({spec.origin}) but failed to load: {error}. "
+                          "Rebuild moe_ext, or build it without CUDA (-Ccmake.define.MOE_EXT_CUDA=OFF).") from error
+
+
+_cuda = _load_extension()
 
 __all__ = [
-    "available", "device_count", "route", "permute", "grouped_gemm", "activate", "unpermute", "experts",
-    "moe", "grouped_gemm_backward", "activation_backward", "unpermute_backward", "permute_backward",
+    "available", "device_count", "raise_capture_errors", "route", "permute", "grouped_gemm", "activate",
+    "unpermute", "experts", "moe", "grouped_gemm_backward", "activation_backward", "unpermute_backward",
+    "permute_backward",
 ]
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -144,17 +166,97 @@ def _ids(topk_ids, T, name="topk_ids"):
     return topk_ids
 
 
-def _check_id_values(topk_ids, E, name="topk_ids"):
-    if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= E):
-        _fail(ValueError, name, f"expert ids in [0, {E - 1}]",
-              f"values in [{int(topk_ids.min())}, {int(topk_ids.max())}]")
+# ------------------------------------------------------------------------------------------ value checks
+# check_ids / check_offsets (on by default) need the values, which live on the device. Outside CUDA graph
+# capture they are read back (one small reduction: a host synchronisation) and a bad value is a ValueError
+# at once. Under capture a read-back is forbidden, so the same test runs on the device instead and adds
+# to a per-device error counter, which raise_capture_errors() reads after the replay. The kernels never
+# need the checks for memory safety: ids outside 0..E-1 are dropped (never dereferenced, they add
+# nothing) and offsets are clamped to 0..M, so an unchecked bad value gives wrong numbers, never an
+# out-of-bounds access.
+_ID_CHECK, _OFFSET_CHECK = 0, 1
+_capture_errors = {}  # torch.device -> int32 [2] counters (bad topk_ids, bad expert_offsets) under capture
+_warned_no_counter = set()
 
 
-def _check_offset_values(offsets, M, name="expert_offsets"):
+def _capturing():
+    """Whether the current stream is capturing a CUDA graph (False with a torch built without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _error_counter(device):
+    """The device's counters, made on first use outside capture (allocating them during a capture would
+    put them in the graph's private memory pool, zeroed only at replay). None if capture came first."""
+    counter = _capture_errors.get(device)
+    if counter is None and not _capturing():
+        counter = _capture_errors[device] = torch.zeros(2, dtype=torch.int32, device=device)
+    return counter
+
+
+def _count_on_device(device, which, bad, fn):
+    counter = _error_counter(device)
+    if counter is None:
+        if (device, which) not in _warned_no_counter:
+            _warned_no_counter.add((device, which))
+            warnings.warn(f"moe_ext.cuda.{fn}: captured before any eager moe_ext.cuda call on {device}, so the "
+                          "value checks of this capture are skipped (invalid ids are dropped and offsets clamped "
+                          "by the kernels: no out-of-bounds access). Run one eager call (a warm-up) first.",
+                          RuntimeWarning, stacklevel=4)
+        return
+    counter[which:which + 1].add_(bad.reshape(1).to(torch.int32))
+
+
+def raise_capture_errors(device=None):
+    """Reads (a host synchronisation) and clears the counters of the value checks that ran under CUDA graph
+    capture on `device` (default: the current one): ValueError if any captured call, in any replay since
+    the last read, saw expert ids outside 0..E-1 or expert offsets that were not a non-decreasing cover of
+    0..M. Call it after replaying a graph that holds moe_ext calls; eager calls raise at once instead."""
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    counter = _capture_errors.get(device)
+    if counter is None:
+        return
+    bad_ids, bad_offsets = (int(v) for v in counter.cpu())
+    counter.zero_()
+    if bad_ids or bad_offsets:
+        raise ValueError(f"moe_ext.cuda: in CUDA graph replays on {device}, {bad_ids} call(s) had topk_ids outside "
+                         f"0..E-1 and {bad_offsets} had expert_offsets that were not a non-decreasing cover of "
+                         "0..M; those copies were dropped (offsets clamped), so their outputs are wrong")
+
+
+def _check_id_values(topk_ids, E, device=None, fn="permute", name="topk_ids"):
+    if topk_ids.numel() == 0:
+        return
+    if _capturing():
+        _count_on_device(device or topk_ids.device, _ID_CHECK, ((topk_ids < 0) | (topk_ids >= E)).any(), fn)
+        return
+    _error_counter(device or topk_ids.device)  # exists before any capture that follows this call
+    low, high = (int(v) for v in torch.stack([topk_ids.min(), topk_ids.max()]).cpu())
+    if low < 0 or high >= E:
+        _fail(ValueError, name, f"expert ids in [0, {E - 1}]", f"values in [{low}, {high}]")
+
+
+def _check_offset_values(offsets, M, device=None, fn="grouped_gemm", name="expert_offsets"):
+    if _capturing():
+        bad = (offsets[0] != 0) | (offsets[-1] != M) | (offsets[1:] < offsets[:-1]).any()
+        _count_on_device(device or offsets.device, _OFFSET_CHECK, bad, fn)
+        return
+    _error_counter(device or offsets.device)
     o = offsets.cpu()
     if int(o[0]) != 0 or int(o[-1]) != M or bool((o[1:] < o[:-1]).any()):
         _fail(ValueError, name, f"a non-decreasing cover of 0..{M} (offsets[0] = 0, offsets[E] = {M})",
               o.tolist() if o.numel() <= 16 else f"offsets[0] = {int(o[0])}, offsets[E] = {int(o[-1])}")
+
+
+# Debugging aid (the GPU tests turn it on): fill every output the kernels must write with NaN (float) or
+# INT32_MAX (int32) instead of leaving it uninitialised, so an element a kernel fails to write shows up.
+POISON_OUTPUTS = False
+
+
+def _new(shape, dtype, device):
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not POISON_OUTPUTS:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, float("nan") if dtype.is_floating_point else 2**31 - 1, dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------------------------------ forward
@@ -177,9 +279,9 @@ def route(x, w_router, top_k, *, scoring="softmax", renormalize=True, scale=1.0,
               f"n_group={n_group!r}, topk_group={topk_group!r}")
     device = _device("route", x=x, w_router=w_router, bias=bias, correction_bias=correction_bias)
     T = x.shape[0]
-    weights = torch.empty((T, top_k), dtype=torch.float32, device=device)
-    ids = torch.empty((T, top_k), dtype=torch.int32, device=device)
-    probs = torch.empty((T, E), dtype=torch.float32, device=device) if return_probs else None
+    weights = _new((T, top_k), dtype=torch.float32, device=device)
+    ids = _new((T, top_k), dtype=torch.int32, device=device)
+    probs = _new((T, E), dtype=torch.float32, device=device) if return_probs else None
     with torch.cuda.device(device):
         _cuda.route(x.data_ptr(), w_router.data_ptr(), T, x.shape[1], E, _DTYPE_CODES[x.dtype], top_k,
                     _SCORINGS[scoring], bool(renormalize), float(scale), _ptr(bias), _ptr(correction_bias),
@@ -190,8 +292,8 @@ def route(x, w_router, top_k, *, scoring="softmax", renormalize=True, scale=1.0,
 
 def _plan(topk_ids, E, capacity, device):
     T, k = topk_ids.shape
-    offsets = torch.empty(E + 1, dtype=torch.int32, device=device)
-    perm_rows = torch.empty((T, k), dtype=torch.int32, device=device)
+    offsets = _new(E + 1, dtype=torch.int32, device=device)
+    perm_rows = _new((T, k), dtype=torch.int32, device=device)
     scratch = torch.empty(max(_cuda.permute_scratch_bytes(T, k, E), 1), dtype=torch.uint8, device=device)
     _cuda.permute_plan(topk_ids.data_ptr(), T, k, E, -1 if capacity is None else capacity, offsets.data_ptr(),
                        perm_rows.data_ptr(), scratch.data_ptr(), _stream(device))
@@ -210,7 +312,7 @@ def permute(x, topk_ids, num_experts, *, capacity=None, check_ids=True):
         capacity = _integer(capacity, "capacity", 0)
     device = _device("permute", x=x, topk_ids=topk_ids)
     if check_ids:
-        _check_id_values(topk_ids, E)
+        _check_id_values(topk_ids, E, device)
     topk_ids = topk_ids.to(torch.int32)
     T, k = topk_ids.shape
     M = _permuted_rows(T, k, E, capacity)
@@ -241,8 +343,8 @@ def grouped_gemm(a, w, expert_offsets, *, activation=None, check_offsets=True):
     device = _device("grouped_gemm", a=a, w=w, expert_offsets=expert_offsets)
     M = a.shape[0]
     if check_offsets:
-        _check_offset_values(expert_offsets, M)
-    out = torch.empty((M, N // 2 if activation in _GATED else N), dtype=a.dtype, device=device)
+        _check_offset_values(expert_offsets, M, device)
+    out = _new((M, N // 2 if activation in _GATED else N), dtype=a.dtype, device=device)
     with torch.cuda.device(device):
         _cuda.grouped_gemm(a.data_ptr(), w.data_ptr(), expert_offsets.data_ptr(), E, M, N, K, _DTYPE_CODES[a.dtype],
                            epilogue, out.data_ptr(), _stream(device))
@@ -256,7 +358,7 @@ def activate(h, activation):
         _fail(ValueError, "h", f"an even number of columns 2f for {activation!r}", f"shape {tuple(h.shape)}")
     device = _device("activate", h=h)
     M, f = h.shape[0], h.shape[1] // 2 if activation in _GATED else h.shape[1]
-    out = torch.empty((M, f), dtype=h.dtype, device=device)
+    out = _new((M, f), dtype=h.dtype, device=device)
     with torch.cuda.device(device):
         _cuda.activate(h.data_ptr(), M, f, _ACTIVATIONS[activation], _DTYPE_CODES[h.dtype], out.data_ptr(),
                        _stream(device))
@@ -269,7 +371,7 @@ def unpermute(y_perm, perm_rows, topk_weights):
     topk_weights = _tensor(topk_weights, "topk_weights", 2, (torch.float32,), tuple(perm_rows.shape))
     device = _device("unpermute", y_perm=y_perm, perm_rows=perm_rows, topk_weights=topk_weights)
     (T, k), (M, d) = perm_rows.shape, y_perm.shape
-    y = torch.empty((T, d), dtype=y_perm.dtype, device=device)
+    y = _new((T, d), dtype=y_perm.dtype, device=device)
     with torch.cuda.device(device):
         _cuda.unpermute(y_perm.data_ptr(), perm_rows.data_ptr(), topk_weights.data_ptr(), T, k, d, M,
                         _DTYPE_CODES[y_perm.dtype], y.data_ptr(), _stream(device))
@@ -296,13 +398,13 @@ def _experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity, che
     code = _DTYPE_CODES[x.dtype]
     stream = _stream(device)
     with torch.cuda.device(device):
-        hidden = torch.empty((M, f), dtype=x.dtype, device=device)
+        hidden = _new((M, f), dtype=x.dtype, device=device)
         _cuda.grouped_gemm(x_perm.data_ptr(), w13_or_w1.data_ptr(), offsets.data_ptr(), E, M, w13_or_w1.shape[1], d,
                            code, _ACTIVATIONS[activation], hidden.data_ptr(), stream)
-        y_perm = torch.empty((M, d), dtype=x.dtype, device=device)
+        y_perm = _new((M, d), dtype=x.dtype, device=device)
         _cuda.grouped_gemm(hidden.data_ptr(), w2.data_ptr(), offsets.data_ptr(), E, M, d, f, code, -1,
                            y_perm.data_ptr(), stream)
-        y = torch.empty((T, d), dtype=x.dtype, device=device)
+        y = _new((T, d), dtype=x.dtype, device=device)
         _cuda.unpermute(y_perm.data_ptr(), perm_rows.data_ptr(), topk_weights.data_ptr(), T, k, d, M, code,
                         y.data_ptr(), stream)
     return y
@@ -348,17 +450,17 @@ def grouped_gemm_backward(d_out, a, w, expert_offsets, *, need_a=True, need_w=Tr
     d_a = d_w = None
     with torch.cuda.device(device):
         if need_a:  # d_a[rows of e] = d_out[rows] @ w[e] = d_out[rows] @ (w[e]^T)^T: the forward kernel on w^T
-            w_t = torch.empty((E, K, N), dtype=w.dtype, device=device)
+            w_t = _new((E, K, N), dtype=w.dtype, device=device)
             _cuda.transpose(w.data_ptr(), E, N, K, code, w_t.data_ptr(), stream)
-            d_a = torch.empty((M, K), dtype=a.dtype, device=device)
+            d_a = _new((M, K), dtype=a.dtype, device=device)
             _cuda.grouped_gemm(d_out.data_ptr(), w_t.data_ptr(), expert_offsets.data_ptr(), E, M, K, N, code, -1,
                                d_a.data_ptr(), stream)
         if need_w:  # d_w[e] = d_out[rows]^T @ a[rows], reduced over the rows from the transposes
-            d_out_t = torch.empty((N, M), dtype=a.dtype, device=device)
-            a_t = torch.empty((K, M), dtype=a.dtype, device=device)
+            d_out_t = _new((N, M), dtype=a.dtype, device=device)
+            a_t = _new((K, M), dtype=a.dtype, device=device)
             _cuda.transpose(d_out.data_ptr(), 1, M, N, code, d_out_t.data_ptr(), stream)
             _cuda.transpose(a.data_ptr(), 1, M, K, code, a_t.data_ptr(), stream)
-            d_w = torch.empty((E, N, K), dtype=a.dtype, device=device)
+            d_w = _new((E, N, K), dtype=a.dtype, device=device)
             _cuda.grouped_gemm_dw(d_out_t.data_ptr(), a_t.data_ptr(), expert_offsets.data_ptr(), E, M, N, K, code,
                                   d_w.data_ptr(), stream)
     return d_a, d_w
@@ -374,7 +476,7 @@ def activation_backward(h, d_act, activation):
     d_act = _tensor(d_act, "d_act", 2, shape=(M, f))
     _same_dtype([("h", h), ("d_act", d_act)])
     device = _device("activation_backward", h=h, d_act=d_act)
-    d_h = torch.empty_like(h)
+    d_h = _new(h.shape, h.dtype, device)
     with torch.cuda.device(device):
         _cuda.activation_backward(h.data_ptr(), d_act.data_ptr(), M, f, _ACTIVATIONS[activation],
                                   _DTYPE_CODES[h.dtype], d_h.data_ptr(), _stream(device))
@@ -390,7 +492,7 @@ def unpermute_backward(dy, y_perm, perm_rows, topk_weights):
     _same_dtype([("y_perm", y_perm), ("dy", dy)])
     device = _device("unpermute_backward", dy=dy, y_perm=y_perm, perm_rows=perm_rows, topk_weights=topk_weights)
     d_y_perm = torch.zeros((M, d), dtype=y_perm.dtype, device=device)  # rows no copy maps to stay 0
-    d_weights = torch.empty((T, k), dtype=torch.float32, device=device)
+    d_weights = _new((T, k), dtype=torch.float32, device=device)
     with torch.cuda.device(device):
         _cuda.unpermute_backward(dy.data_ptr(), y_perm.data_ptr(), perm_rows.data_ptr(), topk_weights.data_ptr(), T,
                                  k, d, M, _DTYPE_CODES[dy.dtype], d_y_perm.data_ptr(), d_weights.data_ptr(),
@@ -403,7 +505,7 @@ def permute_backward(d_x_perm, perm_rows):
     perm_rows = _tensor(perm_rows, "perm_rows", 2, _INDEX)
     device = _device("permute_backward", d_x_perm=d_x_perm, perm_rows=perm_rows)
     (T, k), (M, d) = perm_rows.shape, d_x_perm.shape
-    d_x = torch.empty((T, d), dtype=d_x_perm.dtype, device=device)
+    d_x = _new((T, d), dtype=d_x_perm.dtype, device=device)
     with torch.cuda.device(device):  # d_x[t] = sum_j d_x_perm[perm_rows[t, j]]: unpermute with unit weights
         _cuda.unpermute(d_x_perm.data_ptr(), perm_rows.data_ptr(), 0, T, k, d, M, _DTYPE_CODES[d_x_perm.dtype],
                         d_x.data_ptr(), _stream(device))

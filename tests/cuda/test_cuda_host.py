@@ -59,8 +59,14 @@ def test_build_info():
     from moe_ext import _cuda
     info = _cuda.build_info()
     assert info["built"] and info["static_runtime"]
-    assert "80" in info["architectures"] and "90" in info["architectures"]
+    # CMAKE_CUDA_ARCHITECTURES as built: "80-real 90" by default, "90" for the device check's build
+    archs = [int(a.split("-")[0]) for a in info["architectures"].replace(";", " ").split()]
+    assert archs and all(a >= 80 for a in archs), info["architectures"]  # mma.sync bf16, cp.async: sm_80+
     assert info["runtime_version"] >= 11000
+    torch = pytest.importorskip("torch")
+    if _cuda.device_count() > 0 and torch.cuda.is_available():  # the device's arch is built, or PTX below it
+        major, minor = torch.cuda.get_device_capability()
+        assert any(a <= 10 * major + minor for a in archs), (info["architectures"], major, minor)
 
 
 # Valid arguments (null pointers: they must never be reached without a device).
@@ -259,3 +265,159 @@ def test_gpu_benchmark_refuses_without_a_device(mcuda):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no CUDA device" in result.stderr
+
+
+# ------------------------------------------------------------------------------ loading moe_ext._cuda
+def _import_cuda_with_package_dir(tmp_path, extension_bytes):
+    """Imports moe_ext.cuda in a fresh process whose moe_ext package directory holds cuda.py and, if given,
+    a file in moe_ext._cuda's place with `extension_bytes` (garbage: a module that cannot load)."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "cuda.py").symlink_to(os.path.join(os.path.dirname(moe_ext.__file__), "cuda.py"))
+    if extension_bytes is not None:
+        import sysconfig
+        (package / ("_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))).write_bytes(extension_bytes)
+    code = f"""
+        import moe_ext
+        moe_ext.__path__[:] = [{str(package)!r}]
+        from moe_ext import cuda
+        print("loaded", cuda._cuda, cuda.device_count(), cuda.available())
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_build_without_cuda_is_silent(tmp_path):
+    pytest.importorskip("torch")
+    result = _import_cuda_with_package_dir(tmp_path, None)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["loaded", "None", "0", "False"]
+
+
+def test_cuda_module_that_fails_to_load_raises_with_the_loaders_message(tmp_path):
+    pytest.importorskip("torch")
+    result = _import_cuda_with_package_dir(tmp_path, b"not a shared object")
+    assert result.returncode != 0
+    assert "moe_ext._cuda is installed" in result.stderr and "failed to load" in result.stderr
+    assert "invalid ELF header" in result.stderr or "file too short" in result.stderr  # the loader's own words
+
+
+def _run_gpu_test(require):
+    test = os.path.join(os.path.dirname(__file__), "test_cuda_gpu.py") + "::test_strided_views_are_a_clear_error"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), CUDA_VISIBLE_DEVICES="")
+    env.pop("MOE_EXT_REQUIRE_GPU", None)
+    if require:
+        env["MOE_EXT_REQUIRE_GPU"] = "1"
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rsE", test], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_tests_skip_without_a_device_and_fail_under_require_gpu():
+    pytest.importorskip("torch")
+    skipped = _run_gpu_test(require=False)
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout + skipped.stderr
+    reason = "no CUDA device" if HAVE_CUDA_MODULE else "moe_ext built without CUDA"
+    assert reason in skipped.stdout
+    failed = _run_gpu_test(require=True)
+    assert failed.returncode == 1 and "1 error" in failed.stdout, failed.stdout + failed.stderr
+    assert "MOE_EXT_REQUIRE_GPU=1 but " + reason in failed.stdout
+
+
+# ------------------------------------------------------------------------------ value checks and capture
+@pytest.fixture
+def fresh_checks(mcuda, monkeypatch):
+    monkeypatch.setattr(mcuda, "_capture_errors", {})
+    monkeypatch.setattr(mcuda, "_warned_no_counter", set())
+    return mcuda
+
+
+def _capturing(mcuda, monkeypatch, value):
+    monkeypatch.setattr(mcuda, "_capturing", lambda: value)
+
+
+BAD_IDS = [[0, 3], [4, 1]]  # 4 is out of range for E = 4
+
+
+def test_eager_value_checks_raise_at_once(fresh_checks, monkeypatch):
+    m = fresh_checks
+    _capturing(m, monkeypatch, False)
+    with pytest.raises(ValueError, match=r"topk_ids: expected expert ids in \[0, 3\]; got values in \[0, 4\]"):
+        m._check_id_values(torch.tensor(BAD_IDS, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="expert_offsets: expected a non-decreasing cover of 0..6"):
+        m._check_offset_values(torch.tensor([0, 4, 2, 6], dtype=torch.int32), 6)
+    m._check_id_values(torch.tensor([[0, 3], [2, 1]], dtype=torch.int32), 4)
+    m._check_offset_values(torch.tensor([0, 2, 2, 6], dtype=torch.int32), 6)
+    assert torch.device("cpu") in m._capture_errors  # made eagerly, ready for a later capture
+    m.raise_capture_errors("cpu")
+
+
+def test_value_checks_under_capture_count_on_the_device_and_raise_later(fresh_checks, monkeypatch):
+    m = fresh_checks
+    m._check_id_values(torch.tensor([[0, 1]], dtype=torch.int32), 4)  # eager warm-up makes the counter
+    with monkeypatch.context() as capture:
+        _capturing(m, capture, True)
+        # no host read-back: int(), .item() or .cpu() of the values would break a capture
+        for name in ("item", "cpu", "__int__", "__bool__", "tolist"):
+            capture.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("host read-back under capture"))
+        m._check_id_values(torch.tensor(BAD_IDS, dtype=torch.int32), 4)
+        m._check_id_values(torch.tensor([[0, 3]], dtype=torch.int32), 4)
+        m._check_offset_values(torch.tensor([0, 4, 2, 6], dtype=torch.int32), 6)
+        m._check_offset_values(torch.tensor([0, 2, 2, 5], dtype=torch.int32), 6)  # does not end at M
+        m._check_offset_values(torch.tensor([0, 2, 2, 6], dtype=torch.int32), 6)
+    assert m._capture_errors[torch.device("cpu")].tolist() == [1, 2]
+    with pytest.raises(ValueError, match=r"1 call\(s\) had topk_ids outside 0..E-1 and 2 had expert_offsets"):
+        m.raise_capture_errors("cpu")
+    m.raise_capture_errors("cpu")  # read and cleared
+
+
+def test_capture_before_any_eager_call_skips_the_checks_with_a_warning(fresh_checks, monkeypatch):
+    m = fresh_checks
+    _capturing(m, monkeypatch, True)
+    with pytest.warns(RuntimeWarning, match="value checks of this capture are skipped"):
+        m._check_id_values(torch.tensor(BAD_IDS, dtype=torch.int32), 4)
+    assert m._capture_errors == {}  # nothing allocated inside the capture
+    m.raise_capture_errors("cpu")
+
+
+def test_torch_permute_with_capacity_refuses_capture(monkeypatch, mcuda):
+    pytest.importorskip("moe_ext.torch")
+    from moe_ext.torch import _cuda as adapters
+    _capturing(mcuda, monkeypatch, True)
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        adapters.permute(torch.zeros(3, 4), torch.zeros(3, 1, dtype=torch.int32), 4, 2)
+
+
+def test_poisoned_outputs(mcuda, monkeypatch):
+    assert mcuda.POISON_OUTPUTS is False
+    assert mcuda._new((2, 3), torch.float32, "cpu").shape == (2, 3)
+    monkeypatch.setattr(mcuda, "POISON_OUTPUTS", True)
+    assert torch.isnan(mcuda._new((2, 3), torch.bfloat16, "cpu")).all()
+    assert (mcuda._new(4, torch.int32, "cpu") == 2**31 - 1).all()
+
+
+# ------------------------------------------------------------------------------ the GPU tests' comparison
+def test_row_comparison_catches_what_a_norm_hides():
+    from gpu_support import assert_rows_close, row_errors
+    rng = np.random.default_rng(0)
+    want = rng.standard_normal((500, 64))
+    assert_rows_close(torch.from_numpy(want).to(torch.bfloat16), want, 3e-2)  # one bf16 rounding passes
+    wrong_row = want.copy()
+    wrong_row[17] *= 1.1  # 10% off in one row of 500: the Frobenius norm moves by 0.5% only
+    assert np.linalg.norm(wrong_row - want) / np.linalg.norm(want) < 2e-2
+    with pytest.raises(AssertionError, match="row 17"):
+        assert_rows_close(wrong_row, want, 3e-2)
+    unwritten = want.copy()
+    unwritten[3, 5] = np.nan
+    with pytest.raises(AssertionError, match=r"1 of 32000 elements not finite.*\(3, 5\)"):
+        assert_rows_close(unwritten, want, 3e-2)
+    zero_row = np.zeros((2, 4))
+    assert list(row_errors(np.array([[0, 0, 0, 0], [0, 1e-30, 0, 0]]), zero_row)) == [0, np.inf]
+
+
+def test_row_floor_for_whole_model_gradients():
+    from gpu_support import row_errors
+    want = np.array([[100.0, -50.0], [1e-4, 2e-4]])
+    noisy = want + np.array([[1e-3, 0.0], [0.0, 1e-4]])  # the small row's noise is 50% of itself
+    assert row_errors(noisy, want)[1] == pytest.approx(0.5)
+    assert row_errors(noisy, want, floor=1e-2)[1] == pytest.approx(1e-4)  # judged against 1% of 100

@@ -15,6 +15,10 @@ Adaptations, all so that a CUDA call returns what the CPU kernel returns on the 
 * backward ops return [0, ...] tensors for gradients not asked for (moe_ext.cuda returns None);
 * value checks of moe_ext.cuda stay on (check_ids, check_offsets): a bad id or offset is a ValueError,
   as on CPU, never an out-of-bounds access on the device (the price: a small read-back per call).
+  Under CUDA graph capture (serving engines capture decode) the read-back is impossible: the checks
+  then run on the device and moe_ext.cuda.raise_capture_errors() reports them after the replay (see
+  moe_ext/cuda.py); the kernels drop bad ids and clamp bad offsets, so nothing reads out of bounds.
+  Every op here can be captured except permute with capacity, whose row count depends on the data.
 """
 import torch
 
@@ -51,6 +55,9 @@ def route(x, w_router, top_k, scoring, renormalize, scale, bias, correction_bias
 
 
 def permute(x, topk_ids, num_experts, capacity):
+    if capacity is not None and _k._capturing():
+        raise RuntimeError("moe_ext::permute with capacity returns only the kept rows, a number known after the "
+                           "kernels ran: it cannot be captured in a CUDA graph (experts and moe with capacity can)")
     x_perm, offsets, perm_rows = _k.permute(_c(x), _c(topk_ids), num_experts, capacity=capacity)
     if capacity is not None:  # the op returns the kept rows only (see the module docstring)
         kept = int(offsets[-1])
