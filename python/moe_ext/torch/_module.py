@@ -5,17 +5,20 @@ import torch
 from torch import nn
 
 from . import _functional as F
-
-GATED = ("swiglu", "geglu")
+from . import _ops
 
 
 class MoE(nn.Module):
     """A Mixture-of-Experts block: route each token to `top_k` of `num_experts` FFN experts.
 
     Parameters (SPEC §2 names and nn.Linear [out, in] layouts): `w_router [E, d]`, `router_bias [E]` (with
-    router_bias=True), `w13 [E, 2f, d]` (gate rows 0..f-1, then up) for gated activations or
-    `w1 [E, f, d]` otherwise, and `w2 [E, d, f]`. A `correction_bias [E]` buffer (selection only,
-    DeepSeek-V3 style) exists with correction_bias=True.
+    router_bias=True), `w13 [E, 2f, d]` (gate and up rows concatenated, gate rows 0..f-1, or interleaved
+    g0 u0 g1 u1 ..., as the activation says) for gated activations or `w1 [E, f, d]` otherwise, and
+    `w2 [E, d, f]`; with bias=True the expert biases `b13 [E, 2f]` (or `b1 [E, f]`) and `b2 [E, d]`.
+    A `correction_bias [E]` buffer (selection only, DeepSeek-V3 style) exists with correction_bias=True.
+    `activation`: a preset name ("swiglu", "geglu", "geglu_tanh", "relu", "gelu", "gelu_tanh", "relu2"), a
+    canonical string such as "swiglu(alpha=1.702,limit=7.0,up_offset=1.0,interleaved)", or a
+    moe_ext.Activation; the module keeps its canonical string.
 
     forward(x [..., d]) -> y [..., d]. After each forward:
     * `last_expert_counts` [E] int64: copies routed to each expert (before any capacity drop);
@@ -26,10 +29,10 @@ class MoE(nn.Module):
 
     def __init__(self, hidden_size, intermediate_size, num_experts, top_k, *, activation="swiglu",
                  scoring="softmax", renormalize=True, scale=1.0, router_bias=False, correction_bias=False,
-                 n_group=None, topk_group=None, capacity=None, device=None, dtype=None):
+                 n_group=None, topk_group=None, capacity=None, bias=False, device=None, dtype=None):
         super().__init__()
-        if activation not in ("swiglu", "geglu", "relu", "gelu"):
-            raise ValueError(f"activation: expected one of 'swiglu', 'geglu', 'relu', 'gelu'; got {activation!r}")
+        activation = _ops._spec(activation)  # ValueError/TypeError naming `activation` when invalid
+        gated = _ops._gated(activation)
         if not 1 <= int(top_k) <= int(num_experts):
             raise ValueError(f"top_k: expected an integer in [1, num_experts = {num_experts}]; got {top_k!r}")
         factory = dict(device=device, dtype=dtype)
@@ -43,29 +46,47 @@ class MoE(nn.Module):
             self.register_buffer("correction_bias", torch.zeros(E, dtype=torch.float32, device=device))
         else:
             self.correction_bias = None
-        if activation in GATED:
+        self.gated = gated
+        if gated:
             self.w13 = nn.Parameter(torch.empty(E, 2 * f, d, **factory))
         else:
             self.w1 = nn.Parameter(torch.empty(E, f, d, **factory))
         self.w2 = nn.Parameter(torch.empty(E, d, f, **factory))
+        if bias:
+            setattr(self, self.b13_or_b1_name, nn.Parameter(torch.empty(E, 2 * f if gated else f, **factory)))
+            self.b2 = nn.Parameter(torch.empty(E, d, **factory))
+        else:
+            setattr(self, self.b13_or_b1_name, None)
+            self.b2 = None
         self._last = None
         self.last_expert_counts = None
         self.reset_parameters()
 
     @property
     def w13_or_w1_name(self):
-        return "w13" if self.activation in GATED else "w1"
+        return "w13" if self.gated else "w1"
 
     @property
     def w13_or_w1(self):
         return getattr(self, self.w13_or_w1_name)
 
+    @property
+    def b13_or_b1_name(self):
+        return "b13" if self.gated else "b1"
+
+    @property
+    def b13_or_b1(self):
+        return getattr(self, self.b13_or_b1_name)
+
     def reset_parameters(self):
-        """nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every weight, router bias 0."""
+        """nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every weight and expert bias (fan_in
+        of its weight), router bias 0."""
         with torch.no_grad():
-            for w in (self.w_router, self.w13_or_w1, self.w2):
+            for w, b in ((self.w_router, None), (self.w13_or_w1, self.b13_or_b1), (self.w2, self.b2)):
                 bound = 1.0 / math.sqrt(max(w.shape[-1], 1))
                 w.uniform_(-bound, bound)
+                if b is not None:
+                    b.uniform_(-bound, bound)
             if self.router_bias is not None:
                 self.router_bias.zero_()
 
@@ -77,7 +98,7 @@ class MoE(nn.Module):
                                       correction_bias=self.correction_bias, n_group=self.n_group,
                                       topk_group=self.topk_group)
         y = F.experts(x, self.w13_or_w1, self.w2, weights, ids, activation=self.activation,
-                      capacity=self.capacity)
+                      capacity=self.capacity, b13_or_b1=self.b13_or_b1, b2=self.b2)
         self._last = (x, probs, ids)
         self.last_expert_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
             0, ids.reshape(-1).long(), torch.ones(ids.numel(), dtype=torch.int64, device=x.device))
@@ -104,7 +125,7 @@ class MoE(nn.Module):
     def extra_repr(self):
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
                 f"num_experts={self.num_experts}, top_k={self.top_k}, activation={self.activation!r}, "
-                f"scoring={self.scoring!r}, renormalize={self.renormalize}")
+                f"scoring={self.scoring!r}, renormalize={self.renormalize}, bias={self.b2 is not None}")
 
     @classmethod
     def from_hf(cls, block):
