@@ -41,8 +41,8 @@ SELECTION_MARGIN = 1e-4
 # Pure data movement (permute's gather, perm_rows, offsets): bit-exact, compared with
 # assert_array_equal, no tolerance.
 
-ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu")
-GATED = ("swiglu", "geglu")
+ACTIVATIONS = tuple(moe_ext.reference.ACTIVATIONS)  # the presets
+GATED = tuple(moe_ext.reference.GATED_ACTIVATIONS)
 TINY = np.finfo(np.float64).tiny
 
 

@@ -85,14 +85,11 @@ int main(int argc, char** argv) {
   const auto w13_32 = random_vector(E * 2 * f * d, 1.f / std::sqrt(float(d)), gen);
   const auto w2_32 = random_vector(E * d * f, 1.f / std::sqrt(float(f)), gen);
   const auto x = as_dtype(x32, dtype), w13 = as_dtype(w13_32, dtype), w2 = as_dtype(w2_32, dtype);
-  const moe_ext::PackedWeight w13_packed(w13.data(), dtype, E, 2 * f, d), w2_packed(w2.data(), dtype, E, d, f);
   moe_ext::WeightView w13_view, w2_view;
-  if (weights_kind == "packed") {
-    w13_view = w13_packed.view(), w2_view = w2_packed.view();
-  } else {
-    w13_view.data = w13.data(), w13_view.dtype = dtype, w13_view.E = E, w13_view.N = 2 * f, w13_view.K = d;
-    w2_view.data = w2.data(), w2_view.dtype = dtype, w2_view.E = E, w2_view.N = d, w2_view.K = f;
-  }
+  w13_view.data = w13.data(), w13_view.dtype = dtype, w13_view.E = E, w13_view.N = 2 * f, w13_view.K = d;
+  w2_view.data = w2.data(), w2_view.dtype = dtype, w2_view.E = E, w2_view.N = d, w2_view.K = f;
+  const moe_ext::PackedWeight w13_packed(w13_view), w2_packed(w2_view);
+  if (weights_kind == "packed") w13_view = w13_packed.view(), w2_view = w2_packed.view();
   std::vector<float> weights(T * k), x_perm(T * k * d), activated(T * k * f), y32(T * d);
   std::vector<char> y(T * d * moe_ext::dtype_size(dtype));
   std::vector<char> scratch(threads * moe_ext::kGemmScratchBytes);
@@ -106,7 +103,7 @@ int main(int argc, char** argv) {
   auto gemm = [&](const float* a, const moe_ext::WeightView& w, bool fuse, float* out) {
     moe_ext::GemmProblem problem;
     problem.a = a, problem.w = w, problem.offsets = offsets.data(), problem.out = out;
-    problem.fuse_activation = fuse, problem.activation = moe_ext::Activation::swiglu, problem.bf16_dot = bf16_dot;
+    problem.fuse_activation = fuse, problem.activation = moe_ext::Activation::swiglu(), problem.bf16_dot = bf16_dot;
     if (bf16_dot) {  // as core/ops.cpp: the rows rounded to bfloat16 once, padded to even depth
       const int64_t stride = (w.K + 1) / 2 * 2;
       for (int64_t m = 0; m < offsets[E]; ++m) {
@@ -138,7 +135,7 @@ int main(int argc, char** argv) {
   });
   const double experts_ms = median_ms(repeats, [&] {
     moe_ext::experts(x.data(), dtype, w13_view, w2_view, weights.data(), ids.data(), T, d, f, E, k,
-                     moe_ext::Activation::swiglu, moe_ext::kNoCapacity, y.data());
+                     moe_ext::Activation::swiglu(), moe_ext::kNoCapacity, y.data());
   });
   const double total = route_ms + permute_ms + gemm1_ms + gemm2_ms + unpermute_ms;
   const double gflop = (2.0 * T * k * d * f * 3 + 2.0 * T * d * E) / 1e9;

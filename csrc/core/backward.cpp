@@ -10,19 +10,20 @@
 
 namespace moe_ext {
 
-void activation(const float* h, int64_t M, int64_t f, Activation act, float* out) {
+void activation(const float* h, int64_t M, int64_t f, const Activation& act, float* out) {
   if (M == 0 || f == 0) return;
   kernels().activate(h, M, f, act, out);
 }
 
-void activation_backward(const float* grad_act, const float* h, int64_t M, int64_t f, Activation act,
+void activation_backward(const float* grad_act, const float* h, int64_t M, int64_t f, const Activation& act,
                          float* grad_h) {
   if (M == 0 || f == 0) return;
   kernels().activation_backward(grad_act, h, M, f, act, grad_h);
 }
 
 void grouped_gemm_backward(const float* grad_out, const float* a, const float* w, const int32_t* expert_offsets,
-                           int64_t E, int64_t M, int64_t N, int64_t K, float* grad_a, float* grad_w) {
+                           int64_t E, int64_t M, int64_t N, int64_t K, float* grad_a, float* grad_w,
+                           bool w_transposed) {
   check_expert_offsets(expert_offsets, E, M, "expert_offsets");
   const Kernels& kern = kernels();
   Workspace& ws = thread_workspace();
@@ -33,10 +34,15 @@ void grouped_gemm_backward(const float* grad_out, const float* a, const float* w
       std::memset(grad_a, 0, sizeof(float) * M * K);
     } else if (M > 0) {
       // grad_a[rows of e] = grad_out[rows of e] @ w[e] = grad_out[rows] @ (w[e]^T [K, N])^T: every expert
-      // with rows transposed once, then one grouped GEMM call over all experts (the forward's tiling).
-      float* w_t = ws.get<float>(Scratch::backward_lhs, E * N * K);
-      for (int64_t e = 0; e < E; ++e)
-        if (expert_offsets[e + 1] > expert_offsets[e]) kern.transpose(w + e * N * K, N, K, K, w_t + e * N * K);
+      // with rows transposed once (a transposed w already is w^T in memory), then one grouped GEMM call
+      // over all experts (the forward's tiling).
+      const float* w_t = w;
+      if (!w_transposed) {
+        float* copy = ws.get<float>(Scratch::backward_lhs, E * N * K);
+        for (int64_t e = 0; e < E; ++e)
+          if (expert_offsets[e + 1] > expert_offsets[e]) kern.transpose(w + e * N * K, N, K, K, copy + e * N * K);
+        w_t = copy;
+      }
       GemmProblem problem;
       problem.a = grad_out;
       problem.w.data = w_t;
@@ -49,6 +55,18 @@ void grouped_gemm_backward(const float* grad_out, const float* a, const float* w
     }
   }
   if (grad_w && N > 0 && K > 0) kern.grouped_gemm_grad_w(grad_out, a, expert_offsets, E, N, K, threads, scratch, grad_w);
+}
+
+void bias_grad(const float* grad_out, const int32_t* expert_offsets, int64_t E, int64_t M, int64_t N,
+               float* grad_bias) {
+  check_expert_offsets(expert_offsets, E, M, "expert_offsets");
+  // Cheap next to any GEMM (one pass over grad_out): a plain loop, rows added in order per expert.
+  for (int64_t e = 0; e < E; ++e) {
+    float* sum = grad_bias + e * N;
+    std::memset(sum, 0, sizeof(float) * N);
+    for (int64_t m = expert_offsets[e]; m < expert_offsets[e + 1]; ++m)
+      for (int64_t n = 0; n < N; ++n) sum[n] += grad_out[m * N + n];
+  }
 }
 
 void unpermute_backward(const float* grad_y, const float* y_perm, int64_t M, const int32_t* perm_rows,

@@ -9,16 +9,23 @@
 namespace moe_ext {
 
 // out [M, f] = act(h); h [M, 2f] (gated) or [M, f].
-void activation(const float* h, int64_t M, int64_t f, Activation activation, float* out);
+void activation(const float* h, int64_t M, int64_t f, const Activation& activation, float* out);
 // grad_h (shape of h) from grad_act [M, f].
-void activation_backward(const float* grad_act, const float* h, int64_t M, int64_t f, Activation activation,
+void activation_backward(const float* grad_act, const float* h, int64_t M, int64_t f, const Activation& activation,
                          float* grad_h);
 
 // Of out = grouped_gemm(a [M, K], w [E, N, K], offsets): grad_a [M, K] = grad_out[rows of e] @ w[e] and
 // grad_w [E, N, K] = grad_out[rows of e]^T @ a[rows of e] (0 for experts without rows). Either output may
-// be null (not wanted).
+// be null (not wanted). w_transposed: w is the transposed view of w_t [E, K, N] (WeightView::transposed);
+// grad_w keeps the logical [E, N, K] shape either way.
 void grouped_gemm_backward(const float* grad_out, const float* a, const float* w, const int32_t* expert_offsets,
-                           int64_t E, int64_t M, int64_t N, int64_t K, float* grad_a, float* grad_w);
+                           int64_t E, int64_t M, int64_t N, int64_t K, float* grad_a, float* grad_w,
+                           bool w_transposed = false);
+
+// Of out = grouped_gemm(a, w, offsets, bias): grad_bias [E, N] = the sums of grad_out's rows per expert
+// (rows in order; 0 for experts without rows).
+void bias_grad(const float* grad_out, const int32_t* expert_offsets, int64_t E, int64_t M, int64_t N,
+               float* grad_bias);
 
 // Of y = unpermute(y_perm [M, d], perm_rows [T, k], topk_weights [T, k]): grad_y_perm [M, d] and
 // grad_topk_weights [T, k].

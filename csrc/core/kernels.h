@@ -18,7 +18,10 @@ struct GemmProblem {
   WeightView w;                    // [E, N, K], unpacked or packed
   const int32_t* offsets = nullptr;
   bool fuse_activation = false;    // out = activation(product): [M, N / 2] gated, [M, N] otherwise
-  Activation activation = Activation::swiglu;
+  Activation activation;
+  // [E, N] float32 or null: bias[e, n] is added to product column n (w's row n, in w's own row order,
+  // interleaved or not) before the activation, or to out without one.
+  const float* bias = nullptr;
   // bfloat16 weights only: a is rounded to bfloat16 and multiplied with vdpbf16ps (set only where the
   // CPU has AVX512_BF16 and the caller's activations are bfloat16, so no precision is lost that the
   // caller's dtype did not already drop). Ignored by tiers without it.
@@ -37,7 +40,8 @@ struct QuantGemmProblem {
   const QuantView* w = nullptr;
   const int32_t* offsets = nullptr;
   bool fuse_activation = false;
-  Activation activation = Activation::swiglu;
+  Activation activation;
+  const float* bias = nullptr;  // as GemmProblem::bias
   bool vnni = false;  // avx512 tier: vpdpbusd (set only where the CPU has AVX512_VNNI)
   int8_t* a_q = nullptr;
   float* a_scales = nullptr;
@@ -59,13 +63,14 @@ struct Kernels {
                       int64_t d, void* x_perm, DType perm_dtype);
   // See GemmProblem. `scratch` holds kGemmScratchBytes bytes per thread.
   void (*grouped_gemm)(const GemmProblem& problem, int threads, void* scratch);
-  // Packs w [E, N, K] into the layout of core/packed.h (packed_expert_elements(N, K, dtype) per expert).
-  void (*pack_weight)(const void* w, DType dtype, int64_t E, int64_t N, int64_t K, int threads, void* packed);
+  // Packs w [E, N, K] (a plain WeightView, transposed or not) into the layout of core/packed.h
+  // (packed_expert_elements(N, K, dtype) per expert).
+  void (*pack_weight)(const WeightView& w, int threads, void* packed);
   // n elements between float32 and dtype (round to nearest even), in parallel.
   void (*widen)(const void* src, DType dtype, int64_t n, int threads, float* dst);
   void (*narrow)(const float* src, int64_t n, DType dtype, int threads, void* dst);
   // Gated: h [M, 2f] -> out [M, f]; otherwise h [M, f] -> out [M, f] (may alias h).
-  void (*activate)(const float* h, int64_t M, int64_t f, Activation activation, float* out);
+  void (*activate)(const float* h, int64_t M, int64_t f, const Activation& activation, float* out);
   // y[t] = sum_j weights[t, j] * y_perm[perm_rows[t, j]], slots in order, -1 rows skipped.
   void (*unpermute)(const float* y_perm, const int32_t* perm_rows, const float* weights, int64_t T,
                     int64_t k, int64_t d, float* y);
@@ -74,7 +79,7 @@ struct Kernels {
   // dst [cols, rows] = src [rows, cols]^T, src rows `ld` floats apart.
   void (*transpose)(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst);
   // grad_h [M, 2f] (gated) or [M, f] from grad_act [M, f] and the activation's input h.
-  void (*activation_backward)(const float* grad_act, const float* h, int64_t M, int64_t f, Activation activation,
+  void (*activation_backward)(const float* grad_act, const float* h, int64_t M, int64_t f, const Activation& activation,
                               float* grad_h);
   // grad_y_perm (zeroed by the caller) += w * grad_y per slot; grad_weights [T, k]. threads = 1 when
   // perm_rows may repeat a row.

@@ -57,10 +57,10 @@ const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K) {
 // a_bf16: with vdpbf16ps, a's rows already rounded (then a itself may be null: packed weights never read
 // the float32 rows under vdpbf16ps); null to round them here.
 void run_gemm(const float* a, DType caller_dtype, const WeightView& w, const int32_t* offsets, bool fuse,
-              Activation activation, float* out, const uint16_t* a_bf16 = nullptr) {
-  if (w.quant != nullptr) return run_quant_gemm(a, *w.quant, offsets, fuse, activation, out);
+              const Activation& activation, const float* bias, float* out, const uint16_t* a_bf16 = nullptr) {
+  if (w.quant != nullptr) return run_quant_gemm(a, *w.quant, offsets, fuse, activation, bias, out);
   GemmProblem problem;
-  problem.a = a, problem.w = w, problem.offsets = offsets, problem.out = out;
+  problem.a = a, problem.w = w, problem.offsets = offsets, problem.out = out, problem.bias = bias;
   problem.fuse_activation = fuse, problem.activation = activation;
   problem.bf16_dot = use_bf16_dot(caller_dtype, w);
   if (problem.bf16_dot) problem.a_bf16 = a_bf16 ? a_bf16 : round_rows_to_bf16(a, offsets[w.E], w.K);
@@ -109,12 +109,12 @@ void permute_gather(const void* x, DType dtype, const int32_t* perm_rows, int64_
 }
 
 void grouped_gemm(const void* a, DType a_dtype, const WeightView& w, const int32_t* expert_offsets, int64_t M,
-                  void* out) {
+                  void* out, const float* bias) {
   check_expert_offsets(expert_offsets, w.E, M, "expert_offsets");
   if (M == 0 || w.N == 0) return;
   const float* a32 = as_f32(a, a_dtype, M * w.K, Scratch::converted_in);
   float* out32 = f32_target(out, a_dtype, M * w.N);
-  run_gemm(a32, a_dtype, w, expert_offsets, false, Activation::swiglu, out32);
+  run_gemm(a32, a_dtype, w, expert_offsets, false, Activation::swiglu(), bias, out32);
   finish_f32(out32, M * w.N, a_dtype, out);
 }
 
@@ -130,7 +130,7 @@ void unpermute(const void* y_perm, DType dtype, int64_t M, const int32_t* perm_r
 
 void experts(const void* x, DType x_dtype, const WeightView& w13_or_w1, const WeightView& w2,
              const float* topk_weights, const int32_t* topk_ids, int64_t T, int64_t d, int64_t f, int64_t E,
-             int64_t k, Activation activation, int64_t capacity, void* y) {
+             int64_t k, const Activation& activation, int64_t capacity, void* y, const ExpertBiases& biases) {
   Workspace& ws = thread_workspace();
   int32_t* offsets = ws.get<int32_t>(Scratch::offsets, E + 1);
   int32_t* perm_rows = ws.get<int32_t>(Scratch::perm_rows, T * k);
@@ -146,13 +146,13 @@ void experts(const void* x, DType x_dtype, const WeightView& w13_or_w1, const We
     if (gather_bf16) {
       uint16_t* rows = ws.get<uint16_t>(Scratch::gemm_a_bf16, M * d);
       kern.gather_rows(x, x_dtype, perm_rows, T, k, d, rows, x_dtype);
-      run_gemm(nullptr, x_dtype, w13_or_w1, offsets, true, activation, activated, rows);
+      run_gemm(nullptr, x_dtype, w13_or_w1, offsets, true, activation, biases.b13_or_b1, activated, rows);
     } else {
       kern.gather_rows(x, x_dtype, perm_rows, T, k, d, x_perm, DType::f32);  // widened once, here
-      run_gemm(x_perm, x_dtype, w13_or_w1, offsets, true, activation, activated);
+      run_gemm(x_perm, x_dtype, w13_or_w1, offsets, true, activation, biases.b13_or_b1, activated);
     }
     // x_perm is dead after the first GEMM and has y_perm's shape [M, d].
-    run_gemm(activated, x_dtype, w2, offsets, false, activation, x_perm);
+    run_gemm(activated, x_dtype, w2, offsets, false, activation, biases.b2, x_perm);
   }
   if (T == 0) return;
   float* y32 = f32_target(y, x_dtype, T * d);
@@ -162,12 +162,13 @@ void experts(const void* x, DType x_dtype, const WeightView& w13_or_w1, const We
 
 void moe(const void* x, DType x_dtype, const void* w_router, DType w_router_dtype, const WeightView& w13_or_w1,
          const WeightView& w2, int64_t T, int64_t d, int64_t f, int64_t E, const RouteConfig& config,
-         Activation activation, int64_t capacity, void* y) {
+         const Activation& activation, int64_t capacity, void* y, const ExpertBiases& biases) {
   Workspace& ws = thread_workspace();
   float* topk_weights = ws.get<float>(Scratch::route_weights, T * config.top_k);
   int32_t* topk_ids = ws.get<int32_t>(Scratch::route_ids, T * config.top_k);
   route(x, x_dtype, w_router, w_router_dtype, T, d, E, config, topk_weights, topk_ids, nullptr);
-  experts(x, x_dtype, w13_or_w1, w2, topk_weights, topk_ids, T, d, f, E, config.top_k, activation, capacity, y);
+  experts(x, x_dtype, w13_or_w1, w2, topk_weights, topk_ids, T, d, f, E, config.top_k, activation, capacity, y,
+          biases);
 }
 
 }  // namespace moe_ext

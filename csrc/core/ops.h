@@ -23,24 +23,32 @@ int64_t permute_plan(const int32_t* topk_ids, int64_t T, int64_t k, int64_t E, i
 void permute_gather(const void* x, DType dtype, const int32_t* perm_rows, int64_t T, int64_t k, int64_t d,
                     void* x_perm);
 
-// out [M, N] in a's dtype, with M = expert_offsets[E]; w [E, N, K] plain or packed (WeightView).
+// out [M, N] in a's dtype, with M = expert_offsets[E]; w [E, N, K] plain, transposed, packed or quantised
+// (WeightView); bias [E, N] float32 or null, added per expert row.
 void grouped_gemm(const void* a, DType a_dtype, const WeightView& w, const int32_t* expert_offsets, int64_t M,
-                  void* out);
+                  void* out, const float* bias = nullptr);
 
 // y [T, d] from y_perm [M, d], both in `dtype`.
 void unpermute(const void* y_perm, DType dtype, int64_t M, const int32_t* perm_rows, const float* topk_weights,
                int64_t T, int64_t k, int64_t d, void* y);
 
+// The experts' biases, float32, or null: b13_or_b1 [E, 2f or f] in w13_or_w1's row order (added before
+// the activation), b2 [E, d] (added to each expert's output before the weighted combine).
+struct ExpertBiases {
+  const float* b13_or_b1 = nullptr;
+  const float* b2 = nullptr;
+};
+
 // The expert FFNs over given routing; y [T, d] in x's dtype. w13_or_w1: [E, 2f, d] (gated) or [E, f, d];
 // w2: [E, d, f].
 void experts(const void* x, DType x_dtype, const WeightView& w13_or_w1, const WeightView& w2,
              const float* topk_weights, const int32_t* topk_ids, int64_t T, int64_t d, int64_t f, int64_t E,
-             int64_t k, Activation activation, int64_t capacity, void* y);
+             int64_t k, const Activation& activation, int64_t capacity, void* y, const ExpertBiases& biases = {});
 
 // route, then experts.
 void moe(const void* x, DType x_dtype, const void* w_router, DType w_router_dtype, const WeightView& w13_or_w1,
          const WeightView& w2, int64_t T, int64_t d, int64_t f, int64_t E, const RouteConfig& config,
-         Activation activation, int64_t capacity, void* y);
+         const Activation& activation, int64_t capacity, void* y, const ExpertBiases& biases = {});
 
 // E * sum_e f_e * P_e (f_e: fraction of the T*k copies sent to e; P_e: mean of probs[:, e]); 0 for T = 0.
 double load_balancing_loss(const float* probs, const int32_t* topk_ids, int64_t T, int64_t E, int64_t k);
@@ -72,12 +80,12 @@ inline void unpermute(const float* y_perm, int64_t M, const int32_t* perm_rows, 
 }
 inline void experts(const float* x, const float* w13_or_w1, const float* w2, const float* topk_weights,
                     const int32_t* topk_ids, int64_t T, int64_t d, int64_t f, int64_t E, int64_t k,
-                    Activation activation, int64_t capacity, float* y) {
+                    const Activation& activation, int64_t capacity, float* y) {
   experts(x, DType::f32, plain_weights(w13_or_w1, E, is_gated(activation) ? 2 * f : f, d),
           plain_weights(w2, E, d, f), topk_weights, topk_ids, T, d, f, E, k, activation, capacity, y);
 }
 inline void moe(const float* x, const float* w_router, const float* w13_or_w1, const float* w2, int64_t T,
-                int64_t d, int64_t f, int64_t E, const RouteConfig& config, Activation activation, int64_t capacity,
+                int64_t d, int64_t f, int64_t E, const RouteConfig& config, const Activation& activation, int64_t capacity,
                 float* y) {
   moe(x, DType::f32, w_router, DType::f32, plain_weights(w13_or_w1, E, is_gated(activation) ? 2 * f : f, d),
       plain_weights(w2, E, d, f), T, d, f, E, config, activation, capacity, y);

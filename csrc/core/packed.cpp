@@ -34,13 +34,12 @@ void* allocate(std::size_t bytes) {
 
 void PackedWeight::Free::operator()(void* p) const { std::free(p); }
 
-PackedWeight::PackedWeight(const void* w, DType dtype, int64_t E, int64_t N, int64_t K)
-    : dtype_(dtype), E_(E), N_(N), K_(K) {
-  bytes_ = static_cast<std::size_t>(E * packed_expert_elements(N, K, dtype) * dtype_size(dtype));
+PackedWeight::PackedWeight(const WeightView& w) : dtype_(w.dtype), E_(w.E), N_(w.N), K_(w.K) {
+  bytes_ = static_cast<std::size_t>(E_ * packed_expert_elements(N_, K_, dtype_) * dtype_size(dtype_));
   void* data = allocate(bytes_);
   if (data == nullptr) throw std::bad_alloc();
   data_.reset(data);
-  kernels().pack_weight(w, dtype, E, N, K, num_threads(), data);
+  kernels().pack_weight(w, num_threads(), data);
 }
 
 WeightView PackedWeight::view() const {

@@ -31,8 +31,8 @@ inline int64_t packed_expert_elements(int64_t N, int64_t K, DType dtype) {
 // An owned, immutable packed copy of one weight array. Thread-safe to share: kernels only read it.
 class PackedWeight {
  public:
-  // Packs w [E, N, K] of `dtype` (row-major) with the current tier's kernels.
-  PackedWeight(const void* w, DType dtype, int64_t E, int64_t N, int64_t K);
+  // Packs w [E, N, K] (a plain WeightView: row-major or transposed) with the current tier's kernels.
+  explicit PackedWeight(const WeightView& w);
   WeightView view() const;
   DType dtype() const { return dtype_; }
   int64_t E() const { return E_; }

@@ -305,9 +305,9 @@ bool vnni_enabled() { return vnni().load(std::memory_order_relaxed); }
 void set_vnni_enabled(bool enabled) { vnni().store(enabled && cpu_has_vnni(), std::memory_order_relaxed); }
 
 void run_quant_gemm(const float* a, const QuantView& w, const int32_t* offsets, bool fuse_activation,
-                    Activation activation, float* out) {
+                    const Activation& activation, const float* bias, float* out) {
   QuantGemmProblem p;
-  p.a = a, p.w = &w, p.offsets = offsets, p.out = out;
+  p.a = a, p.w = &w, p.offsets = offsets, p.out = out, p.bias = bias;
   p.fuse_activation = fuse_activation, p.activation = activation;
   p.vnni = current_isa() == Isa::avx512 && vnni_enabled();
   Workspace& ws = thread_workspace();

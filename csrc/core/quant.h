@@ -83,9 +83,9 @@ int64_t quant_gemm_scratch_bytes(int64_t row_depth);
 bool vnni_enabled();
 void set_vnni_enabled(bool enabled);
 
-// out [M, N] (or [M, N/2] gated with the activation fused) = a [M, K] float32 times w's rows per expert:
-// what core/ops.cpp's grouped GEMM runs for a quantised weight.
+// out [M, N] (or [M, N/2] gated with the activation fused) = a [M, K] float32 times w's rows per expert,
+// plus bias [E, N] (or null) per column: what core/ops.cpp's grouped GEMM runs for a quantised weight.
 void run_quant_gemm(const float* a, const QuantView& w, const int32_t* offsets, bool fuse_activation,
-                    Activation activation, float* out);
+                    const Activation& activation, const float* bias, float* out);
 
 }  // namespace moe_ext

@@ -40,26 +40,75 @@ static inline vec vsilu(vec z) { return z / (1.f + vexp(-z)); }
 // NaN stays NaN (a max() would turn it into 0).
 static inline vec vrelu(vec z) { return z > 0.f ? z : (z <= 0.f ? broadcast(0.f) : z); }
 
-static inline vec activate_vec(moe_ext::Activation activation, vec z, vec up) {
-  switch (activation) {
-    case moe_ext::Activation::swiglu: return vsilu(z) * up;
-    case moe_ext::Activation::geglu: return vgelu(z) * up;
-    case moe_ext::Activation::relu: return vrelu(z);
-    case moe_ext::Activation::gelu: break;
+// gelu with the tanh approximation, 0.5 z (1 + tanh(y)) with y = sqrt(2/pi) (z + 0.044715 z^3), evaluated
+// as the equal z sigmoid(2y) = z / (1 + e^(-2y)): no cancellation of 1 + tanh(y) in the negative tail.
+static inline vec vgelu_tanh(vec z) {
+  const vec minus_two_y = z * (-1.5957691216057308f + -0.0713548162726009f * (z * z));
+  return z / (1.f + vexp(minus_two_y));
+}
+// z sigmoid(alpha z); alpha = 1 gives vsilu's bits (1 * z is z).
+static inline vec vsilu_alpha(vec z, float alpha) { return z / (1.f + vexp(-(alpha * z))); }
+
+// min(z, limit) and clip(z, -limit, limit); NaN passes both comparisons, so it stays NaN (torch.clamp).
+static inline vec vclamp_max(vec z, float limit) { return z > limit ? broadcast(limit) : z; }
+static inline vec vclamp_abs(vec z, float limit) {
+  return z > limit ? broadcast(limit) : (z < -limit ? broadcast(-limit) : z);
+}
+static inline bool has_limit(const moe_ext::Activation& a) { return a.limit < __builtin_inff(); }
+
+static inline vec activate_fn(const moe_ext::Activation& a, vec z) {
+  switch (a.fn) {
+    case moe_ext::ActivationFn::silu: return vsilu_alpha(z, a.alpha);
+    case moe_ext::ActivationFn::gelu: return vgelu(z);
+    case moe_ext::ActivationFn::gelu_tanh: return vgelu_tanh(z);
+    case moe_ext::ActivationFn::relu: return vrelu(z);
+    case moe_ext::ActivationFn::relu2: break;
   }
-  return vgelu(z);
+  const vec r = vrelu(z);
+  return r * r;
 }
 
-// dst[i] = activation(src[i]) (times up[i] for the gated ones; `up` is ignored otherwise).
-static inline void activate_row(moe_ext::Activation activation, const float* src, const float* up, int64_t n,
-                                float* dst) {
-  const bool gated = moe_ext::is_gated(activation);
+// act(gate) * up for gated activations (clamps and up_offset applied here), act(z) otherwise (`up`
+// unused). Only non-default fields cost anything: without a limit or offset the old four activations
+// compute exactly what they always did.
+static inline vec activate_vec(const moe_ext::Activation& a, vec z, vec up) {
+  if (!a.gated) return activate_fn(a, z);
+  if (has_limit(a)) z = vclamp_max(z, a.limit), up = vclamp_abs(up, a.limit);
+  if (a.up_offset != 0.f) up = up + a.up_offset;
+  return activate_fn(a, z) * up;
+}
+
+// dst[i] = activation(gate[i * stride]) (times up[i * stride] for the gated ones; `up` is ignored
+// otherwise), i < n. stride 2 reads interleaved g0 u0 g1 u1 ... (gate = row, up = row + 1).
+static inline void activate_row(const moe_ext::Activation& a, const float* gate, const float* up, int64_t stride,
+                                int64_t n, float* dst) {
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    store(dst + i, activate_vec(activation, load(src + i), gated ? load(up + i) : vec{}));
-  if (i == n) return;
-  float z_tail[kLanes] = {}, up_tail[kLanes] = {}, out_tail[kLanes];
-  for (int64_t j = 0; i + j < n; ++j) z_tail[j] = src[i + j], up_tail[j] = gated ? up[i + j] : 0.f;
-  store(out_tail, activate_vec(activation, load(z_tail), load(up_tail)));
-  for (int64_t j = 0; i + j < n; ++j) dst[i + j] = out_tail[j];
+  if (stride == 1)
+    for (; i + kLanes <= n; i += kLanes) store(dst + i, activate_vec(a, load(gate + i), a.gated ? load(up + i) : vec{}));
+  // Strided rows and the tail go through lane buffers, computed by the same vector code.
+  for (; i < n; i += kLanes) {
+    float z_lanes[kLanes] = {}, up_lanes[kLanes] = {}, out_lanes[kLanes];
+    const int64_t count = n - i < kLanes ? n - i : kLanes;
+    for (int64_t j = 0; j < count; ++j)
+      z_lanes[j] = gate[(i + j) * stride], up_lanes[j] = a.gated ? up[(i + j) * stride] : 0.f;
+    store(out_lanes, activate_vec(a, load(z_lanes), load(up_lanes)));
+    for (int64_t j = 0; j < count; ++j) dst[i + j] = out_lanes[j];
+  }
+}
+
+// One output row of a tile from its float32 product row h (bias already added): the gated [gate | up]
+// halves at gate and up, or interleaved pairs at gate (up unused), or one segment.
+static inline void activate_product_row(const moe_ext::Activation& a, const float* gate, const float* up, int64_t n,
+                                        float* dst) {
+  if (a.gated && a.interleaved)
+    activate_row(a, gate, gate + 1, 2, n, dst);
+  else
+    activate_row(a, gate, up, 1, n, dst);
+}
+
+// row[i] += bias[i], i < n (the GEMM epilogue's per-column bias, before any activation).
+static inline void add_bias(float* row, const float* bias, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(row + i, load(row + i) + load(bias + i));
+  for (; i < n; ++i) row[i] += bias[i];
 }

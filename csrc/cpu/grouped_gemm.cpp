@@ -8,11 +8,17 @@
 // never written out), or without one a copy of what did not go straight to out (whole panels do).
 // Inside a tile, per depth block of kDepthBlock:
 // - weights in the packed panel layout (core/packed.h: prepacked once, or packed here panel by panel
-//   when the caller passed a plain array) feed a register-blocked microkernel (cpu/gemm_micro.h);
+//   when the caller passed a plain or transposed array) feed a register-blocked microkernel
+//   (cpu/gemm_micro.h);
 //   the loop order keeps one microkernel's weight slice (kDepthBlock<W> x kMicroCols) in L1 across the
 //   tile's rows and the tile's rows of a (<= 256 x kDepthBlock<W> floats) in L2;
 // - plain weights with few rows per expert (decode): packing would cost as much as the math, so each
-//   weight row is streamed once and dotted with every row of the expert.
+//   weight row is streamed once and dotted with every row of the expert. Transposed weights have no
+//   contiguous rows to stream: they always take the packing path.
+// Gated activations with interleaved gate/up rows (g0 u0 g1 u1 ...) need no reordering of the weights:
+// a tile of output columns [c, c + n) computes the product columns [2c, 2c + 2n) as one segment, and the
+// epilogue reads gate and up from alternate columns. Biases are added per product column in the epilogue
+// (before the activation), so every path and layout shares them.
 // Each output element is summed in an order fixed by the data and these constants, never by the thread
 // count or the schedule, so results are bit-identical for any number of threads.
 #include "core/packed.h"
@@ -48,6 +54,8 @@ struct Segment {
   int64_t first_panel = 0, panels = 0;  // panels covering [begin, begin + cols)
   int64_t local_col = 0;                // where the first panel lands in the tile's buffer
   int64_t offset = 0;                   // begin - first_panel * kPanelCols
+  int64_t cols = 0;                     // product columns of the segment
+  int64_t begin() const { return first_panel * kPanelCols + offset; }
 };
 
 template <typename W> constexpr bool kIsBf16 = false;
@@ -62,13 +70,14 @@ struct Tile {
 
 struct Geometry {
   int64_t out_cols;  // columns of out
-  int64_t half;      // fused gated: f (the up rows' offset in w); 0 otherwise
-  bool gated;
+  int64_t half;      // fused gated, concatenated: f (the up rows' offset in w); 0 otherwise
+  bool gated, interleaved;
 };
 
 Geometry geometry(const GemmProblem& p) {
   const bool gated = p.fuse_activation && is_gated(p.activation);
-  return {gated ? p.w.N / 2 : p.w.N, gated ? p.w.N / 2 : 0, gated};
+  const bool interleaved = gated && p.activation.interleaved;
+  return {gated ? p.w.N / 2 : p.w.N, gated && !interleaved ? p.w.N / 2 : 0, gated, interleaved};
 }
 
 Segment segment(int64_t begin, int64_t cols, int64_t local_col) {
@@ -77,10 +86,27 @@ Segment segment(int64_t begin, int64_t cols, int64_t local_col) {
   s.panels = ceil_div(begin + cols, kPanelCols) - s.first_panel;
   s.local_col = local_col;
   s.offset = begin - s.first_panel * kPanelCols;
+  s.cols = cols;
   return s;
 }
 
-bool streams(const GemmProblem& p, int64_t expert_rows) { return !p.w.packed && expert_rows <= kFewRows; }
+// The product segments of a tile: its columns; fused gated, the gate and the up columns (concatenated),
+// or the interleaved pairs of its columns (one segment of twice the width, starting on a panel boundary
+// since col_begin is a multiple of kTileCols). Returns the count.
+int tile_segments(const Geometry& g, const Tile& t, Segment* segs) {
+  if (g.interleaved) {
+    segs[0] = segment(2 * t.col_begin, 2 * t.cols, 0);
+    return 1;
+  }
+  segs[0] = segment(t.col_begin, t.cols, 0);
+  if (!g.gated) return 1;
+  segs[1] = segment(g.half + t.col_begin, t.cols, segs[0].panels * kPanelCols);
+  return 2;
+}
+
+bool streams(const GemmProblem& p, int64_t expert_rows) {
+  return !p.w.packed && !p.w.transposed && expert_rows <= kFewRows;
+}
 
 // Rows per tile for an expert: at most kTileRows (packed) or kMaxTileRows (plain; streaming tiles take
 // all rows), fewer when the whole problem has too few tiles to keep every thread busy. A multiple of
@@ -97,23 +123,33 @@ int64_t tile_rows(const GemmProblem& p, int64_t expert_rows, int64_t col_tiles, 
 
 // --- packing ---------------------------------------------------------------------------------------
 
-// Panel `panel` of one expert's w [N, K], depths [k0, k0 + depth), into dst (core/packed.h's layout with
-// `depth` in place of K). Columns past N and the bfloat16 pair padding are zero.
+// Where depth p of column c goes in a packed panel (core/packed.h).
 template <typename W>
-void pack_panel(const W* w_expert, int64_t N, int64_t K, int64_t panel, int64_t k0, int64_t depth, W* dst) {
-  const bool pairs = kIsBf16<W>;
-  const int64_t padded = pairs ? (depth + 1) / 2 * 2 : depth;
-  for (int64_t c = 0; c < kPanelCols; ++c) {
-    const int64_t n = panel * kPanelCols + c;
-    const W* src = w_expert + n * K + k0;
-    for (int64_t p = 0; p < padded; ++p) {
-      const int64_t at = pairs ? (p / 2) * 2 * kPanelCols + 2 * c + (p % 2) : p * kPanelCols + c;
-      if (n < N && p < depth)
-        dst[at] = src[p];
-      else
-        memset(dst + at, 0, sizeof(W));
+int64_t panel_at(int64_t p, int64_t c) {
+  return kIsBf16<W> ? (p / 2) * 2 * kPanelCols + 2 * c + (p % 2) : p * kPanelCols + c;
+}
+
+// Panel `panel` of one expert's w [N, K] (row-major, or transposed: element (n, k) at k * N + n), depths
+// [k0, k0 + depth), into dst (core/packed.h's layout with `depth` in place of K). Columns past N and the
+// bfloat16 pair padding are zero. Each layout is read along its contiguous direction.
+template <typename W>
+void pack_panel(const W* w_expert, int64_t N, int64_t K, bool transposed, int64_t panel, int64_t k0, int64_t depth,
+                W* dst) {
+  const int64_t padded = kIsBf16<W> ? (depth + 1) / 2 * 2 : depth;
+  const int64_t n0 = panel * kPanelCols, cols = min_i64(kPanelCols, N - n0);
+  if (transposed) {
+    for (int64_t p = 0; p < depth; ++p) {
+      const W* src = w_expert + (k0 + p) * N + n0;
+      for (int64_t c = 0; c < cols; ++c) dst[panel_at<W>(p, c)] = src[c];
+    }
+  } else {
+    for (int64_t c = 0; c < cols; ++c) {
+      const W* src = w_expert + (n0 + c) * K + k0;
+      for (int64_t p = 0; p < depth; ++p) dst[panel_at<W>(p, c)] = src[p];
     }
   }
+  for (int64_t p = 0; p < padded; ++p)
+    for (int64_t c = p < depth ? cols : 0; c < kPanelCols; ++c) memset(dst + panel_at<W>(p, c), 0, sizeof(W));
 }
 
 // --- one tile --------------------------------------------------------------------------------------
@@ -185,7 +221,7 @@ void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, in
     if (p.w.packed) {
       block = w_expert + panel * panel_elements(K, p.w.dtype) + k0 * kPanelCols;
     } else {
-      pack_panel(w_expert, p.w.N, K, panel, k0, depth, static_cast<W*>(buf.pack));
+      pack_panel(w_expert, p.w.N, K, p.w.transposed, panel, k0, depth, static_cast<W*>(buf.pack));
       block = static_cast<const W*>(buf.pack);
     }
     const int64_t pair_step = kIsBf16<W> ? 2 : 1;  // elements per column in a panel row
@@ -252,8 +288,8 @@ void streamed_product(const GemmProblem& p, const Tile& t, const Segment* segs, 
   const W* w_expert = static_cast<const W*>(p.w.data) + t.expert * p.w.N * K;
   const float* a = p.a + t.row_begin * K;
   for (int s = 0; s < n_segs; ++s) {
-    const int64_t begin = segs[s].first_panel * kPanelCols + segs[s].offset;
-    for (int64_t n = begin; n < begin + t.cols; ++n)
+    const int64_t begin = segs[s].begin();
+    for (int64_t n = begin; n < begin + segs[s].cols; ++n)
       for (int64_t m = 0; m < rows; m += kStreamRows) {
         float* c = local + m * kLocalCols + segs[s].local_col + segs[s].offset + (n - begin);
         const float* a_rows = a + m * K;
@@ -271,26 +307,29 @@ void streamed_product(const GemmProblem& p, const Tile& t, const Segment* segs, 
 }
 
 // Writes the tile's rows of out from its buffer (past the `direct` columns already there): a copy or the
-// activation.
-void epilogue(const GemmProblem& p, const Geometry& g, const Tile& t, const Segment* segs, const float* local,
+// activation, after the bias (added to the buffer, or to out for the direct columns).
+void epilogue(const GemmProblem& p, const Geometry& g, const Tile& t, const Segment* segs, int n_segs, float* local,
               int64_t direct) {
+  const float* bias = p.bias ? p.bias + t.expert * p.w.N : nullptr;
   for (int64_t r = 0; r < t.row_end - t.row_begin; ++r) {
-    const float* src = local + r * kLocalCols + segs[0].offset;
+    float* row = local + r * kLocalCols;
     float* dst = p.out + (t.row_begin + r) * g.out_cols + t.col_begin;
-    if (!p.fuse_activation)
-      memcpy(dst + direct, src + direct, static_cast<size_t>(t.cols - direct) * sizeof(float));
-    else
-      activate_row(p.activation, src, g.gated ? local + r * kLocalCols + segs[1].local_col + segs[1].offset : nullptr,
-                   t.cols, dst);
+    if (!p.fuse_activation) {
+      memcpy(dst + direct, row + segs[0].offset + direct, static_cast<size_t>(t.cols - direct) * sizeof(float));
+      if (bias) add_bias(dst, bias + t.col_begin, t.cols);
+      continue;
+    }
+    if (bias)
+      for (int s = 0; s < n_segs; ++s) add_bias(row + segs[s].local_col + segs[s].offset, bias + segs[s].begin(), segs[s].cols);
+    activate_product_row(p.activation, row + segs[0].offset,
+                         n_segs > 1 ? row + segs[1].local_col + segs[1].offset : nullptr, t.cols, dst);
   }
 }
 
 template <typename W>
 void run_tile(const GemmProblem& p, const Geometry& g, const Tile& t, bool dpbf16, const TileBuffers& buf) {
   Segment segs[2];
-  segs[0] = segment(t.col_begin, t.cols, 0);
-  int n_segs = 1;
-  if (g.gated) segs[n_segs++] = segment(g.half + t.col_begin, t.cols, segs[0].panels * kPanelCols);
+  const int n_segs = tile_segments(g, t, segs);
   const int64_t expert_rows = p.offsets[t.expert + 1] - p.offsets[t.expert];
   DirectOut direct;
   if (streams(p, expert_rows)) {
@@ -302,7 +341,7 @@ void run_tile(const GemmProblem& p, const Geometry& g, const Tile& t, bool dpbf1
       direct = {p.out + t.row_begin * g.out_cols + t.col_begin, g.out_cols, t.cols / kPanelCols};
     packed_product<W>(p, t, segs, n_segs, dpbf16, buf, direct);
   }
-  epilogue(p, g, t, segs, buf.local, direct.panels * kPanelCols);
+  epilogue(p, g, t, segs, n_segs, buf.local, direct.panels * kPanelCols);
 }
 
 // The tile with this index in (expert, row block, column block) order, or false when past the end.
@@ -354,12 +393,13 @@ void grouped_gemm_typed(const GemmProblem& p, int threads, void* scratch) {
 }
 
 template <typename W>
-void pack_weight_typed(const W* w, int64_t E, int64_t N, int64_t K, int threads, W* packed) {
-  const int64_t panels = panel_count(N), panel_size = panel_elements(K, kDType<W>);
+void pack_weight_typed(const WeightView& w, int threads, W* packed) {
+  const int64_t N = w.N, K = w.K, panels = panel_count(N), panel_size = panel_elements(K, kDType<W>);
   MOE_EXT_PARALLEL_FOR(threads)
-  for (int64_t i = 0; i < E * panels; ++i) {
+  for (int64_t i = 0; i < w.E * panels; ++i) {
     const int64_t e = i / panels, panel = i % panels;
-    pack_panel(w + e * N * K, N, K, panel, 0, K, packed + e * panels * panel_size + panel * panel_size);
+    pack_panel(static_cast<const W*>(w.data) + e * N * K, N, K, w.transposed, panel, 0, K,
+               packed + e * panels * panel_size + panel * panel_size);
   }
 }
 
@@ -373,14 +413,11 @@ void grouped_gemm(const GemmProblem& problem, int threads, void* scratch) {
   }
 }
 
-void pack_weight(const void* w, DType dtype, int64_t E, int64_t N, int64_t K, int threads, void* packed) {
-  switch (dtype) {
-    case DType::f32:
-      return pack_weight_typed(static_cast<const float*>(w), E, N, K, threads, static_cast<float*>(packed));
-    case DType::bf16:
-      return pack_weight_typed(static_cast<const bf16_t*>(w), E, N, K, threads, static_cast<bf16_t*>(packed));
-    case DType::f16:
-      return pack_weight_typed(static_cast<const f16_t*>(w), E, N, K, threads, static_cast<f16_t*>(packed));
+void pack_weight(const WeightView& w, int threads, void* packed) {
+  switch (w.dtype) {
+    case DType::f32: return pack_weight_typed(w, threads, static_cast<float*>(packed));
+    case DType::bf16: return pack_weight_typed(w, threads, static_cast<bf16_t*>(packed));
+    case DType::f16: return pack_weight_typed(w, threads, static_cast<f16_t*>(packed));
   }
 }
 

@@ -10,14 +10,14 @@ void route(const float* x, const float* w_router, int64_t T, int64_t d, int64_t 
 void gather_rows(const void* x, DType x_dtype, const int32_t* perm_rows, int64_t T, int64_t k, int64_t d,
                  void* x_perm, DType perm_dtype);
 void grouped_gemm(const GemmProblem& problem, int threads, void* scratch);
-void pack_weight(const void* w, DType dtype, int64_t E, int64_t N, int64_t K, int threads, void* packed);
+void pack_weight(const WeightView& w, int threads, void* packed);
 void widen(const void* src, DType dtype, int64_t n, int threads, float* dst);
 void narrow(const float* src, int64_t n, DType dtype, int threads, void* dst);
-void activate(const float* h, int64_t M, int64_t f, Activation activation, float* out);
+void activate(const float* h, int64_t M, int64_t f, const Activation& activation, float* out);
 void unpermute(const float* y_perm, const int32_t* perm_rows, const float* weights, int64_t T,
                int64_t k, int64_t d, float* y);
 void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst);
-void activation_backward(const float* grad_act, const float* h, int64_t M, int64_t f, Activation activation,
+void activation_backward(const float* grad_act, const float* h, int64_t M, int64_t f, const Activation& activation,
                          float* grad_h);
 void unpermute_backward(const float* grad_y, const float* y_perm, const int32_t* perm_rows, const float* weights,
                         int64_t T, int64_t k, int64_t d, int threads, float* grad_y_perm, float* grad_weights);

@@ -136,14 +136,17 @@ struct Tile {
   int64_t expert, row_begin, rows, col_begin, cols;
 };
 
+// As cpu/grouped_gemm.cpp: a fused gated tile reads its gate and up rows (concatenated: two runs of
+// t.cols rows, f apart; interleaved: one run of 2 t.cols rows from 2 col_begin).
 struct Geometry {
-  int64_t out_cols, half;  // half: fused gated, the up rows' offset in w (f); 0 otherwise
-  bool gated;
+  int64_t out_cols, half;  // half: fused gated, concatenated, the up rows' offset in w (f); 0 otherwise
+  bool gated, interleaved;
 };
 
 Geometry geometry(const QuantGemmProblem& p) {
   const bool gated = p.fuse_activation && is_gated(p.activation);
-  return {gated ? p.w->N / 2 : p.w->N, gated ? p.w->N / 2 : 0, gated};
+  const bool interleaved = gated && p.activation.interleaved;
+  return {gated ? p.w->N / 2 : p.w->N, gated && !interleaved ? p.w->N / 2 : 0, gated, interleaved};
 }
 
 bool find_tile(const QuantGemmProblem& p, int64_t index, int64_t col_tiles, int64_t out_cols, Tile* t) {
@@ -166,10 +169,12 @@ bool find_tile(const QuantGemmProblem& p, int64_t index, int64_t col_tiles, int6
 
 void run_tile(const QuantGemmProblem& p, const Geometry& g, const Tile& t, float* local, float* w_row) {
   const QuantView& w = *p.w;
-  const int segments = g.gated ? 2 : 1;
+  const int segments = g.gated && !g.interleaved ? 2 : 1;
+  const int64_t first = g.interleaved ? 2 * t.col_begin : t.col_begin;  // w's first row of segment 0
+  const int64_t seg_rows = g.interleaved ? 2 * t.cols : t.cols;
   for (int s = 0; s < segments; ++s)
-    for (int64_t j = 0; j < t.cols; ++j) {
-      const int64_t row = t.expert * w.N + s * g.half + t.col_begin + j;
+    for (int64_t j = 0; j < seg_rows; ++j) {
+      const int64_t row = t.expert * w.N + s * g.half + first + j;
       float* c = local + s * kTileCols + j;
       if (w.quantize_activations) {
         int_column_best(p, row, t.row_begin, t.rows, c, kLocalCols);
@@ -178,13 +183,16 @@ void run_tile(const QuantGemmProblem& p, const Geometry& g, const Tile& t, float
         float_column(p, w_row, t.row_begin, t.rows, c, kLocalCols);
       }
     }
+  const float* bias = p.bias ? p.bias + t.expert * w.N : nullptr;
   for (int64_t r = 0; r < t.rows; ++r) {
-    const float* src = local + r * kLocalCols;
+    float* src = local + r * kLocalCols;
     float* dst = p.out + (t.row_begin + r) * g.out_cols + t.col_begin;
+    if (bias)
+      for (int s = 0; s < segments; ++s) add_bias(src + s * kTileCols, bias + s * g.half + first, seg_rows);
     if (!p.fuse_activation)
       memcpy(dst, src, static_cast<size_t>(t.cols) * sizeof(float));
     else
-      activate_row(p.activation, src, g.gated ? src + kTileCols : nullptr, t.cols, dst);
+      activate_product_row(p.activation, src, g.gated ? src + kTileCols : nullptr, t.cols, dst);
   }
 }
 

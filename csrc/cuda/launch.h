@@ -13,6 +13,10 @@ namespace moe_ext::cuda {
 // Element type of activations and weights. Scores, top-k weights and accumulation are always float32.
 enum class DType : int { float32 = 0, bfloat16 = 1, float16 = 2 };
 
+// The four activations the CUDA kernels implement, by code (the CPU side describes activations with
+// core/types.h's moe_ext::Activation, which this name shadows inside moe_ext::cuda).
+enum class Activation : int { swiglu = 0, geglu = 1, relu = 2, gelu = 3 };
+
 // What GEMM1's epilogue applies: nothing, or the expert activation (gated ones read [gate | up] from the
 // two halves of w's N rows and write N/2 columns).
 enum class Epilogue : int { none = -1, swiglu = 0, geglu = 1, relu = 2, gelu = 3 };

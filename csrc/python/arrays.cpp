@@ -20,12 +20,49 @@ void check_layout(const py::array& a, const char* name, const Shape& shape) {
     throw py::value_error(std::string(name) + ": expected an array aligned to its elements");
 }
 
-Activation activation_from(const std::string& name) {
-  if (name == "swiglu") return Activation::swiglu;
-  if (name == "geglu") return Activation::geglu;
-  if (name == "relu") return Activation::relu;
-  if (name == "gelu") return Activation::gelu;
-  throw py::value_error("activation: expected one of 'swiglu', 'geglu', 'relu', 'gelu'; got '" + name + "'");
+Activation activation_from(const py::object& activation) {
+  // The parsing and validation live once, in Python (python/moe_ext/_activation.py).
+  const py::object a = py::module_::import("moe_ext._activation").attr("activation_from")(activation);
+  static const char* const kFns[] = {"silu", "gelu", "gelu_tanh", "relu", "relu2"};
+  const std::string fn = a.attr("fn").cast<std::string>();
+  Activation out;
+  bool known = false;
+  for (int i = 0; i < 5; ++i)
+    if (fn == kFns[i]) out.fn = static_cast<ActivationFn>(i), known = true;
+  if (!known) throw py::value_error("activation: unknown fn '" + fn + "'");
+  out.gated = a.attr("gated").cast<bool>();
+  out.interleaved = a.attr("interleaved").cast<bool>();
+  out.alpha = a.attr("alpha").cast<float>();
+  out.up_offset = a.attr("up_offset").cast<float>();
+  const py::object limit = a.attr("limit");
+  if (!limit.is_none()) out.limit = limit.cast<float>();
+  if (!(out.limit > 0.f)) throw py::value_error("activation: expected limit > 0");
+  return out;
+}
+
+const float* optional_bias(const std::optional<py::array>& bias, const char* name, int64_t E, int64_t N) {
+  return bias ? data_of<float>(*bias, name, {E, N}) : nullptr;
+}
+
+// Whether a (3-d) is w_t.transpose(0, 2, 1) of a C-contiguous, aligned w_t.
+bool is_transposed_view(const py::array& a) {
+  const py::array t = a.attr("transpose")(0, 2, 1);
+  return (t.flags() & py::array::c_style) && reinterpret_cast<uintptr_t>(a.data()) % a.itemsize() == 0;
+}
+
+WeightView weight_array_of(const py::array& a, const char* name, const Shape& shape) {
+  const DType dtype = dtype_of(a, name);
+  WeightView v;
+  v.transposed = a.ndim() == 3 && !(a.flags() & py::array::c_style) && is_transposed_view(a);
+  if (v.transposed) {
+    bool ok = true;
+    for (size_t i = 0; i < 3; ++i) ok = ok && (shape[i] == kAny || a.shape(i) == shape[i]);
+    if (!ok) throw py::value_error(std::string(name) + ": unexpected shape " + shape_str(a));
+  } else {
+    check_layout(a, name, shape);
+  }
+  v.data = a.data(), v.dtype = dtype, v.E = a.shape(0), v.N = a.shape(1), v.K = a.shape(2);
+  return v;
 }
 
 DType dtype_of(const py::array& a, const char* name) {
@@ -74,11 +111,7 @@ WeightView weight_of(const py::object& w, const char* name, const Shape& shape) 
   }
   if (!py::isinstance<py::array>(w))
     throw py::type_error(std::string(name) + ": expected an array, a PackedWeight or a QuantizedWeight");
-  const py::array a = w.cast<py::array>();
-  const DataArg arg = data_of(a, name, shape);
-  WeightView v;
-  v.data = arg.data, v.dtype = arg.dtype, v.E = a.shape(0), v.N = a.shape(1), v.K = a.shape(2);
-  return v;
+  return weight_array_of(w.cast<py::array>(), name, shape);
 }
 
 py::array new_array(DType dtype, const Shape& shape) {

@@ -5,6 +5,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -35,8 +36,12 @@ struct DataArg {
 // An activation/weight array of shape `shape` in one of the three dtypes.
 DataArg data_of(const py::array& a, const char* name, const Shape& shape);
 
-// A weight argument: a PackedWeight or QuantizedWeight (its view) or an array [E, N, K] (kAny allowed).
+// A weight argument: a PackedWeight or QuantizedWeight (its view) or an array [E, N, K] (kAny allowed),
+// C-contiguous or the transposed view w_t.transpose(0, 2, 1) of a C-contiguous w_t [E, K, N].
 WeightView weight_of(const py::object& w, const char* name, const Shape& shape);
+
+// A plain weight array [E, N, K], C-contiguous or such a transposed view; ValueError for other strides.
+WeightView weight_array_of(const py::array& w, const char* name, const Shape& shape);
 
 // A new C-contiguous array of `dtype`.
 py::array new_array(DType dtype, const Shape& shape);
@@ -57,8 +62,12 @@ py::array_t<T> output(const Shape& shape) {
   return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
 }
 
-// "swiglu" | "geglu" | "relu" | "gelu"; ValueError otherwise.
-Activation activation_from(const std::string& name);
+// An activation description: a moe_ext.Activation or a string moe_ext.activation_from accepts (presets,
+// canonical strings); ValueError / TypeError otherwise.
+Activation activation_from(const py::object& activation);
+
+// An optional float32 bias [E, N] (null when absent).
+const float* optional_bias(const std::optional<py::array>& bias, const char* name, int64_t E, int64_t N);
 
 void bind_packed(py::module_& m);
 void bind_quant(py::module_& m);

@@ -20,14 +20,14 @@ using moe_ext::python::kAny;
 using moe_ext::python::output;
 
 // The intermediate size f of h [M, 2f] (gated) or [M, f].
-int64_t intermediate_of(const py::array& h, moe_ext::Activation act) {
+int64_t intermediate_of(const py::array& h, const moe_ext::Activation& act) {
   if (h.ndim() != 2) throw py::value_error("h: expected a 2-D array");
   const int64_t cols = h.shape(1);
   if (moe_ext::is_gated(act) && cols % 2 != 0) throw py::value_error("h: expected an even column count (2f)");
   return moe_ext::is_gated(act) ? cols / 2 : cols;
 }
 
-py::array py_activation(const py::array& h, const std::string& activation) {
+py::array py_activation(const py::array& h, const py::object& activation) {
   const moe_ext::Activation act = activation_from(activation);
   const int64_t f = intermediate_of(h, act);
   const float* h_ptr = data_of<float>(h, "h", {kAny, kAny});
@@ -39,7 +39,7 @@ py::array py_activation(const py::array& h, const std::string& activation) {
   return out;
 }
 
-py::array py_activation_backward(const py::array& grad_act, const py::array& h, const std::string& activation) {
+py::array py_activation_backward(const py::array& grad_act, const py::array& h, const py::object& activation) {
   const moe_ext::Activation act = activation_from(activation);
   const int64_t f = intermediate_of(h, act);
   const float* h_ptr = data_of<float>(h, "h", {kAny, kAny});
@@ -56,7 +56,9 @@ py::tuple py_grouped_gemm_backward(const py::array& grad_out, const py::array& a
                                    const py::array& expert_offsets, bool need_a, bool need_w) {
   const float* a_ptr = data_of<float>(a, "a", {kAny, kAny});
   const int64_t M = a.shape(0), K = a.shape(1);
-  const float* w_ptr = data_of<float>(w, "w", {kAny, kAny, K});
+  const moe_ext::WeightView w_view = moe_ext::python::weight_array_of(w, "w", {kAny, kAny, K});
+  if (w_view.dtype != moe_ext::DType::f32) throw py::type_error("w: expected dtype float32");
+  const float* w_ptr = static_cast<const float*>(w_view.data);
   const int64_t E = w.shape(0), N = w.shape(1);
   const float* g_ptr = data_of<float>(grad_out, "grad_out", {M, N});
   const int32_t* offsets_ptr = data_of<int32_t>(expert_offsets, "expert_offsets", {E + 1});
@@ -66,9 +68,22 @@ py::tuple py_grouped_gemm_backward(const py::array& grad_out, const py::array& a
   float* gw = need_w ? grad_w.mutable_data() : nullptr;
   {
     py::gil_scoped_release release;
-    moe_ext::grouped_gemm_backward(g_ptr, a_ptr, w_ptr, offsets_ptr, E, M, N, K, ga, gw);
+    moe_ext::grouped_gemm_backward(g_ptr, a_ptr, w_ptr, offsets_ptr, E, M, N, K, ga, gw, w_view.transposed);
   }
   return py::make_tuple(need_a ? py::object(grad_a) : py::none(), need_w ? py::object(grad_w) : py::none());
+}
+
+py::array py_bias_grad(const py::array& grad_out, const py::array& expert_offsets) {
+  const float* g_ptr = data_of<float>(grad_out, "grad_out", {kAny, kAny});
+  const int64_t M = grad_out.shape(0), N = grad_out.shape(1);
+  const int32_t* offsets_ptr = data_of<int32_t>(expert_offsets, "expert_offsets", {kAny});
+  const int64_t E = expert_offsets.shape(0) - 1;
+  if (E < 1) throw py::value_error("expert_offsets: expected at least 2 entries (E >= 1)");
+  auto grad_bias = output<float>({E, N});
+  float* out_ptr = grad_bias.mutable_data();
+  py::gil_scoped_release release;
+  moe_ext::bias_grad(g_ptr, offsets_ptr, E, M, N, out_ptr);
+  return grad_bias;
 }
 
 py::tuple py_unpermute_backward(const py::array& grad_y, const py::array& y_perm, const py::array& perm_rows,
@@ -110,6 +125,7 @@ void bind_backward(py::module_& m) {
   m.def("activation_backward", &py_activation_backward, arg("grad_act"), arg("h"), arg("activation"));
   m.def("grouped_gemm_backward", &py_grouped_gemm_backward, arg("grad_out"), arg("a"), arg("w"),
         arg("expert_offsets"), arg("need_a") = true, arg("need_w") = true);
+  m.def("bias_grad", &py_bias_grad, arg("grad_out"), arg("expert_offsets"));
   m.def("unpermute_backward", &py_unpermute_backward, arg("grad_y"), arg("y_perm"), arg("perm_rows"),
         arg("topk_weights"));
   m.def("permute_backward", &py_permute_backward, arg("grad_x_perm"), arg("perm_rows"));

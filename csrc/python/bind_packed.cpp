@@ -10,10 +10,9 @@ void bind_packed(py::module_& m) {
   py::class_<PackedWeight>(m, "PackedWeight",
                            "Expert weights [E, N, K] packed once for the grouped GEMM (moe_ext.prepack).")
       .def(py::init([](const py::array& w) {
-             const DataArg arg = data_of(w, "w", {kAny, kAny, kAny});
-             const int64_t E = w.shape(0), N = w.shape(1), K = w.shape(2);
+             const WeightView view = weight_array_of(w, "w", {kAny, kAny, kAny});
              py::gil_scoped_release release;
-             return new PackedWeight(arg.data, arg.dtype, E, N, K);
+             return new PackedWeight(view);
            }),
            py::arg("w"))
       .def_property_readonly("shape", [](const PackedWeight& p) { return py::make_tuple(p.E(), p.N(), p.K()); })

@@ -34,11 +34,11 @@ cuda::DType dtype_from(int code) {
   return static_cast<cuda::DType>(code);
 }
 
-Activation activation_from(int code) {
+cuda::Activation activation_from(int code) {
   if (code < 0 || code > 3)
     throw std::invalid_argument("activation: expected 0 (swiglu), 1 (geglu), 2 (relu) or 3 (gelu); got " +
                                 std::to_string(code));
-  return static_cast<Activation>(code);
+  return static_cast<cuda::Activation>(code);
 }
 
 cuda::Epilogue epilogue_from(int code) {
@@ -131,7 +131,7 @@ void py_unpermute_backward(Ptr dy, Ptr y_perm, Ptr perm_rows, Ptr topk_weights, 
 
 void py_activate(Ptr h, int64_t M, int64_t f, int activation, int dtype, Ptr out, Ptr stream) {
   non_negative({{"M", M}, {"f", f}});
-  const Activation act = activation_from(activation);
+  const cuda::Activation act = activation_from(activation);
   const cuda::DType dt = dtype_from(dtype);
   py::gil_scoped_release release;
   cuda::activate(ptr(h), M, f, act, dt, ptr(out), ptr(stream));
@@ -139,7 +139,7 @@ void py_activate(Ptr h, int64_t M, int64_t f, int activation, int dtype, Ptr out
 
 void py_activation_backward(Ptr h, Ptr d_act, int64_t M, int64_t f, int activation, int dtype, Ptr dh, Ptr stream) {
   non_negative({{"M", M}, {"f", f}});
-  const Activation act = activation_from(activation);
+  const cuda::Activation act = activation_from(activation);
   const cuda::DType dt = dtype_from(dtype);
   py::gil_scoped_release release;
   cuda::activation_backward(ptr(h), ptr(d_act), M, f, act, dt, ptr(dh), ptr(stream));

@@ -107,16 +107,18 @@ py::tuple py_permute(const py::array& x, const py::array& topk_ids, int64_t num_
   return py::make_tuple(x_perm, offsets, perm_rows);
 }
 
-py::array py_grouped_gemm(const py::array& a, const py::object& w, const py::array& expert_offsets) {
+py::array py_grouped_gemm(const py::array& a, const py::object& w, const py::array& expert_offsets,
+                          const std::optional<py::array>& bias) {
   const DataArg a_arg = python::data_of(a, "a", {kAny, kAny});
   const int64_t M = a.shape(0), K = a.shape(1);
   const WeightView w_view = python::weight_of(w, "w", {kAny, kAny, K});
   const int32_t* offsets_ptr = data_of<int32_t>(expert_offsets, "expert_offsets", {w_view.E + 1});
+  const float* bias_ptr = python::optional_bias(bias, "bias", w_view.E, w_view.N);
   py::array out = python::new_array(a_arg.dtype, {M, w_view.N});
   void* out_ptr = out.mutable_data();
   {
     py::gil_scoped_release release;
-    moe_ext::grouped_gemm(a_arg.data, a_arg.dtype, w_view, offsets_ptr, M, out_ptr);
+    moe_ext::grouped_gemm(a_arg.data, a_arg.dtype, w_view, offsets_ptr, M, out_ptr, bias_ptr);
   }
   return out;
 }
@@ -139,21 +141,27 @@ py::array py_unpermute(const py::array& y_perm, const py::array& perm_rows, cons
 struct ExpertWeights {
   WeightView w13_or_w1, w2;
   int64_t E, f;
+  ExpertBiases biases;
 };
 
-ExpertWeights expert_weights(const py::object& w13_or_w1, const py::object& w2, int64_t d, Activation activation) {
+ExpertWeights expert_weights(const py::object& w13_or_w1, const py::object& w2, int64_t d, const Activation& activation,
+                             const std::optional<py::array>& b13_or_b1, const std::optional<py::array>& b2) {
   const WeightView w2_view = python::weight_of(w2, "w2", {kAny, d, kAny});
   const int64_t E = w2_view.E, f = w2_view.K;
   const int64_t rows = is_gated(activation) ? 2 * f : f;
-  return {python::weight_of(w13_or_w1, "w13_or_w1", {E, rows, d}), w2_view, E, f};
+  ExpertBiases biases;
+  biases.b13_or_b1 = python::optional_bias(b13_or_b1, "b13_or_b1", E, rows);
+  biases.b2 = python::optional_bias(b2, "b2", E, d);
+  return {python::weight_of(w13_or_w1, "w13_or_w1", {E, rows, d}), w2_view, E, f, biases};
 }
 
 py::array py_experts(const py::array& x, const py::object& w13_or_w1, const py::object& w2, const py::array& topk_weights,
-                  const py::array& topk_ids, const std::string& activation, std::optional<int64_t> capacity) {
+                  const py::array& topk_ids, const py::object& activation, std::optional<int64_t> capacity,
+                  const std::optional<py::array>& b13_or_b1, const std::optional<py::array>& b2) {
   const Activation act = activation_from(activation);
   const DataArg x_arg = python::data_of(x, "x", {kAny, kAny});
   const int64_t T = x.shape(0), d = x.shape(1);
-  const ExpertWeights w = expert_weights(w13_or_w1, w2, d, act);
+  const ExpertWeights w = expert_weights(w13_or_w1, w2, d, act, b13_or_b1, b2);
   const int32_t* ids_ptr = data_of<int32_t>(topk_ids, "topk_ids", {T, kAny});
   const int64_t k = topk_ids.shape(1);
   const float* weights_ptr = data_of<float>(topk_weights, "topk_weights", {T, k});
@@ -162,19 +170,20 @@ py::array py_experts(const py::array& x, const py::object& w13_or_w1, const py::
   {
     py::gil_scoped_release release;
     moe_ext::experts(x_arg.data, x_arg.dtype, w.w13_or_w1, w.w2, weights_ptr, ids_ptr, T, d, w.f, w.E, k, act,
-                     capacity_from(capacity), y_ptr);
+                     capacity_from(capacity), y_ptr, w.biases);
   }
   return y;
 }
 
 py::array py_moe(const py::array& x, const py::array& w_router, const py::object& w13_or_w1, const py::object& w2,
-              int64_t top_k, const std::string& activation, const std::string& scoring, bool renormalize,
+              int64_t top_k, const py::object& activation, const std::string& scoring, bool renormalize,
               double scale, const std::optional<py::array>& bias, const std::optional<py::array>& correction_bias,
-              std::optional<int64_t> n_group, std::optional<int64_t> topk_group, std::optional<int64_t> capacity) {
+              std::optional<int64_t> n_group, std::optional<int64_t> topk_group, std::optional<int64_t> capacity,
+              const std::optional<py::array>& b13_or_b1, const std::optional<py::array>& b2) {
   const Activation act = activation_from(activation);
   const DataArg x_arg = python::data_of(x, "x", {kAny, kAny});
   const int64_t T = x.shape(0), d = x.shape(1);
-  const ExpertWeights w = expert_weights(w13_or_w1, w2, d, act);
+  const ExpertWeights w = expert_weights(w13_or_w1, w2, d, act, b13_or_b1, b2);
   const DataArg router = python::data_of(w_router, "w_router", {w.E, d});
   const RouteConfig config = route_config(w.E, top_k, scoring, renormalize, scale, bias, correction_bias, n_group, topk_group);
   check_route_config(config, w.E);
@@ -183,7 +192,7 @@ py::array py_moe(const py::array& x, const py::array& w_router, const py::object
   {
     py::gil_scoped_release release;
     moe_ext::moe(x_arg.data, x_arg.dtype, router.data, router.dtype, w.w13_or_w1, w.w2, T, d, w.f, w.E, config, act,
-                 capacity_from(capacity), y_ptr);
+                 capacity_from(capacity), y_ptr, w.biases);
   }
   return y;
 }
@@ -245,13 +254,15 @@ PYBIND11_MODULE(_core, m) {
         arg("bias").none(true), arg("correction_bias").none(true), arg("n_group").none(true),
         arg("topk_group").none(true), arg("return_probs"));
   m.def("permute", &py_permute, arg("x"), arg("topk_ids"), arg("num_experts"), arg("capacity").none(true));
-  m.def("grouped_gemm", &py_grouped_gemm, arg("a"), arg("w"), arg("expert_offsets"));
+  m.def("grouped_gemm", &py_grouped_gemm, arg("a"), arg("w"), arg("expert_offsets"), arg("bias").none(true) = py::none());
   m.def("unpermute", &py_unpermute, arg("y_perm"), arg("perm_rows"), arg("topk_weights"));
   m.def("experts", &py_experts, arg("x"), arg("w13_or_w1"), arg("w2"), arg("topk_weights"), arg("topk_ids"),
-        arg("activation"), arg("capacity").none(true));
+        arg("activation"), arg("capacity").none(true), arg("b13_or_b1").none(true) = py::none(),
+        arg("b2").none(true) = py::none());
   m.def("moe", &py_moe, arg("x"), arg("w_router"), arg("w13_or_w1"), arg("w2"), arg("top_k"), arg("activation"),
         arg("scoring"), arg("renormalize"), arg("scale"), arg("bias").none(true), arg("correction_bias").none(true),
-        arg("n_group").none(true), arg("topk_group").none(true), arg("capacity").none(true));
+        arg("n_group").none(true), arg("topk_group").none(true), arg("capacity").none(true),
+        arg("b13_or_b1").none(true) = py::none(), arg("b2").none(true) = py::none());
   m.def("load_balancing_loss", &py_load_balancing_loss, arg("probs"), arg("topk_ids"), arg("num_experts"));
   m.def("router_z_loss", &py_router_z_loss, arg("logits"));
 

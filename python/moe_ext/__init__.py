@@ -6,9 +6,10 @@ Semantics: docs/api.md. The CPU tier is chosen at import (MOE_EXT_ISA overrides 
 from importlib import metadata as _metadata
 
 from . import _checks, _core, reference
+from ._activation import Activation, activation_from
 from ._api import (experts, grouped_gemm, load_balancing_loss, moe, permute, prepack, route, router_z_loss,
                    unpermute)
-from ._backward import (activation, activation_backward, grouped_gemm_backward, permute_backward,
+from ._backward import (activation, activation_backward, bias_grad, grouped_gemm_backward, permute_backward,
                         unpermute_backward)
 from ._core import PackedWeight, QuantizedWeight
 from .quant import dequantize, quantize
@@ -21,6 +22,7 @@ except _metadata.PackageNotFoundError:  # imported from a source tree
 
 __all__ = [
     "route", "permute", "grouped_gemm", "unpermute", "experts", "moe", "prepack", "PackedWeight",
+    "Activation", "activation_from", "bias_grad",
     "quantize", "dequantize", "QuantizedWeight",
     "load_balancing_loss", "router_z_loss", "activation", "activation_backward", "grouped_gemm_backward",
     "unpermute_backward", "permute_backward", "PermuteResult", "info", "available_isas", "get_isa", "set_isa",

@@ -1,14 +1,16 @@
 """The public operations of SPEC §3 on NumPy arrays: check the arguments, then call the C++ core."""
 from . import _checks as check
 from . import _core
+from ._activation import PRESETS, activation_from
 from ._types import PermuteResult
 
 # What an expert-weight argument may be besides an array.
 WEIGHT_TYPES = (_core.PackedWeight, _core.QuantizedWeight)
 
 SCORINGS = ("softmax", "sigmoid")
-ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu")
-GATED_ACTIVATIONS = ("swiglu", "geglu")
+# The preset names (any moe_ext.Activation or canonical string is accepted too).
+ACTIVATIONS = tuple(PRESETS)
+GATED_ACTIVATIONS = tuple(name for name, (_, gated) in PRESETS.items() if gated)
 
 
 def _routing_options(E, top_k, scoring, renormalize, scale, bias, correction_bias, n_group, topk_group):
@@ -66,16 +68,17 @@ def permute(x, topk_ids, num_experts, *, capacity=None):
 
 
 def prepack(w):
-    """Pack expert weights w [E, N, K] (float32, bfloat16 or float16) once into the grouped GEMM's panel
-    layout. The returned PackedWeight is accepted by grouped_gemm, experts and moe wherever w is, and
-    gives the same results as w; it holds its own copy (later changes to w do not reach it).
-    See docs/api.md §3."""
-    return _core.PackedWeight(check.data_array(w, "w", 3))
+    """Pack expert weights w [E, N, K] (float32, bfloat16 or float16; C-contiguous or the transposed view
+    w_t.transpose(0, 2, 1)) once into the grouped GEMM's panel layout. The returned PackedWeight is
+    accepted by grouped_gemm, experts and moe wherever w is, and gives the same results as w; it holds its
+    own copy (later changes to w do not reach it). See docs/api.md §3."""
+    return _core.PackedWeight(check.weight_array(w, "w"))
 
 
-def grouped_gemm(a, w, expert_offsets):
-    """out[rows of e] = a[rows of e] @ w[e].T for the rows expert_offsets[e]:expert_offsets[e+1].
-    out has a's dtype; w may be a PackedWeight."""
+def grouped_gemm(a, w, expert_offsets, *, bias=None):
+    """out[rows of e] = a[rows of e] @ w[e].T (+ bias[e]) for the rows expert_offsets[e]:expert_offsets[e+1].
+    out has a's dtype; w may be a PackedWeight, QuantizedWeight or transposed view; bias [E, N] (float32,
+    bfloat16 or float16) is added in float32."""
     a = check.data_array(a, "a", 2)
     w = check.weight(w, "w", WEIGHT_TYPES)
     check.expect_shape(w, "w", (None, None, a.shape[1]), " (E, N, K) with K = a.shape[1]")
@@ -83,7 +86,8 @@ def grouped_gemm(a, w, expert_offsets):
         check.fail(ValueError, "w", "at least one expert (E >= 1)", f"shape {w.shape}")
     expert_offsets = check.index_array(expert_offsets, "expert_offsets", 1)
     check.expect_shape(expert_offsets, "expert_offsets", (w.shape[0] + 1,), " (E + 1,)")
-    return _core.grouped_gemm(a, w, expert_offsets)
+    bias = check.optional_bias(bias, "bias", w.shape[:2], " (E, N) with w (E, N, K)")
+    return _core.grouped_gemm(a, w, expert_offsets, bias)
 
 
 def unpermute(y_perm, perm_rows, topk_weights):
@@ -95,44 +99,49 @@ def unpermute(y_perm, perm_rows, topk_weights):
     return _core.unpermute(y_perm, perm_rows, topk_weights)
 
 
-def _expert_weights(x, w13_or_w1, w2, activation):
-    activation = check.choice(activation, "activation", ACTIVATIONS)
+def _expert_weights(x, w13_or_w1, w2, activation, b13_or_b1, b2):
+    """The checked weights, the Activation and the biases (float32 or None) of experts/moe."""
+    activation = activation_from(activation)
     w2 = check.weight(w2, "w2", WEIGHT_TYPES)
     E, d, f = w2.shape
     check.expect_shape(w2, "w2", (None, x.shape[1], None), " (E, d, f) with d = x.shape[1]")
     if E < 1:
         check.fail(ValueError, "w2", "at least one expert (E >= 1)", f"shape {w2.shape}")
     w13_or_w1 = check.weight(w13_or_w1, "w13_or_w1", WEIGHT_TYPES)
-    if activation in GATED_ACTIVATIONS:
-        check.expect_shape(w13_or_w1, "w13_or_w1", (E, 2 * f, d), f" (E, 2f, d) for activation {activation!r}")
-    else:
-        check.expect_shape(w13_or_w1, "w13_or_w1", (E, f, d), f" (E, f, d) for activation {activation!r}")
-    return w13_or_w1, w2, activation
+    rows, rows_name = (2 * f, "2f") if activation.gated else (f, "f")
+    check.expect_shape(w13_or_w1, "w13_or_w1", (E, rows, d), f" (E, {rows_name}, d) for activation '{activation}'")
+    b13_or_b1 = check.optional_bias(b13_or_b1, "b13_or_b1", (E, rows),
+                                    f" (E, {rows_name}) for activation '{activation}'")
+    b2 = check.optional_bias(b2, "b2", (E, d), " (E, d) with w2 (E, d, f)")
+    return w13_or_w1, w2, activation, b13_or_b1, b2
 
 
-def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None):
-    """The expert FFNs over precomputed routing: permute, grouped GEMM, activation, grouped GEMM,
-    weighted un-permute. Returns y [T, d] in x's dtype. See docs/api.md §5."""
+def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None, b13_or_b1=None,
+            b2=None):
+    """The expert FFNs over precomputed routing: permute, grouped GEMM (+ b13_or_b1), activation, grouped
+    GEMM (+ b2), weighted un-permute. Returns y [T, d] in x's dtype. See docs/api.md §5."""
     x = check.data_array(x, "x", 2)
-    w13_or_w1, w2, activation = _expert_weights(x, w13_or_w1, w2, activation)
+    w13_or_w1, w2, activation, b13_or_b1, b2 = _expert_weights(x, w13_or_w1, w2, activation, b13_or_b1, b2)
     topk_ids = _ids(topk_ids, x.shape[0])
     topk_weights = check.float_array(topk_weights, "topk_weights", 2)
     check.expect_shape(topk_weights, "topk_weights", topk_ids.shape, " = topk_ids.shape")
     capacity = check.optional_integer(capacity, "capacity", 0)
-    return _core.experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity)
+    return _core.experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity, b13_or_b1, b2)
 
 
 def moe(x, w_router, w13_or_w1, w2, top_k, *, activation="swiglu", scoring="softmax", renormalize=True,
-        scale=1.0, bias=None, correction_bias=None, n_group=None, topk_group=None, capacity=None):
+        scale=1.0, bias=None, correction_bias=None, n_group=None, topk_group=None, capacity=None,
+        b13_or_b1=None, b2=None):
     """The fused MoE layer: route, then experts. Returns y [T, d]. See docs/api.md §5."""
     x, w_router = _router(x, w_router)
-    w13_or_w1, w2, activation = _expert_weights(x, w13_or_w1, w2, activation)
+    w13_or_w1, w2, activation, b13_or_b1, b2 = _expert_weights(x, w13_or_w1, w2, activation, b13_or_b1, b2)
     check.expect_shape(w2, "w2", (w_router.shape[0], None, None), " (E, d, f) with E = w_router.shape[0]")
     top_k, options = _routing_options(w_router.shape[0], top_k, scoring, renormalize, scale, bias,
                                       correction_bias, n_group, topk_group)
     check.copies_fit(x.shape[0], top_k, name="top_k")
     capacity = check.optional_integer(capacity, "capacity", 0)
-    return _core.moe(x, w_router, w13_or_w1, w2, top_k, activation, capacity=capacity, **options)
+    return _core.moe(x, w_router, w13_or_w1, w2, top_k, activation, capacity=capacity, b13_or_b1=b13_or_b1, b2=b2,
+                     **options)
 
 
 def load_balancing_loss(probs, topk_ids, num_experts):

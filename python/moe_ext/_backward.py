@@ -3,21 +3,22 @@ the C++ core (csrc/core/backward.h). Semantics: docs/api.md "Backward"; ground t
 the same names in moe_ext.reference."""
 from . import _checks as check
 from . import _core
-from ._api import ACTIVATIONS, GATED_ACTIVATIONS
+from ._activation import activation_from
 
 
 def _h(h, activation):
-    activation = check.choice(activation, "activation", ACTIVATIONS)
+    activation = activation_from(activation)
     h = check.float_array(h, "h", 2)
-    if activation in GATED_ACTIVATIONS and h.shape[1] % 2:
-        check.fail(ValueError, "h", f"an even number of columns (2f) for activation {activation!r}",
+    if activation.gated and h.shape[1] % 2:
+        check.fail(ValueError, "h", f"an even number of columns (2f) for activation '{activation}'",
                    f"shape {h.shape}")
     return h, activation
 
 
 def activation(h, activation="swiglu"):
-    """The expert activation on the first GEMM's output: act(h[:, :f]) * h[:, f:] for gated activations
-    (h [M, 2f]), act(h) otherwise. Returns [M, f] float32."""
+    """The expert activation (a preset name, canonical string or moe_ext.Activation) on the first GEMM's
+    output: act(gate) * (up + up_offset) for gated activations (h [M, 2f]; [gate | up] or interleaved
+    pairs, clamped with a limit), act(h) otherwise. Returns [M, f] float32."""
     h, activation = _h(h, activation)
     return _core.activation(h, activation)
 
@@ -25,7 +26,7 @@ def activation(h, activation="swiglu"):
 def activation_backward(grad_act, h, activation="swiglu"):
     """grad_h (shape of h) of activation(h) given grad_act = dL/d activation(h) [M, f]."""
     h, activation = _h(h, activation)
-    f = h.shape[1] // 2 if activation in GATED_ACTIVATIONS else h.shape[1]
+    f = h.shape[1] // 2 if activation.gated else h.shape[1]
     grad_act = check.float_array(grad_act, "grad_act", 2)
     check.expect_shape(grad_act, "grad_act", (h.shape[0], f), " (M, f) with h (M, 2f) or (M, f)")
     return _core.activation_backward(grad_act, h, activation)
@@ -35,9 +36,11 @@ def grouped_gemm_backward(grad_out, a, w, expert_offsets, *, need_a=True, need_w
     """Of out = grouped_gemm(a, w, expert_offsets): (grad_a [M, K], grad_w [E, N, K]) with
     grad_a[rows of e] = grad_out[rows of e] @ w[e] and grad_w[e] = grad_out[rows of e].T @ a[rows of e]
     (zeros for experts without rows). grad_w is summed in an order fixed by the data (deterministic).
+    w may be the transposed view w_t.transpose(0, 2, 1) of a C-contiguous w_t; grad_w has w's logical
+    shape [E, N, K] (C-contiguous) either way.
     need_a / need_w = False skip one of them (None returned in its place)."""
     a = check.float_array(a, "a", 2)
-    w = check.float_array(w, "w", 3)
+    w = check.weight_array(w, "w", check.FLOAT_DTYPES)
     check.expect_shape(w, "w", (None, None, a.shape[1]), " (E, N, K) with K = a.shape[1]")
     if w.shape[0] < 1:
         check.fail(ValueError, "w", "at least one expert (E >= 1)", f"shape {w.shape}")
@@ -47,6 +50,16 @@ def grouped_gemm_backward(grad_out, a, w, expert_offsets, *, need_a=True, need_w
     check.expect_shape(expert_offsets, "expert_offsets", (w.shape[0] + 1,), " (E + 1,)")
     return tuple(_core.grouped_gemm_backward(grad_out, a, w, expert_offsets, check.boolean(need_a, "need_a"),
                                              check.boolean(need_w, "need_w")))
+
+
+def bias_grad(grad_out, expert_offsets):
+    """Of out = grouped_gemm(a, w, expert_offsets, bias=bias): grad_bias [E, N] float32, the sums of
+    grad_out's rows per expert (rows added in order; zeros for experts without rows)."""
+    grad_out = check.float_array(grad_out, "grad_out", 2)
+    expert_offsets = check.index_array(expert_offsets, "expert_offsets", 1)
+    if expert_offsets.shape[0] < 2:
+        check.fail(ValueError, "expert_offsets", "shape (E + 1,) with E >= 1", f"shape {expert_offsets.shape}")
+    return _core.bias_grad(grad_out, expert_offsets)
 
 
 def unpermute_backward(grad_y, y_perm, perm_rows, topk_weights):

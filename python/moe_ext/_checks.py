@@ -57,12 +57,44 @@ def data_array(value, name, ndim):
     return _array(value, name, ndim, DATA_DTYPES)
 
 
+def is_transposed_view(value):
+    """Whether a 3-d array is w_t.transpose(0, 2, 1) of a C-contiguous w_t [E, K, N] (and not itself
+    C-contiguous): HF's transposed expert weights, which the kernels read in place."""
+    return value.ndim == 3 and not value.flags.c_contiguous and value.transpose(0, 2, 1).flags.c_contiguous
+
+
+def weight_array(value, name, dtypes=DATA_DTYPES):
+    """Expert weights [E, N, K] as an array: C-contiguous, or the transposed view w_t.transpose(0, 2, 1)
+    of a C-contiguous w_t [E, K, N]. Any other layout raises."""
+    if isinstance(value, np.ndarray) and value.ndim == 3 and is_transposed_view(value):
+        _array(value.transpose(0, 2, 1), name, 3, dtypes)  # dtype and alignment
+        return value
+    try:
+        return _array(value, name, 3, dtypes)
+    except ValueError as error:
+        if "C-contiguous" not in str(error):
+            raise
+        fail(ValueError, name, "a C-contiguous array [E, N, K] or the transposed view w_t.transpose(0, 2, 1) "
+             "of a C-contiguous w_t [E, K, N]", f"an array of shape {value.shape} with strides {value.strides}")
+
+
 def weight(value, name, packed_type):
-    """Expert weights [E, N, K]: a PackedWeight (prepack) or QuantizedWeight (quantize), or a data array;
-    packed_type is the class or a tuple of the classes accepted."""
+    """Expert weights [E, N, K]: a PackedWeight (prepack) or QuantizedWeight (quantize), or a data array
+    (C-contiguous or transposed, see weight_array); packed_type is the class or a tuple of the classes
+    accepted."""
     if isinstance(value, packed_type):
         return value
-    return data_array(value, name, 3)
+    return weight_array(value, name)
+
+
+def optional_bias(value, name, shape, how=""):
+    """A bias [E, N] in float32, bfloat16 or float16 (C-contiguous), returned as float32 (the kernels add
+    it in float32; a widening of E * N values), or None."""
+    if value is None:
+        return None
+    value = data_array(value, name, len(shape))
+    expect_shape(value, name, shape, how)
+    return np.ascontiguousarray(value, dtype=np.float32)
 
 
 def index_array(value, name, ndim):

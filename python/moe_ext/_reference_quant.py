@@ -103,19 +103,20 @@ def fake_quantize_activations(x):
 
 
 def quantized_experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None,
-                      quantize_inputs=(False, False)):
+                      quantize_inputs=(False, False), b13_or_b1=None, b2=None):
     """experts() in float64 on dequantised weights w13_or_w1, w2 (arrays), with each GEMM's input
-    quantised per token first where quantize_inputs says so (first GEMM, second GEMM)."""
+    quantised per token first where quantize_inputs says so (first GEMM, second GEMM); biases as
+    reference.experts."""
     from . import reference as ref
     x = np.asarray(x, dtype=np.float64)
     E = w13_or_w1.shape[0]
     x_perm, offsets, perm_rows = ref.permute(x, topk_ids, E, capacity=capacity)
     if quantize_inputs[0]:
         x_perm = fake_quantize_activations(x_perm)
-    h = ref.grouped_gemm(x_perm, np.asarray(w13_or_w1, np.float64), offsets)
+    h = ref.grouped_gemm(x_perm, np.asarray(w13_or_w1, np.float64), offsets, bias=b13_or_b1)
     a = ref.activate(h, activation)
     if quantize_inputs[1]:
         # The kernels quantise the float32 activation they computed: round it to float32 first.
         a = fake_quantize_activations(a.astype(np.float32))
-    y_perm = ref.grouped_gemm(a, np.asarray(w2, np.float64), offsets)
+    y_perm = ref.grouped_gemm(a, np.asarray(w2, np.float64), offsets, bias=b2)
     return ref.unpermute(y_perm, perm_rows, np.asarray(topk_weights, dtype=np.float64))

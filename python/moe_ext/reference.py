@@ -12,6 +12,13 @@ Each function computes exactly what ``docs/api.md`` states, written for clarity 
   ``F.gelu(approximate="none")``), used by both ``gelu`` and ``geglu``, evaluated as the equal
   ``0.5 * z * erfc(-z / sqrt(2))`` with ``math.erfc`` in float64 (then rounded to the compute dtype):
   ``1 + erf`` cancels to 0 for z below about -6 even in float64, where erfc keeps full relative accuracy.
+  ``gelu_tanh`` is ``0.5 * z * (1 + tanh(y))``, y = sqrt(2/pi) (z + 0.044715 z^3) (PyTorch's
+  ``approximate="tanh"``), evaluated as the equal ``z / (1 + exp(-2y))`` for the same reason.
+* Activations are descriptions (``moe_ext.Activation``, a preset name or its canonical string): fn,
+  gated ([gate | up] or interleaved g0 u0 g1 u1 ...), alpha, limit (gate = min(g, L), up = clip(u, -L, L),
+  NaN propagating), up_offset. Expert biases (``b13_or_b1`` before the activation, ``b2`` before the
+  combine, ``bias`` of grouped_gemm) are added to the GEMM products. Weights may be any NumPy view
+  (transposed ones included): the reference only indexes them.
 * Arguments are not validated beyond what NumPy itself checks.
 * ``T = 0`` works everywhere and returns empty arrays of the documented shapes.
 
@@ -21,6 +28,7 @@ import math
 
 import numpy as np
 
+from ._activation import Activation, activation_from
 from ._types import PermuteResult
 
 __all__ = [
@@ -37,7 +45,12 @@ __all__ = [
     "silu",
     "gelu",
     "relu",
+    "relu2",
+    "gelu_tanh",
     "activate",
+    "Activation",
+    "activation_from",
+    "bias_grad",
     "GATED_ACTIVATIONS",
     "ACTIVATIONS",
     "activation",
@@ -47,8 +60,8 @@ __all__ = [
     "permute_backward",
 ]
 
-GATED_ACTIVATIONS = ("swiglu", "geglu")
-ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
+ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "relu", "gelu", "gelu_tanh", "relu2")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,12 +98,36 @@ def sigmoid(z):
         return one / (one + np.exp(-z))
 
 
-def silu(z):
-    """silu(z) = z / (1 + exp(-z)), literally (so silu(-inf) is NaN, silu(-1000) is -0.0)."""
+def silu(z, alpha=1.0):
+    """silu(z) = z / (1 + exp(-alpha z)), literally (so silu(-inf) is NaN, silu(-1000) is -0.0)."""
     z = np.asarray(z)
     one = z.dtype.type(1)
     with np.errstate(over="ignore", invalid="ignore"):
-        return z / (one + np.exp(-z))
+        if alpha == 1.0:
+            return z / (one + np.exp(-z))
+        return z / (one + np.exp(-(z.dtype.type(alpha) * z)))
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh_minus_2y(z):
+    dt = z.dtype
+    return dt.type(-2.0 * _SQRT_2_OVER_PI) * (z + dt.type(0.044715) * z * z * z)
+
+
+def gelu_tanh(z):
+    """GELU, tanh approximation: 0.5 z (1 + tanh(y)), y = sqrt(2/pi) (z + 0.044715 z^3), as the equal
+    z / (1 + exp(-2y)) (no cancellation of 1 + tanh(y) for negative z)."""
+    z = np.asarray(z)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return z / (z.dtype.type(1) + np.exp(_gelu_tanh_minus_2y(z)))
+
+
+def relu2(z):
+    """relu(z)**2; NaN stays NaN."""
+    r = relu(z)
+    return r * r
 
 
 _erfc = np.vectorize(math.erfc, otypes=[np.float64])
@@ -112,23 +149,44 @@ def relu(z):
     return np.maximum(z, z.dtype.type(0))
 
 
-def activate(h, activation):
-    """Apply an expert activation to the first GEMM's output h [M, n].
+def _fn(a):
+    """The elementwise function of an Activation."""
+    if a.fn == "silu":
+        return lambda z: silu(z, a.alpha)
+    return {"gelu": gelu, "gelu_tanh": gelu_tanh, "relu": relu, "relu2": relu2}[a.fn]
 
-    Gated ("swiglu", "geglu"): n = 2f, gate = h[:, :f], up = h[:, f:], result act(gate) * up [M, f].
-    Non-gated ("relu", "gelu"): elementwise, result [M, n].
+
+def _gate_up(h, a):
+    """(gate, up) column views of a gated h [M, 2f]: [gate | up] or interleaved pairs."""
+    if a.interleaved:
+        return h[:, 0::2], h[:, 1::2]
+    f = h.shape[1] // 2
+    return h[:, :f], h[:, f:]
+
+
+def _clamped(gate, up, a):
+    """The gate and up the function sees: min(g, L), clip(u, -L, L) + up_offset (NaN propagating)."""
+    if a.limit is not None:
+        limit = gate.dtype.type(a.limit)
+        gate, up = np.minimum(gate, limit), np.clip(up, -limit, limit)
+    if a.up_offset != 0.0:
+        up = up + up.dtype.type(a.up_offset)
+    return gate, up
+
+
+def activate(h, activation):
+    """Apply an expert activation (a moe_ext.Activation, preset name or canonical string) to the first
+    GEMM's output h [M, n].
+
+    Gated: n = 2f, result act(min(gate, L)) * (clip(up, -L, L) + up_offset) [M, f], gate/up from
+    [gate | up] or interleaved columns. Non-gated: elementwise, result [M, n].
     """
+    a = activation_from(activation)
     h = np.asarray(h)
-    if activation in GATED_ACTIVATIONS:
-        f = h.shape[1] // 2
-        gate, up = h[:, :f], h[:, f:]
-        act = silu if activation == "swiglu" else gelu
-        return act(gate) * up
-    if activation == "relu":
-        return relu(h)
-    if activation == "gelu":
-        return gelu(h)
-    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    if not a.gated:
+        return _fn(a)(h)
+    gate, up = _clamped(*_gate_up(h, a), a)
+    return _fn(a)(gate) * up
 
 
 def _stable_descending(keys):
@@ -251,8 +309,8 @@ def permute(x, topk_ids, num_experts, *, capacity=None):
 # --------------------------------------------------------------------------------------------------
 # 3. grouped_gemm
 # --------------------------------------------------------------------------------------------------
-def grouped_gemm(a, w, expert_offsets):
-    """out[o[e]:o[e+1]] = a[o[e]:o[e+1]] @ w[e].T for every expert e."""
+def grouped_gemm(a, w, expert_offsets, *, bias=None):
+    """out[o[e]:o[e+1]] = a[o[e]:o[e+1]] @ w[e].T (+ bias[e]) for every expert e."""
     dt = _float_dtype(a, w)
     a = np.asarray(a, dtype=dt)
     w = np.asarray(w, dtype=dt)
@@ -262,6 +320,8 @@ def grouped_gemm(a, w, expert_offsets):
         lo, hi = int(o[e]), int(o[e + 1])
         if hi > lo:
             out[lo:hi] = a[lo:hi] @ w[e].T
+            if bias is not None:
+                out[lo:hi] += np.asarray(bias[e], dtype=dt)
     return out
 
 
@@ -287,12 +347,13 @@ def unpermute(y_perm, perm_rows, topk_weights):
 # --------------------------------------------------------------------------------------------------
 # 5. experts and moe
 # --------------------------------------------------------------------------------------------------
-def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None):
-    """Expert FFNs over precomputed routing: permute -> grouped_gemm(w13_or_w1) -> activation ->
-    grouped_gemm(w2) -> unpermute. w13 [E,2f,d] (gate = rows 0..f-1) for swiglu/geglu, w1 [E,f,d] for
-    relu/gelu; w2 [E,d,f]."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None, b13_or_b1=None,
+            b2=None):
+    """Expert FFNs over precomputed routing: permute -> grouped_gemm(w13_or_w1) + b13_or_b1 -> activation
+    -> grouped_gemm(w2) + b2 -> unpermute. w13 [E,2f,d] (gate = rows 0..f-1, or the even rows when
+    interleaved) for gated activations, w1 [E,f,d] otherwise; w2 [E,d,f]; b13_or_b1 [E, 2f or f] in
+    w13_or_w1's row order, b2 [E, d]."""
+    activation = activation_from(activation)
     dt = _float_dtype(x, w13_or_w1, w2, topk_weights)
     x = np.asarray(x, dtype=dt)
     w13_or_w1 = np.asarray(w13_or_w1, dtype=dt)
@@ -300,21 +361,21 @@ def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", ca
     E = w13_or_w1.shape[0]
 
     x_perm, expert_offsets, perm_rows = permute(x, topk_ids, E, capacity=capacity)
-    h = grouped_gemm(x_perm, w13_or_w1, expert_offsets)
+    h = grouped_gemm(x_perm, w13_or_w1, expert_offsets, bias=b13_or_b1)
     a = activate(h, activation)
-    y_perm = grouped_gemm(a, w2, expert_offsets)
+    y_perm = grouped_gemm(a, w2, expert_offsets, bias=b2)
     return unpermute(y_perm, perm_rows, np.asarray(topk_weights, dtype=dt))
 
 
 def moe(x, w_router, w13_or_w1, w2, top_k, *, activation="swiglu", scoring="softmax",
         renormalize=True, scale=1.0, bias=None, correction_bias=None, n_group=None, topk_group=None,
-        capacity=None):
+        capacity=None, b13_or_b1=None, b2=None):
     """The whole MoE layer: route (same keywords) then experts."""
     topk_weights, topk_ids = route(
         x, w_router, top_k, scoring=scoring, renormalize=renormalize, scale=scale, bias=bias,
         correction_bias=correction_bias, n_group=n_group, topk_group=topk_group)
     return experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation=activation,
-                   capacity=capacity)
+                   capacity=capacity, b13_or_b1=b13_or_b1, b2=b2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,25 +425,53 @@ def _gelu_grad(z):
         return dt.type(0.5) * erfc + z * np.exp(-z * z / dt.type(2)) / dt.type(math.sqrt(2 * math.pi))
 
 
+def _value_and_grad(a, z):
+    """(act(z), act'(z)) of an Activation's function."""
+    dt = z.dtype
+    if a.fn == "silu":
+        s = sigmoid(dt.type(a.alpha) * z)
+        return silu(z, a.alpha), s * (1 + dt.type(a.alpha) * z * (1 - s))
+    if a.fn == "gelu":
+        return gelu(z), _gelu_grad(z)
+    if a.fn == "gelu_tanh":
+        with np.errstate(over="ignore", invalid="ignore"):
+            s = dt.type(1) / (dt.type(1) + np.exp(_gelu_tanh_minus_2y(z)))
+            dy = dt.type(_SQRT_2_OVER_PI) * (1 + dt.type(3 * 0.044715) * z * z)
+            return z * s, s + 2 * z * s * (1 - s) * dy
+    if a.fn == "relu":
+        return relu(z), (z > 0).astype(dt)
+    return relu2(z), 2 * relu(z)
+
+
 def activation_backward(grad_act, h, activation="swiglu"):
-    """dL/dh given grad_act = dL/d activate(h, activation)."""
+    """dL/dh given grad_act = dL/d activate(h, activation). Where a limit's clamp bites (gate > L,
+    |up| > L) the clamped input gets no gradient."""
+    a = activation_from(activation)
     dt = _float_dtype(grad_act, h)
     h = np.asarray(h, dtype=dt)
     g = np.asarray(grad_act, dtype=dt)
-    if activation in GATED_ACTIVATIONS:
-        f = h.shape[1] // 2
-        gate, up = h[:, :f], h[:, f:]
-        if activation == "swiglu":
-            s = sigmoid(gate)
-            act, act_grad = silu(gate), s * (1 + gate * (1 - s))
-        else:
-            act, act_grad = gelu(gate), _gelu_grad(gate)
-        return np.concatenate([g * up * act_grad, g * act], axis=1)
-    if activation == "relu":
-        return g * (h > 0)
-    if activation == "gelu":
-        return g * _gelu_grad(h)
-    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    if not a.gated:
+        return g * _value_and_grad(a, h)[1]
+    gate_raw, up_raw = _gate_up(h, a)
+    gate, up = _clamped(gate_raw, up_raw, a)
+    act, act_grad = _value_and_grad(a, gate)
+    d_gate, d_up = g * up * act_grad, g * act
+    if a.limit is not None:
+        limit = dt.type(a.limit)
+        d_gate = np.where(gate_raw > limit, dt.type(0), d_gate)
+        d_up = np.where((up_raw > limit) | (up_raw < -limit), dt.type(0), d_up)
+    grad_h = np.empty_like(h)
+    grad_gate, grad_up = _gate_up(grad_h, a)
+    grad_gate[...], grad_up[...] = d_gate, d_up
+    return grad_h
+
+
+def bias_grad(grad_out, expert_offsets):
+    """grad_bias [E, N] of grouped_gemm's bias: the sums of grad_out's rows per expert."""
+    g = np.asarray(grad_out, dtype=_float_dtype(grad_out))
+    o = np.asarray(expert_offsets)
+    return np.stack([g[int(o[e]):int(o[e + 1])].sum(axis=0) for e in range(len(o) - 1)]) if len(o) > 1 \
+        else np.zeros((0, g.shape[1]), dtype=g.dtype)
 
 
 def grouped_gemm_backward(grad_out, a, w, expert_offsets):
