@@ -83,6 +83,13 @@ def _float_dtype_check(name, t):
         raise TypeError(f"{name}: expected dtype float32, bfloat16 or float16; got {t.dtype}")
 
 
+def _needs(ctx, count):
+    """ctx.needs_input_grad padded with False to the schema's `count` inputs (trailing arguments left at
+    their defaults may be missing from it)."""
+    needs = tuple(ctx.needs_input_grad)
+    return needs + (False,) * (count - len(needs))
+
+
 def _i32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.int32 else t.to(torch.int32)
 
@@ -159,14 +166,7 @@ def _(grad_x_perm, perm_rows):
 def bias_grad(grad_out: Tensor, expert_offsets: Tensor) -> Tensor:
     """[E, N] float32: the gradient of a per-expert bias [E, N] added to the rows of each expert,
     i.e. grad_out's rows summed per expert (E = len(expert_offsets) - 1)."""
-    bias_grad_kernel = getattr(_bwd, "bias_grad", None)
-    if bias_grad_kernel is not None:
-        return _out(bias_grad_kernel(_np(grad_out), _np(expert_offsets)))
-    g, offsets = _np(grad_out), _np(expert_offsets).astype(np.int64)
-    out = np.zeros((len(offsets) - 1, g.shape[1]), np.float32)
-    for e in range(len(offsets) - 1):  # rows of expert e, summed in row order
-        out[e] = g[offsets[e]:offsets[e + 1]].sum(0, dtype=np.float32)
-    return _out(out)
+    return _out(_bwd.bias_grad(_np(grad_out), _np(expert_offsets)))
 
 
 @bias_grad.register_fake
@@ -301,7 +301,7 @@ def _grouped_gemm_setup(ctx, inputs, output):
 
 def _grouped_gemm_backward(ctx, grad_out):
     a, w, offsets = ctx.saved_tensors
-    need_a, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    need_a, need_w, _, need_b = _needs(ctx, 4)
     grad_out = grad_out.contiguous()
     grad_a, grad_w = grouped_gemm_backward(grad_out, a, w, offsets, need_a, need_w)
     grad_b = bias_grad(grad_out, offsets).to(ctx.bias_dtype) if need_b else None
@@ -403,7 +403,7 @@ def _experts_setup(ctx, inputs, output):
 def _experts_autograd(ctx, grad_y):
     x, w13, w2, weights, ids, b13, b2 = ctx.saved_tensors
     act, capacity = ctx.options
-    needs = ctx.needs_input_grad
+    needs = _needs(ctx, 9)
     g_x, g_w13, g_w2, g_weights, g_b13, g_b2 = experts_backward(
         grad_y, x, w13, w2, weights, ids, act, capacity, b13, b2,
         (needs[0], needs[1], needs[2], needs[3], needs[7], needs[8]))
@@ -444,7 +444,7 @@ def _moe_autograd(ctx, grad_y):
     top_k, act, scoring, renormalize, scale, n_group, topk_group, capacity = ctx.options
     weights, ids, probs = route(x, w_router, top_k, scoring, renormalize, scale, bias, correction_bias, n_group,
                                 topk_group)
-    needs = ctx.needs_input_grad
+    needs = _needs(ctx, 16)
     route_needed = needs[0] or needs[1] or needs[9]
     g_x, g_w13, g_w2, g_weights, g_b13, g_b2 = experts_backward(
         grad_y, x, w13, w2, weights, ids, act, capacity, b13, b2,
