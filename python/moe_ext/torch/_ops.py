@@ -28,6 +28,7 @@ import moe_ext
 from moe_ext import _backward as _bwd
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ROUTE_DEFAULTS = ("softmax", True, 1.0, None, None, None, None)  # scoring .. topk_group (route and moe)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,6 +84,14 @@ def _float_dtype_check(name, t):
         raise TypeError(f"{name}: expected dtype float32, bfloat16 or float16; got {t.dtype}")
 
 
+def _with_defaults(inputs, count, defaults):
+    """A setup_context's inputs with the trailing arguments torch leaves out when they are at their
+    defaults filled in: `count` parameters, the last len(defaults) of which have these defaults."""
+    inputs, defaults = tuple(inputs), tuple(defaults)
+    missing = count - len(inputs)
+    return inputs + (defaults[len(defaults) - missing:] if missing > 0 else ())
+
+
 def _needs(ctx, count):
     """ctx.needs_input_grad padded with False to the schema's `count` inputs (trailing arguments left at
     their defaults may be missing from it)."""
@@ -105,7 +114,7 @@ def activation(h: Tensor, activation: str = "swiglu") -> Tensor:
 
 
 @activation.register_fake
-def _(h, activation):
+def _(h, activation="swiglu"):
     f = h.shape[1] // 2 if _gated(activation) else h.shape[1]
     return h.new_empty((h.shape[0], f))
 
@@ -116,7 +125,7 @@ def activation_backward(grad_act: Tensor, h: Tensor, activation: str = "swiglu")
 
 
 @activation_backward.register_fake
-def _(grad_act, h, activation):
+def _(grad_act, h, activation="swiglu"):
     return torch.empty_like(h)
 
 
@@ -134,7 +143,7 @@ def grouped_gemm_backward(grad_out: Tensor, a: Tensor, w: Tensor, expert_offsets
 
 
 @grouped_gemm_backward.register_fake
-def _(grad_out, a, w, expert_offsets, need_a, need_w):
+def _(grad_out, a, w, expert_offsets, need_a=True, need_w=True):
     M, K = a.shape
     E, N, _ = w.shape
     return a.new_empty((M if need_a else 0, K)), w.new_empty((E if need_w else 0, N, K))
@@ -190,7 +199,8 @@ def route(x: Tensor, w_router: Tensor, top_k: int, scoring: str = "softmax", ren
 
 
 @route.register_fake
-def _(x, w_router, top_k, scoring, renormalize, scale, bias, correction_bias, n_group, topk_group):
+def _(x, w_router, top_k, scoring="softmax", renormalize=True, scale=1.0, bias=None, correction_bias=None,
+      n_group=None, topk_group=None):
     T, E = x.shape[0], w_router.shape[0]
     return (x.new_empty((T, top_k), dtype=torch.float32), x.new_empty((T, top_k), dtype=torch.int32),
             x.new_empty((T, E), dtype=torch.float32))
@@ -221,7 +231,7 @@ def route_backward_scores(grad_weights, grad_probs, probs, topk_ids, scoring, re
 
 
 def _route_setup(ctx, inputs, output):
-    x, w_router, top_k, scoring, renormalize, scale, bias, *_ = inputs
+    x, w_router, top_k, scoring, renormalize, scale, bias, *_ = _with_defaults(inputs, 10, ROUTE_DEFAULTS)
     weights, ids, probs = output
     ctx.save_for_backward(x, w_router, ids, probs)
     ctx.options = (scoring, renormalize, scale, bias is not None)
@@ -239,7 +249,7 @@ def _route_backward(ctx, grad_weights, grad_ids, grad_probs):
     x, w_router, ids, probs = ctx.saved_tensors
     scoring, renormalize, scale, has_bias = ctx.options
     d_logits = route_backward_scores(grad_weights, grad_probs, probs, ids, scoring, renormalize, scale)
-    grad_x, grad_w, grad_b = _route_grads(d_logits, x, w_router, has_bias, ctx.needs_input_grad)
+    grad_x, grad_w, grad_b = _route_grads(d_logits, x, w_router, has_bias, _needs(ctx, 10))
     return grad_x, grad_w, None, None, None, None, grad_b, None, None, None
 
 
@@ -258,7 +268,7 @@ def permute(x: Tensor, topk_ids: Tensor, num_experts: int,
 
 
 @permute.register_fake
-def _(x, topk_ids, num_experts, capacity):
+def _(x, topk_ids, num_experts, capacity=None):
     T, k = topk_ids.shape
     M = T * k if capacity is None else torch.library.get_ctx().new_dynamic_size()
     return (x.new_empty((M, x.shape[1])), x.new_empty((num_experts + 1,), dtype=torch.int32),
@@ -294,7 +304,7 @@ def _(a, w, expert_offsets, bias=None):
 
 
 def _grouped_gemm_setup(ctx, inputs, output):
-    a, w, offsets, bias = inputs
+    a, w, offsets, bias = _with_defaults(inputs, 4, (None,))
     ctx.save_for_backward(a, w, offsets)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -316,7 +326,7 @@ grouped_gemm.register_autograd(_grouped_gemm_backward, setup_context=_grouped_ge
 # --------------------------------------------------------------------------------------------------
 def _activation_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
-    ctx.activation = inputs[1]
+    ctx.activation = _with_defaults(inputs, 2, ("swiglu",))[1]
 
 
 def _activation_autograd(ctx, grad):
@@ -395,7 +405,7 @@ def experts_backward(grad_y, x, w13, w2, topk_weights, topk_ids, act, capacity, 
 
 
 def _experts_setup(ctx, inputs, output):
-    x, w13, w2, weights, ids, act, capacity, b13, b2 = inputs
+    x, w13, w2, weights, ids, act, capacity, b13, b2 = _with_defaults(inputs, 9, ("swiglu", None, None, None))
     ctx.save_for_backward(x, w13, w2, weights, ids, b13, b2)
     ctx.options = (act, capacity)
 
@@ -434,7 +444,7 @@ def _(x, w_router, w13_or_w1, w2, top_k, activation="swiglu", scoring="softmax",
 
 def _moe_setup(ctx, inputs, output):
     (x, w_router, w13, w2, top_k, act, scoring, renormalize, scale, bias, correction_bias, n_group, topk_group,
-     capacity, b13, b2) = inputs
+     capacity, b13, b2) = _with_defaults(inputs, 16, ("swiglu",) + ROUTE_DEFAULTS + (None, None, None))
     ctx.save_for_backward(x, w_router, w13, w2, bias, correction_bias, b13, b2)
     ctx.options = (top_k, act, scoring, renormalize, scale, n_group, topk_group, capacity)
 
