@@ -335,3 +335,31 @@ def test_full_model_matches_eager(arch, monkeypatch):
     for name in want_grads:
         assert rel(got_grads[name], want_grads[name]) <= GRAD_RTOL, \
             f"grad of {name}: relative error {rel(got_grads[name], want_grads[name]):.3g}"
+
+
+# --------------------------------------------------------------------------------------------------
+# a clamp after the activation is no description: the probe (straddling the limit) must tell
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("class_name", ["BailingHybridExperts", "Step3p7Experts"])
+def test_limit_after_the_activation_falls_back(class_name, monkeypatch):
+    """BailingHybrid / Step3p7 with a per-layer limit compute min(act(g), L) * clip(u, +-L): not
+    silu(min(g, L)) * clip(u, +-L), so they fall back (bit-identical to eager), with a warning."""
+    family = next(f for f in FAMILIES if f[2] == class_name)
+    cls = experts_class(*family)
+    config = _config_classes(cls, family[0])[0]()
+    for name, value in SIZE_ATTRIBUTES.items():
+        if hasattr(config, name):
+            setattr(config, name, value)
+    config.swiglu_limits = [3.0]
+    config._experts_implementation = "eager"
+    experts = cls(config, layer_idx=0)
+    _randomise(experts)
+    assert experts.limit == 3.0
+    x, ids, weights = inputs(experts)
+    want, _, _ = run(experts, "eager", x, ids, weights)
+    hf._warned.clear()
+    calls = Calls(monkeypatch)
+    got, _, fallback_warnings = run(experts, "moe_ext", x, ids, weights)
+    assert "custom gate" in hf.fallback_reason(experts)
+    assert calls.count == 0 and len(fallback_warnings) == 1
+    assert torch.equal(got, want)

@@ -480,6 +480,20 @@ def test_static_description_agrees_with_the_probe():
     assert mapped >= 8
 
 
+def test_torch_compile_fullgraph_default_gate_without_an_eager_call(monkeypatch):
+    """The default gate with a known act_fn is decided from its type while torch.compile traces (no
+    probe, no eager call first): it runs on moe_ext, not the fallback."""
+    experts = experts_modules(build("mixtral"))[0]
+    experts.config._experts_implementation = "moe_ext"
+    x = torch.randn(6, 64)
+    ids = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [1, 0], [0, 2]])
+    w = torch.rand(6, 2)
+    spy = Spy(monkeypatch)
+    got = torch.compile(experts, fullgraph=True, backend="aot_eager")(x, ids, w)
+    assert spy.calls and "_moe_ext_activation" not in vars(experts)
+    assert rel(got, hf._eager_forward(experts)(experts, x, ids, w)) <= FP32_RTOL
+
+
 def test_torch_compile_fullgraph_gpt_oss_experts():
     """The backend traces with fullgraph=True once the module's activation is decided (one eager call)."""
     experts = experts_modules(build("gpt_oss", swiglu_limit=1.0))[0]

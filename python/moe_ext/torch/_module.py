@@ -130,33 +130,42 @@ class MoE(nn.Module):
     @classmethod
     def from_hf(cls, block):
         """An MoE sharing the weights (same Parameter objects, no copy) of a Hugging Face transformers
-        sparse MoE block with `gate.weight [E, d]` and `experts.gate_up_proj [E, 2f, d]`,
-        `experts.down_proj [E, d, f]` (Mixtral, Qwen2/3-MoE without shared expert, OLMoE: softmax
-        router, top-k, renormalised unless `gate.norm_topk_prob` is False; SiLU -> swiglu, GELU -> geglu).
-        Raises ValueError for variants these kernels do not compute."""
+        sparse MoE block with `gate.weight [E, d]` and `experts.gate_up_proj [E, 2f, d]` (or `up_proj`
+        when not gated), `experts.down_proj [E, d, f]` and, with has_bias, their `_bias` parameters
+        (Mixtral, Qwen2/3-MoE without shared expert, OLMoE, ...: softmax router, top-k, renormalised
+        unless `gate.norm_topk_prob` is False). The activation is the description moe_ext.torch.hf
+        verifies on the experts' own gate / act_fn (see hf.activation_of). Raises ValueError for variants
+        this module does not hold ([E, in, out] transposed weights, shared experts, router bias, a gate
+        no description reproduces)."""
+        from . import hf
         gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
-        if gate is None or experts is None or not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
+        if gate is None or experts is None or not hasattr(experts, "down_proj"):
             raise ValueError(f"block: expected a transformers sparse MoE block with .gate and .experts.gate_up_proj/"
                              f".down_proj; got {type(block).__name__}")
         for flag in ("shared_expert", "shared_experts"):
             if getattr(block, flag, None) is not None:
                 raise ValueError(f"block: shared experts are not supported; got {type(block).__name__}.{flag}")
-        # transformers' experts flags (integrations/moe.py): [gate; up] concatenated, [out, in] layout, no bias
-        for flag, ours in (("is_concatenated", True), ("is_transposed", False), ("has_bias", False),
-                           ("has_gate", True)):
+        for flag, ours in (("is_transposed", False), ("has_post_expert_norm", False)):
             if bool(getattr(experts, flag, ours)) != ours:
                 raise ValueError(f"block.experts: expected {flag}={ours}; got {not ours}")
         if getattr(gate, "bias", None) is not None:
             raise ValueError("block.gate: a router bias is not supported by from_hf")
-        act = type(getattr(experts, "act_fn", None)).__name__
-        activation = {"SiLU": "swiglu", "SiLUActivation": "swiglu", "GELUActivation": "geglu", "GELU": "geglu"}.get(act)
-        if activation is None:
-            raise ValueError(f"block.experts.act_fn: expected SiLU or exact GELU; got {act}")
-        w13, w2, w_router = experts.gate_up_proj, experts.down_proj, gate.weight
-        E, two_f, d = w13.shape
+        reason = hf.fallback_reason(experts)
+        if reason is not None:
+            raise ValueError(f"block.experts: {reason}")
+        activation = hf.activation_of(experts)
+        gated = bool(getattr(experts, "has_gate", True))
+        w_name = "gate_up_proj" if gated else "up_proj"
+        w_in, w2, w_router = getattr(experts, w_name), experts.down_proj, gate.weight
+        E, rows, d = w_in.shape
+        has_bias = bool(getattr(experts, "has_bias", False))
         top_k = getattr(gate, "top_k", None) or getattr(block, "top_k")
         renormalize = bool(getattr(gate, "norm_topk_prob", True))
-        module = cls(d, two_f // 2, E, top_k, activation=activation, renormalize=renormalize, device="meta",
-                     dtype=w13.dtype)
-        module.w_router, module.w13, module.w2 = w_router, w13, w2  # the same Parameters: shared storage
+        module = cls(d, rows // 2 if gated else rows, E, top_k, activation=activation, renormalize=renormalize,
+                     bias=has_bias, device="meta", dtype=w_in.dtype)
+        module.w_router, module.w2 = w_router, w2  # the same Parameters: shared storage
+        setattr(module, module.w13_or_w1_name, w_in)
+        if has_bias:
+            setattr(module, module.b13_or_b1_name, getattr(experts, w_name + "_bias"))
+            module.b2 = experts.down_proj_bias
         return module
