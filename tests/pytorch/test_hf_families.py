@@ -211,13 +211,15 @@ class Calls:
     def __init__(self, monkeypatch):
         self.count = 0
         self.activations = []
+        self.weight_ptrs = set()
         self.real = moe_ext.torch.experts
         monkeypatch.setattr(moe_ext.torch, "experts", self)
 
-    def __call__(self, *args, **kw):
+    def __call__(self, x, w13_or_w1, w2, *args, **kw):
         self.count += 1
         self.activations.append(str(kw.get("activation")))
-        return self.real(*args, **kw)
+        self.weight_ptrs |= {w13_or_w1.data_ptr(), w2.data_ptr()}
+        return self.real(x, w13_or_w1, w2, *args, **kw)
 
 
 def run(experts, implementation, x, ids, weights):
@@ -273,6 +275,9 @@ def test_family_matches_eager(family, monkeypatch):
     assert reason is None, f"{class_name} falls back: {reason}"
     assert not fallback_warnings, fallback_warnings
     assert calls.count == 1, f"moe_ext.torch.experts called {calls.count} times"
+    # no weight copy: the kernels got the parameters' own memory (transposed ones as views)
+    params = {p.data_ptr() for p in experts.parameters() if p.dim() == 3}
+    assert calls.weight_ptrs <= params and len(calls.weight_ptrs) == 2
     assert rel(got, want) <= OUT_RTOL, f"output: relative error {rel(got, want):.3g} ({calls.activations})"
     assert got_grads.keys() == want_grads.keys()
     for name, want_grad in want_grads.items():

@@ -15,8 +15,9 @@ moe_ext's, must agree:
 GPT-OSS (biases, transposed [E, in, out] weights, interleaved gate/up, its clamped alpha-scaled +1 gate) and
 tanh-approximated gelu run on moe_ext too; variants moe_ext cannot run (float64, a post-expert norm, a gate
 no activation description reproduces, ...) fall back to the eager forward (bit-identical output) with a
-warning. Every experts class of transformers: test_hf_families.py. The kernels' tiers are covered by the op tests: these run
-once (PER_TIER = False) on the default tier, to keep the file fast.
+warning. Every experts class of transformers: test_hf_families.py.
+The kernels' tiers are covered by the op tests: these run once (PER_TIER = False) on the default tier, to
+keep the file fast.
 """
 import math
 import subprocess

@@ -322,8 +322,10 @@ def _verify(self, gated):
         except Exception as e:  # noqa: BLE001  (a gate that cannot run on the probe: no decision)
             error = f"{type(e).__name__}: {e}"
             continue
-        if not isinstance(got, torch.Tensor) or got.shape != (h.shape[0], h.shape[1] // 2 if gated else h.shape[1]):
-            return f"!its {what} returns {getattr(got, 'shape', type(got).__name__)} for a probe of shape {tuple(h.shape)}"
+        expected = (h.shape[0], h.shape[1] // 2 if gated else h.shape[1])
+        if not isinstance(got, torch.Tensor) or got.shape != expected:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return f"!its {what} returns {shape} for a probe of shape {tuple(h.shape)}"
         got = got.double()
         for description in candidates:
             want = reference_activation(h.double(), description)
