@@ -78,11 +78,12 @@ def test_experts_float32(rng, activation, bias, layout, packed, T, d, f, E, k):
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-@pytest.mark.parametrize("activation", ["swiglu(limit=7.0)", GPT_OSS, "gelu_tanh", "relu2"])
+@pytest.mark.parametrize("activation", DESCRIPTIONS)
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=["bfloat16", "float16"])
-def test_experts_16_bit(rng, dtype, activation, packed, layout):
+@pytest.mark.parametrize("T", [3, 40], ids=["decode", "prefill"])
+def test_experts_16_bit(rng, dtype, activation, packed, layout, T):
     """Weights, activations and biases in bfloat16 / float16 (biases widened exactly to float32)."""
-    T, d, f, E, k = 40, 24, 19, 3, 2
+    d, f, E, k = 24, 19, 3, 2
     x, w13, w2, b13, b2, weights, ids = expert_inputs(rng, T, d, f, E, k, activation, dtype)
     y = moe_ext.experts(x, *weight_args(w13, w2, layout, packed), weights, ids, activation=activation,
                         b13_or_b1=b13, b2=b2)
@@ -148,8 +149,10 @@ def test_interleaved_and_transposed_are_bit_identical_to_their_plain_forms(rng):
             np.testing.assert_array_equal(y, base, err_msg=f"{layout} packed={packed}")
 
 
-def test_results_do_not_depend_on_the_thread_count(rng):
-    T, d, f, E, k = 80, 48, 40, 4, 2
+@pytest.mark.parametrize("T,f", [(80, 40), (3, 300)], ids=["prefill", "decode-wide-tiles"])
+def test_results_do_not_depend_on_the_thread_count(rng, T, f):
+    """Also where transposed decode tiles narrow with more threads: only the tile of a column changes."""
+    d, E, k = 48, 4, 2
     x, w13, w2, b13, b2, weights, ids = expert_inputs(rng, T, d, f, E, k, GPT_OSS)
     before = moe_ext.get_num_threads()
     try:
@@ -212,6 +215,13 @@ def test_quantized_experts_with_descriptions_and_biases(rng, activation, scheme,
     # Per-token int8 rounding of the second GEMM's input can flip where float32 and float64 activations
     # straddle a rounding boundary: a looser bound there (one int8 step in a few elements).
     assert_close(y, want, 1e-3 if quantized else GEMM_RTOL, "quantized experts")
+
+
+def test_quantize_a_transposed_view(rng):
+    w = random_weights(rng, (2, 40, 64), 64)
+    for scheme, group in (("int8", None), ("int4", 32)):
+        np.testing.assert_array_equal(moe_ext.dequantize(moe_ext.quantize(transposed(w), scheme, group_size=group)),
+                                      moe_ext.dequantize(moe_ext.quantize(w, scheme, group_size=group)))
 
 
 def test_quantized_grouped_gemm_bias(rng):
@@ -343,3 +353,16 @@ def test_weights_with_other_strides_raise(rng, how):
                         random_topk_weights(rng, 2, 1), random_ids(rng, 2, E, 1))
     with pytest.raises(ValueError, match="^w: expected a C-contiguous array"):
         moe_ext.grouped_gemm_backward(random_x(rng, 3, w.shape[1]), random_x(rng, 3, K), w, offsets)
+
+
+def test_torch_transposed_weights_pass_without_a_copy(rng):
+    """HF stores gpt-oss's gate_up_proj as [E, d, 2f]: w_t.transpose(1, 2).numpy() is accepted as it is."""
+    torch = pytest.importorskip("torch")
+    T, d, f, E, k = 5, 12, 7, 3, 2
+    x, w13, w2, b13, b2, weights, ids = expert_inputs(rng, T, d, f, E, k, GPT_OSS)
+    gate_up_proj = torch.from_numpy(np.ascontiguousarray(w13.transpose(0, 2, 1)))  # [E, d, 2f]
+    view = gate_up_proj.transpose(1, 2).numpy()
+    assert np.shares_memory(view, gate_up_proj.numpy()) and not view.flags.c_contiguous
+    y = moe_ext.experts(x, view, w2, weights, ids, activation=GPT_OSS, b13_or_b1=b13, b2=b2)
+    want = ref.experts(*f64(x, w13, w2), f64(weights), ids, activation=GPT_OSS, b13_or_b1=f64(b13), b2=f64(b2))
+    assert_close(y, want, GEMM_RTOL, "experts")

@@ -25,13 +25,15 @@ static inline void store_tile(vec (&acc)[Rows][2], float* c, int64_t ldc, bool a
   }
 }
 
-// float32 or float16 panels: element (p, c) at p * kPanelCols + c; b points at the slice's column 0.
+// float32 or float16 weights with rows ldb elements apart: element (p, c) at p * ldb + c; b points at the
+// slice's column 0.
 template <int Rows, typename P>
-static void micro_kernel(const float* a, int64_t lda, const P* b, int64_t depth, float* c, int64_t ldc,
-                         bool accumulate) {
+static inline __attribute__((always_inline)) void micro_kernel_rows(const float* a, int64_t lda, const P* b,
+                                                                   int64_t ldb, int64_t depth, float* c,
+                                                                   int64_t ldc, bool accumulate) {
   vec acc[Rows][2] = {};
   for (int64_t p = 0; p < depth; ++p) {
-    const vec b0 = load_f32(b + p * moe_ext::kPanelCols), b1 = load_f32(b + p * moe_ext::kPanelCols + kLanes);
+    const vec b0 = load_f32(b + p * ldb), b1 = load_f32(b + p * ldb + kLanes);
     for (int r = 0; r < Rows; ++r) {
       const vec ar = broadcast(a[r * lda + p]);
       acc[r][0] += ar * b0;
@@ -39,6 +41,20 @@ static void micro_kernel(const float* a, int64_t lda, const P* b, int64_t depth,
     }
   }
   store_tile<Rows>(acc, c, ldc, accumulate);
+}
+
+// float32 or float16 panels (ldb = kPanelCols, a constant the compiler folds in).
+template <int Rows, typename P>
+static void micro_kernel(const float* a, int64_t lda, const P* b, int64_t depth, float* c, int64_t ldc,
+                         bool accumulate) {
+  micro_kernel_rows<Rows>(a, lda, b, moe_ext::kPanelCols, depth, c, ldc, accumulate);
+}
+
+// The same on any row stride: a transposed weight w_t [K, N] read in place (ldb = N).
+template <int Rows, typename P>
+static void micro_kernel_strided(const float* a, int64_t lda, const P* b, int64_t ldb, int64_t depth, float* c,
+                                 int64_t ldc, bool accumulate) {
+  micro_kernel_rows<Rows>(a, lda, b, ldb, depth, c, ldc, accumulate);
 }
 
 // bfloat16 pair panels widened in registers: the 32-bit word of column c at pair q holds depth 2q in

@@ -13,8 +13,11 @@
 //   the loop order keeps one microkernel's weight slice (kDepthBlock<W> x kMicroCols) in L1 across the
 //   tile's rows and the tile's rows of a (<= 256 x kDepthBlock<W> floats) in L2;
 // - plain weights with few rows per expert (decode): packing would cost as much as the math, so each
-//   weight row is streamed once and dotted with every row of the expert. Transposed weights have no
-//   contiguous rows to stream: they always take the packing path.
+//   weight row is streamed once and dotted with every row of the expert. Transposed float32/float16
+//   weights (w_t [K, N]) have no contiguous weight rows: there the microkernel reads w_t in place, a few
+//   depth rows at a time across the whole tile, whose columns are widened (up to kWideCols) so that
+//   each depth row is read as one long contiguous run (transposed bfloat16 weights are packed, the
+//   microkernel needing the pair layout).
 // Gated activations with interleaved gate/up rows (g0 u0 g1 u1 ...) need no reordering of the weights:
 // a tile of output columns [c, c + n) computes the product columns [2c, 2c + 2n) as one segment, and the
 // epilogue reads gate and up from alternate columns. Biases are added per product column in the epilogue
@@ -45,6 +48,12 @@ constexpr int64_t kFewRows = 16;       // plain weights, at most this many rows 
 constexpr int64_t kPanelFirstRows = 2 * kMicroRows;  // packed weights, at most this many rows: panel by panel
 constexpr int64_t kLocalCols = kTileCols + kTileCols + kPanelCols;  // gate span + up span (misaligned up)
 constexpr int64_t kLocalBytes = kMaxTileRows * kLocalCols * 4;
+// Transposed weights, few rows: output columns of a tile (at most), and depth rows read per pass. 1024
+// float32 columns are 4 KiB of a depth row, a page: the hardware prefetchers follow a run that long,
+// and 16 rows at a time keep few pages in flight.
+constexpr int64_t kWideCols = 1024;
+constexpr int64_t kWideDepth = 16;
+static_assert(kFewRows * (2 * kWideCols + kPanelCols) * 4 <= kLocalBytes, "a wide tile fits the scratch");
 constexpr int64_t kPackBytes = kPanelCols * kDepthBlock<float> * 4;
 static_assert(kLocalBytes + kPackBytes <= kGemmScratchBytes, "a tile's buffers fit the scratch");
 static_assert(kTileCols % kPanelCols == 0 && kDepthBlock<float> % 2 == 0, "tiles hold whole panels, blocks whole pairs");
@@ -72,13 +81,9 @@ struct Geometry {
   int64_t out_cols;  // columns of out
   int64_t half;      // fused gated, concatenated: f (the up rows' offset in w); 0 otherwise
   bool gated, interleaved;
+  int64_t tile_cols = kTileCols;  // output columns of a tile
+  int64_t ld = kLocalCols;        // row stride of a tile's buffer
 };
-
-Geometry geometry(const GemmProblem& p) {
-  const bool gated = p.fuse_activation && is_gated(p.activation);
-  const bool interleaved = gated && p.activation.interleaved;
-  return {gated ? p.w.N / 2 : p.w.N, gated && !interleaved ? p.w.N / 2 : 0, gated, interleaved};
-}
 
 Segment segment(int64_t begin, int64_t cols, int64_t local_col) {
   Segment s;
@@ -104,8 +109,36 @@ int tile_segments(const Geometry& g, const Tile& t, Segment* segs) {
   return 2;
 }
 
-bool streams(const GemmProblem& p, int64_t expert_rows) {
-  return !p.w.packed && !p.w.transposed && expert_rows <= kFewRows;
+// How a tile computes its product (see the top of the file).
+enum class Product { packed, streamed, transposed };
+
+Product product_of(const GemmProblem& p, int64_t expert_rows) {
+  if (p.w.packed || expert_rows > kFewRows) return Product::packed;
+  if (!p.w.transposed) return Product::streamed;
+  return p.w.dtype == DType::bf16 ? Product::packed : Product::transposed;
+}
+
+// Whether a tile takes all of its expert's rows (the few-row paths, which read each weight once).
+bool streams(const GemmProblem& p, int64_t expert_rows) { return product_of(p, expert_rows) != Product::packed; }
+
+// Tiles are wide when every expert takes the transposed few-row path: as wide as kWideCols, halved while
+// there are fewer than two tiles per thread (only which tile computes a column depends on `threads`,
+// never how it is summed).
+Geometry geometry(const GemmProblem& p, int threads) {
+  const bool gated = p.fuse_activation && is_gated(p.activation);
+  const bool interleaved = gated && p.activation.interleaved;
+  Geometry g{gated ? p.w.N / 2 : p.w.N, gated && !interleaved ? p.w.N / 2 : 0, gated, interleaved};
+  int64_t experts = 0;
+  for (int64_t e = 0; e < p.w.E; ++e) {
+    const int64_t rows = p.offsets[e + 1] - p.offsets[e];
+    if (rows == 0) continue;
+    if (product_of(p, rows) != Product::transposed) return g;
+    ++experts;
+  }
+  int64_t cols = kWideCols;
+  while (cols > kTileCols && experts * ceil_div(g.out_cols, cols) < 2 * threads) cols /= 2;
+  g.tile_cols = cols, g.ld = 2 * cols + kPanelCols;
+  return g;
 }
 
 // Rows per tile for an expert: at most kTileRows (packed) or kMaxTileRows (plain; streaming tiles take
@@ -306,13 +339,65 @@ void streamed_product(const GemmProblem& p, const Tile& t, const Segment* segs, 
   }
 }
 
+// dst [depth][kMicroCols] = the first `width` columns of `depth` rows of src (row stride ld), zero-padded.
+template <typename W>
+void copy_padded_slice(const W* src, int64_t ld, int64_t depth, int64_t width, W* dst) {
+  memset(dst, 0, static_cast<size_t>(depth * kMicroCols) * sizeof(W));
+  for (int64_t q = 0; q < depth; ++q)
+    for (int64_t c = 0; c < width; ++c) dst[q * kMicroCols + c] = src[q * ld + c];
+}
+
+// Few rows on transposed weights w_t [K, N] (float32/float16): the microkernel reads slices of w_t's rows
+// in place (row stride N), kWideDepth depth rows at a time across all of the tile's columns, into the
+// tile's buffer (row stride ld). A slice cut by the segment's end is first copied, zero-padded to
+// kMicroCols columns, so nothing past the segment is read. Each output adds its depths in order within
+// a pass and the passes in order.
+template <typename W>
+void transposed_product(const GemmProblem& p, const Tile& t, const Segment* segs, int n_segs, int64_t ld,
+                        const TileBuffers& buf) {
+  const int64_t K = p.w.K, N = p.w.N, rows = t.row_end - t.row_begin;
+  const W* w_t = static_cast<const W*>(p.w.data) + t.expert * N * K;
+  const float* a = p.a + t.row_begin * K;
+  W* padded = static_cast<W*>(buf.pack);
+  if (K == 0)
+    for (int64_t r = 0; r < rows; ++r) memset(buf.local + r * ld, 0, ld * sizeof(float));
+  for (int64_t k0 = 0; k0 < K; k0 += kWideDepth) {
+    const int64_t depth = min_i64(kWideDepth, K - k0);
+    for (int s = 0; s < n_segs; ++s)
+      for (int64_t j = 0; j < segs[s].cols; j += kMicroCols) {
+        const int64_t col = segs[s].begin() + j, width = min_i64(kMicroCols, segs[s].cols - j);
+        const W* b = w_t + k0 * N + col;
+        int64_t ldb = N;
+        if (width < kMicroCols) {
+          copy_padded_slice(b, N, depth, width, padded);
+          b = padded, ldb = kMicroCols;
+        }
+        float* c = buf.local + segs[s].local_col + segs[s].offset + j;
+        for (int64_t m = 0; m < rows; m += kMicroRows) {
+          const float* a_m = a + m * K + k0;
+          float* c_m = c + m * ld;
+          switch (min_i64(kMicroRows, rows - m)) {
+#define MOE_EXT_STRIDED_CASE(R)                                                                         \
+  case R:                                                                                               \
+    micro_kernel_strided<(R <= kMicroRows ? R : 1)>(a_m, K, b, ldb, depth, c_m, ld, k0 > 0);         \
+    break;
+            MOE_EXT_STRIDED_CASE(1) MOE_EXT_STRIDED_CASE(2) MOE_EXT_STRIDED_CASE(3) MOE_EXT_STRIDED_CASE(4)
+            MOE_EXT_STRIDED_CASE(5) MOE_EXT_STRIDED_CASE(6) MOE_EXT_STRIDED_CASE(7) MOE_EXT_STRIDED_CASE(8)
+#undef MOE_EXT_STRIDED_CASE
+            default: break;
+          }
+        }
+      }
+  }
+}
+
 // Writes the tile's rows of out from its buffer (past the `direct` columns already there): a copy or the
 // activation, after the bias (added to the buffer, or to out for the direct columns).
 void epilogue(const GemmProblem& p, const Geometry& g, const Tile& t, const Segment* segs, int n_segs, float* local,
               int64_t direct) {
   const float* bias = p.bias ? p.bias + t.expert * p.w.N : nullptr;
   for (int64_t r = 0; r < t.row_end - t.row_begin; ++r) {
-    float* row = local + r * kLocalCols;
+    float* row = local + r * g.ld;
     float* dst = p.out + (t.row_begin + r) * g.out_cols + t.col_begin;
     if (!p.fuse_activation) {
       memcpy(dst + direct, row + segs[0].offset + direct, static_cast<size_t>(t.cols - direct) * sizeof(float));
@@ -320,7 +405,8 @@ void epilogue(const GemmProblem& p, const Geometry& g, const Tile& t, const Segm
       continue;
     }
     if (bias)
-      for (int s = 0; s < n_segs; ++s) add_bias(row + segs[s].local_col + segs[s].offset, bias + segs[s].begin(), segs[s].cols);
+      for (int s = 0; s < n_segs; ++s)
+        add_bias(row + segs[s].local_col + segs[s].offset, bias + segs[s].begin(), segs[s].cols);
     activate_product_row(p.activation, row + segs[0].offset,
                          n_segs > 1 ? row + segs[1].local_col + segs[1].offset : nullptr, t.cols, dst);
   }
@@ -332,8 +418,11 @@ void run_tile(const GemmProblem& p, const Geometry& g, const Tile& t, bool dpbf1
   const int n_segs = tile_segments(g, t, segs);
   const int64_t expert_rows = p.offsets[t.expert + 1] - p.offsets[t.expert];
   DirectOut direct;
-  if (streams(p, expert_rows)) {
+  const Product product = product_of(p, expert_rows);
+  if (product == Product::streamed) {
     streamed_product<W>(p, t, segs, n_segs, buf.local);
+  } else if (product == Product::transposed) {
+    if constexpr (!kIsBf16<W>) transposed_product<W>(p, t, segs, n_segs, g.ld, buf);
   } else {
     // Without an activation the tile starts on a panel boundary (col_begin is a multiple of kTileCols),
     // so its whole panels can go straight to out. K = 0 leaves the sums to the zeroed buffer.
@@ -345,7 +434,7 @@ void run_tile(const GemmProblem& p, const Geometry& g, const Tile& t, bool dpbf1
 }
 
 // The tile with this index in (expert, row block, column block) order, or false when past the end.
-bool find_tile(const GemmProblem& p, int64_t index, int64_t col_tiles, int64_t out_cols, int64_t total_rows,
+bool find_tile(const GemmProblem& p, const Geometry& g, int64_t index, int64_t col_tiles, int64_t total_rows,
                int threads, Tile* t) {
   for (int64_t e = 0; e < p.w.E; ++e) {
     const int64_t begin = p.offsets[e], rows = p.offsets[e + 1] - begin;
@@ -360,8 +449,8 @@ bool find_tile(const GemmProblem& p, int64_t index, int64_t col_tiles, int64_t o
     t->expert = e;
     t->row_begin = begin + row_block * per_tile;
     t->row_end = min_i64(begin + rows, t->row_begin + per_tile);
-    t->col_begin = col_block * kTileCols;
-    t->cols = min_i64(kTileCols, out_cols - t->col_begin);
+    t->col_begin = col_block * g.tile_cols;
+    t->cols = min_i64(g.tile_cols, g.out_cols - t->col_begin);
     return true;
   }
   return false;
@@ -369,8 +458,8 @@ bool find_tile(const GemmProblem& p, int64_t index, int64_t col_tiles, int64_t o
 
 template <typename W>
 void grouped_gemm_typed(const GemmProblem& p, int threads, void* scratch) {
-  const Geometry g = geometry(p);
-  const int64_t col_tiles = ceil_div(g.out_cols, kTileCols), total_rows = p.offsets[p.w.E];
+  const Geometry g = geometry(p, threads);
+  const int64_t col_tiles = ceil_div(g.out_cols, g.tile_cols), total_rows = p.offsets[p.w.E];
   int64_t tiles = 0;
   for (int64_t e = 0; e < p.w.E; ++e) {
     const int64_t rows = p.offsets[e + 1] - p.offsets[e];
@@ -388,7 +477,7 @@ void grouped_gemm_typed(const GemmProblem& p, int threads, void* scratch) {
     char* mine = static_cast<char*>(scratch) + thread_index() * kGemmScratchBytes;
     const TileBuffers buf{reinterpret_cast<float*>(mine), mine + kLocalBytes};
     Tile t;
-    if (find_tile(p, index, col_tiles, g.out_cols, total_rows, threads, &t)) run_tile<W>(p, g, t, dpbf16, buf);
+    if (find_tile(p, g, index, col_tiles, total_rows, threads, &t)) run_tile<W>(p, g, t, dpbf16, buf);
   }
 }
 

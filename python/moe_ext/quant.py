@@ -38,7 +38,8 @@ def _group_size(scheme, group_size, K):
 
 
 def quantize(w, scheme, *, group_size=None, zero_point=False, activations=None):
-    """Quantise expert weights w [E, N, K] (float32, bfloat16 or float16).
+    """Quantise expert weights w [E, N, K] (float32, bfloat16 or float16; C-contiguous or the transposed
+    view w_t.transpose(0, 2, 1), which is copied to [E, N, K] once here).
 
     scheme "int8": symmetric, one float32 scale per output row (group_size=None, the vLLM/SGLang W8A8
     layout) or per group of `group_size` depths (a multiple of 32 dividing K; 32 is GGUF Q8_0's).
@@ -48,7 +49,7 @@ def quantize(w, scheme, *, group_size=None, zero_point=False, activations=None):
     Returns a QuantizedWeight. Rounding rules: docs/api.md §9.
     """
     scheme = check.choice(scheme, "scheme", SCHEMES)
-    w = check.data_array(w, "w", 3)
+    w = np.ascontiguousarray(check.weight_array(w, "w"))  # quantisation reads rows: one copy, once
     E, N, K = w.shape
     if E < 1 or K < 1:
         check.fail(ValueError, "w", "shape (E, N, K) with E >= 1 and K >= 1", f"shape {w.shape}")
