@@ -142,6 +142,16 @@ def test_schema_defaults_as_vllm_sglang_callers_use_them():
     x_perm, offsets, _ = ops.permute(x, ids, E)
     h = ops.grouped_gemm(x_perm, w13, offsets)
     assert torch.equal(ops.activation(h), ops.activation(h, "swiglu"))
+    # autograd with the trailing arguments left out (torch drops them before setup_context)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w_router, w13, w2)]
+    ops.moe(*leaves, 2).square().sum().backward()
+    want = [t.clone().requires_grad_(True) for t in (x, w_router, w13, w2)]
+    mt.moe(*want, 2).square().sum().backward()
+    for a, b in zip(leaves, want):
+        assert rel(a.grad, b.grad) <= 1e-5
+    h_leaf = h.clone().requires_grad_(True)
+    ops.activation(h_leaf).sum().backward()
+    assert h_leaf.grad is not None
     schemas = {name: str(getattr(ops, name).default._schema) for name in
                ("moe", "experts", "route", "permute", "grouped_gemm", "activation")}
     for name, fragment in [("moe", 'str activation="swiglu", str scoring="softmax", bool renormalize=True, '
