@@ -110,7 +110,7 @@ def _plan(self, hidden_states):
     w_in, w2, b_in, b2 = weights
     tensors = [t for t in (w_in, w2, b_in, b2) if t is not None]
     if w_in.dtype not in _DTYPES or w2.dtype != w_in.dtype or any(t.dtype not in _DTYPES for t in tensors):
-        return f"expert weights of dtype {w_in.dtype} / {w2.dtype}"
+        return "expert weights (and biases) of dtype " + " / ".join(str(t.dtype) for t in tensors)
     if not _device_supported(w_in.device) or any(t.device != w_in.device for t in tensors):
         return f"expert weights on {w_in.device}"
     if hidden_states is not None:
