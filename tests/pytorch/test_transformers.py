@@ -1,7 +1,7 @@
 """The Hugging Face transformers backend (moe_ext.torch.hf, SPEC §7): `experts_implementation="moe_ext"`.
 
-Tiny randomly initialised models built from configs (no download) of Mixtral, Qwen3-MoE, OLMoE and
-DeepSeek-V3 (2 layers, both MoE, hidden 64, vocab 128), run with transformers' eager experts and with
+Tiny randomly initialised models built from configs (no download) of Mixtral, Qwen3-MoE, OLMoE,
+DeepSeek-V3 and GPT-OSS (2 layers, both MoE, hidden 64, vocab 128), run with transformers' eager experts and with
 moe_ext's, must agree:
 - fp32 logits: relative error (Frobenius norm over all logits) <= FP32_RTOL;
 - gradients of every parameter (expert weights, routers, attention, embeddings) of a causal-LM loss:
@@ -47,7 +47,7 @@ FP32_RTOL = 1e-5
 # within 1.5x of transformers' own bf16 eager worst token (no error of its own beyond bf16 rounding).
 BF16_RTOL = 8 * 2.0 ** -8
 BF16_VS_EAGER = 1.5
-ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3")
+ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=128, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
