@@ -368,3 +368,34 @@ def test_limit_after_the_activation_falls_back(class_name, monkeypatch):
     assert "custom gate" in hf.fallback_reason(experts)
     assert calls.count == 0 and len(fallback_warnings) == 1
     assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------------------------------
+# bfloat16: the variants with the most mapping, against fp32 eager and transformers' own bf16 eager
+# --------------------------------------------------------------------------------------------------
+BF16_FAMILIES = ("GptOssExperts", "OpenAIPrivacyFilterExperts", "AriaExperts", "ErgoExpertProjections",
+                 "NemotronHExperts", "DeepseekV4Experts", "Gemma4TextExperts", "MixtralExperts")
+BF16_RTOL = 3e-2  # a few bf16 roundings (u = 2^-8) of the inputs, weights and output
+
+
+@pytest.mark.parametrize("class_name", BF16_FAMILIES)
+def test_family_bf16(class_name, monkeypatch):
+    """bf16 weights, biases and hidden states: moe_ext (float32 accumulation, one rounding of the output)
+    within BF16_RTOL of fp32 eager on the same bf16-rounded values, and no worse than 1.5x transformers'
+    own bf16 eager; gradients reach every parameter in bf16."""
+    family = next(f for f in FAMILIES if f[2] == class_name)
+    experts = build_experts(*family)
+    call = CALLS.get(class_name, {})
+    x, ids, weights = inputs(experts, **call)
+    experts.to(torch.bfloat16)
+    x = x.to(torch.bfloat16)
+    exact = build_experts(*family)  # fp32 copy of the bf16-rounded parameters
+    exact.load_state_dict({n: p.float() for n, p in experts.state_dict().items()})
+    want, _, _ = run(exact, "eager", x.float(), ids, weights)
+    eager_bf16, _, _ = run(experts, "eager", x, ids, weights)
+    calls = Calls(monkeypatch)
+    got, grads, fallback_warnings = run(experts, "moe_ext", x, ids, weights)
+    assert calls.count == 1 and not fallback_warnings and got.dtype == torch.bfloat16
+    err, eager_err = rel(got, want), rel(eager_bf16, want)
+    assert err <= BF16_RTOL and err <= 1.5 * eager_err + 2.0 ** -8, f"bf16: {err:.3g} (eager bf16: {eager_err:.3g})"
+    assert all(grads[n] is not None and grads[n].dtype == p.dtype for n, p in experts.named_parameters())
