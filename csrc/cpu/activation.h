@@ -80,8 +80,9 @@ static inline vec activate_vec(const moe_ext::Activation& a, vec z, vec up) {
 
 // dst[i] = activation(gate[i * stride]) (times up[i * stride] for the gated ones; `up` is ignored
 // otherwise), i < n. stride 2 reads interleaved g0 u0 g1 u1 ... (gate = row, up = row + 1).
-static inline void activate_row(const moe_ext::Activation& a, const float* gate, const float* up, int64_t stride,
-                                int64_t n, float* dst) {
+static inline void activate_row(const moe_ext::Activation& activation, const float* gate, const float* up,
+                                int64_t stride, int64_t n, float* dst) {
+  const moe_ext::Activation a = activation;  // a local copy: stores to dst cannot alias its fields
   int64_t i = 0;
   if (stride == 1)
     for (; i + kLanes <= n; i += kLanes) store(dst + i, activate_vec(a, load(gate + i), a.gated ? load(up + i) : vec{}));

@@ -88,8 +88,9 @@ void block_grad(const Activation& a, const float* da, const float* z_in, const f
 }
 
 // One row: gate/z at z[i * stride], up at up[i * stride], gradients to dz / du at the same places.
-void row_grad(const Activation& a, const float* da, const float* z, const float* up, int64_t stride, int64_t f,
-              float* dz, float* du) {
+void row_grad(const Activation& activation, const float* da, const float* z, const float* up, int64_t stride,
+              int64_t f, float* dz, float* du) {
+  const Activation a = activation;  // a local copy: stores to dz / du cannot alias its fields
   int64_t i = 0;
   if (stride == 1)
     for (; i + kLanes <= f; i += kLanes)
