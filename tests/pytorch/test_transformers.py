@@ -1,7 +1,7 @@
 """The Hugging Face transformers backend (moe_ext.torch.hf, SPEC §7): `experts_implementation="moe_ext"`.
 
-Tiny randomly initialised models built from configs (no download) of Mixtral, Qwen3-MoE, OLMoE and
-DeepSeek-V3 (2 layers, both MoE, hidden 64, vocab 128), run with transformers' eager experts and with
+Tiny randomly initialised models built from configs (no download) of Mixtral, Qwen3-MoE, OLMoE,
+DeepSeek-V3 and GPT-OSS (2 layers, both MoE, hidden 64, vocab 128), run with transformers' eager experts and with
 moe_ext's, must agree:
 - fp32 logits: relative error (Frobenius norm over all logits) <= FP32_RTOL;
 - gradients of every parameter (expert weights, routers, attention, embeddings) of a causal-LM loss:
@@ -12,9 +12,12 @@ moe_ext's, must agree:
 - `from_pretrained(..., experts_implementation="moe_ext")` from a saved checkpoint gives the same logits;
 - no weight copy: the backend hands the experts' parameters themselves to moe_ext.torch.experts and no
   parameter's storage changes.
-Variants moe_ext cannot run (biases, transposed weights, tanh gelu, float64, ...) fall back to the eager
-forward (bit-identical output) with a warning. The kernels' tiers are covered by the op tests: these run
-once (PER_TIER = False) on the default tier, to keep the file fast.
+GPT-OSS (biases, transposed [E, in, out] weights, interleaved gate/up, its clamped alpha-scaled +1 gate) and
+tanh-approximated gelu run on moe_ext too; variants moe_ext cannot run (float64, a post-expert norm, a gate
+no activation description reproduces, ...) fall back to the eager forward (bit-identical output) with a
+warning. Every experts class of transformers: test_hf_families.py.
+The kernels' tiers are covered by the op tests: these run once (PER_TIER = False) on the default tier, to
+keep the file fast.
 """
 import math
 import subprocess
@@ -44,7 +47,7 @@ FP32_RTOL = 1e-5
 # within 1.5x of transformers' own bf16 eager worst token (no error of its own beyond bf16 rounding).
 BF16_RTOL = 8 * 2.0 ** -8
 BF16_VS_EAGER = 1.5
-ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3")
+ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=128, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
@@ -118,13 +121,16 @@ class Spy:
         return self.real(x, w13_or_w1, w2, topk_weights, topk_ids, **kw)
 
     def check_no_copy(self, model):
-        """Every call got the parameters of one of the model's experts modules, the objects themselves."""
+        """Every call got the parameters of one of the model's experts modules: the objects themselves, or
+        (is_transposed experts) their transposed views, which share the parameter's memory."""
         params = {(id(m.gate_up_proj if hasattr(m, "gate_up_proj") else m.up_proj), id(m.down_proj))
                   for m in experts_modules(model)}
         assert self.calls, "moe_ext.torch.experts was never called"
         for w_in, w2, _ in self.calls:
-            assert (id(w_in), id(w2)) in params, "the backend passed something other than the parameters"
-            assert isinstance(w_in, torch.nn.Parameter) and isinstance(w2, torch.nn.Parameter)
+            base_in, base_2 = (w if w._base is None else w._base for w in (w_in, w2))
+            assert (id(base_in), id(base_2)) in params, "the backend passed something other than the parameters"
+            assert isinstance(base_in, torch.nn.Parameter) and isinstance(base_2, torch.nn.Parameter)
+            assert w_in.data_ptr() == base_in.data_ptr() and w2.data_ptr() == base_2.data_ptr()
 
 
 def logits_and_grads(model, ids, implementation):
@@ -304,9 +310,11 @@ def test_geglu_model_runs_on_moe_ext(monkeypatch):
     assert rel(got, want) <= FP32_RTOL
 
 
-@pytest.mark.parametrize("act", ["relu", "gelu"])
-def test_non_gated_experts(act, monkeypatch):
-    """Non-gated experts (has_gate=False: up_proj [E, f, d], as Nemotron-H) with relu or exact gelu."""
+@pytest.mark.parametrize("act, activation", [("relu", "relu"), ("gelu", "gelu"), ("relu2", "relu2"),
+                                             ("gelu_pytorch_tanh", "gelu_tanh")])
+def test_non_gated_experts(act, activation, monkeypatch):
+    """Non-gated experts (has_gate=False: up_proj [E, f, d], as Nemotron-H) with relu, exact gelu, relu²
+    (Nemotron-H's default) or tanh gelu."""
     from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
     cfg = transformers.NemotronHConfig(hidden_size=64, n_routed_experts=6, moe_intermediate_size=40,
                                        num_experts_per_tok=2, mlp_hidden_act=act)
@@ -323,7 +331,7 @@ def test_non_gated_experts(act, monkeypatch):
     spy = Spy(monkeypatch)
     want, want_g = _module_grads(hf._eager_forward(experts), experts, x, ids, w)
     got, got_g = _module_grads(hf.experts_forward, experts, x, ids, w)
-    assert [a for _, _, a in spy.calls] == [act]
+    assert [a for _, _, a in spy.calls] == [activation]
     assert rel(got, want) <= FP32_RTOL
     for name in want_g:
         assert rel(got_g[name], want_g[name]) <= FP32_RTOL, name
@@ -342,16 +350,46 @@ def _assert_falls_back(model, ids, reason, monkeypatch):
     assert torch.equal(got, want)  # the eager forward itself: bit-identical
 
 
-def test_fallback_tanh_gelu(monkeypatch):
-    model = build("mixtral", hidden_act="gelu_pytorch_tanh")
-    assert "GELUTanh" in hf.fallback_reason(experts_modules(model)[0])
-    _assert_falls_back(model, tokens(), "GELUTanh", monkeypatch)
+@pytest.mark.parametrize("hidden_act, activation", [("gelu_pytorch_tanh", "geglu_tanh"), ("gelu_new", "geglu_tanh"),
+                                                    ("gelu_fast", "geglu_tanh"), ("relu2", "gated=True"),
+                                                    ("quick_gelu", "swiglu(alpha=1.702)")])
+def test_other_activations_run_on_moe_ext(hidden_act, activation, monkeypatch):
+    """tanh-approximated gelu (three spellings), relu² and quick_gelu gated experts: descriptions
+    verified on the module's own act_fn."""
+    model = build("mixtral", hidden_act=hidden_act)
+    ids = tokens()
+    want, want_grads = logits_and_grads(model, ids, "eager")
+    spy = Spy(monkeypatch)
+    got, got_grads = logits_and_grads(model, ids, "moe_ext")
+    spy.check_no_copy(model)
+    assert all(activation in a for _, _, a in spy.calls), [a for _, _, a in spy.calls]
+    assert rel(got, want) <= FP32_RTOL
+    for name in want_grads:
+        assert rel(got_grads[name], want_grads[name]) <= FP32_RTOL, name
 
 
-def test_fallback_gpt_oss_biases_transposed_interleaved(monkeypatch):
-    """GPT-OSS experts: biases, transposed [E, in, out] weights, interleaved gate/up, custom gate."""
-    model = build("gpt_oss")
-    _assert_falls_back(model, tokens(), "expert biases", monkeypatch)
+def test_gpt_oss_runs_on_moe_ext(monkeypatch):
+    """GPT-OSS experts: biases, transposed [E, in, out] weights (passed as views, no copy), interleaved
+    gate/up, and its gate min(g, L) * sigmoid(alpha * min(g, L)) * (clip(u, -L, L) + 1). A small limit
+    (swiglu_limit=1) makes the clamps matter; logits and every gradient against eager."""
+    model = build("gpt_oss", swiglu_limit=1.0)
+    with torch.no_grad():
+        for m in experts_modules(model):
+            m.gate_up_proj_bias.normal_(0.0, 0.5)
+            m.down_proj_bias.normal_(0.0, 0.5)
+    ids = tokens()
+    ptrs = {name: p.data_ptr() for name, p in model.named_parameters()}
+    want, want_grads = logits_and_grads(model, ids, "eager")
+    spy = Spy(monkeypatch)
+    got, got_grads = logits_and_grads(model, ids, "moe_ext")
+    spy.check_no_copy(model)
+    assert {a for _, _, a in spy.calls} == {"swiglu(alpha=1.702,limit=1.0,up_offset=1.0,interleaved)"}
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == ptrs
+    assert rel(got, want) <= FP32_RTOL, f"logits: relative error {rel(got, want):.3g}"
+    assert any(n.endswith("down_proj_bias") for n in want_grads)
+    for name in want_grads:
+        assert rel(got_grads[name], want_grads[name]) <= FP32_RTOL, \
+            f"grad of {name}: relative error {rel(got_grads[name], want_grads[name]):.3g}"
 
 
 def test_fallback_float64(monkeypatch):
@@ -360,9 +398,11 @@ def test_fallback_float64(monkeypatch):
 
 
 @pytest.mark.parametrize("flag, value, reason", [
-    ("has_bias", True, "biases"), ("is_transposed", True, "transposed"),
-    ("is_concatenated", False, "interleaved"), ("has_post_expert_norm", True, "norm after each expert")])
+    ("has_bias", True, "has_bias without"), ("is_transposed", True, "do not match"),
+    ("has_post_expert_norm", True, "norm after each expert")])
 def test_fallback_flags(flag, value, reason):
+    """Flags the module's tensors contradict (a bias flag without bias tensors, [E, out, in] weights read
+    as transposed) and a post-expert norm: the eager forward."""
     experts = experts_modules(build("mixtral"))[0]
     setattr(experts, flag, value)
     assert reason in hf.fallback_reason(experts)
@@ -375,10 +415,96 @@ def test_fallback_flags(flag, value, reason):
     assert torch.equal(got, hf._eager_forward(experts)(experts, x, ids, w))
 
 
+def test_interleaved_flag_with_the_default_gate_runs_concatenated():
+    """is_concatenated=False describes the weights, but transformers' default gate splits [gate | up]
+    (its grouped_mm backend does the same): the probe finds "swiglu", not an interleaved description."""
+    experts = experts_modules(build("mixtral"))[0]
+    experts.is_concatenated = False
+    assert hf.fallback_reason(experts) is None and hf.activation_of(experts) == "swiglu"
+
+
 def test_fallback_custom_gate():
     experts = experts_modules(build("mixtral"))[0]
     experts._apply_gate = lambda h: h[:, :h.shape[1] // 2]  # anything but the default split-act-multiply
     assert "_apply_gate" in hf.fallback_reason(experts)
+
+
+def test_fallback_limit_after_the_activation():
+    """A gate that clamps after the activation, min(silu(g), L) * clip(u, +-L) (BailingHybrid / Step3p7
+    with a limit), is no description: the probe, whose values straddle L, tells it from silu(min(g, L))."""
+    experts = experts_modules(build("mixtral"))[0]
+    experts.limit = 2.0
+    experts._apply_gate = lambda h: (torch.nn.functional.silu(h.chunk(2, -1)[0]).clamp(max=2.0)
+                                     * h.chunk(2, -1)[1].clamp(-2.0, 2.0))
+    assert "_apply_gate" in hf.fallback_reason(experts)
+
+
+def test_custom_gate_verified_and_redecided_when_its_attributes_change():
+    """An instance's own clamped gate is verified (swiglu(limit=L)); changing L re-decides. (Compared with
+    transformers' batched_mm backend, which calls _apply_gate, as moe_ext follows it.)"""
+    experts = experts_modules(build("mixtral"))[0]
+    F = torch.nn.functional
+
+    def gate(h):
+        g, u = h.chunk(2, -1)
+        return F.silu(g.clamp(max=experts.limit)) * u.clamp(-experts.limit, experts.limit)
+
+    experts._apply_gate = gate
+    experts.limit = 3.0
+    assert hf.activation_of(experts) == "swiglu(limit=3.0)"
+    experts.limit = 0.5
+    assert hf.activation_of(experts) == "swiglu(limit=0.5)"
+    x = 2 * torch.randn(7, 64)
+    ids = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [1, 0], [0, 2], [3, 1]])
+    w = torch.rand(7, 2)
+    # Mixtral's own eager forward does not call _apply_gate; transformers' batched_mm backend does
+    from transformers.integrations.moe import batched_mm_experts_forward
+    want = batched_mm_experts_forward(experts, x, ids, w)
+    assert rel(hf.experts_forward(experts, x, ids, w), want) <= FP32_RTOL
+
+
+def test_static_description_agrees_with_the_probe():
+    """Under torch.compile the default gate is decided from the act_fn's type alone (no probe): for every
+    transformers activation name that maps, the static description is the one the probe verifies."""
+    from transformers.activations import ACT2FN
+    experts = experts_modules(build("mixtral"))[0]
+    mapped = 0
+    for name in ACT2FN:
+        try:
+            experts.act_fn = ACT2FN[name]
+        except Exception:  # noqa: BLE001  (activations needing arguments or packages)
+            continue
+        static = hf._static_description(experts, True)
+        if static is not None:
+            mapped += 1
+            assert hf.activation_of(experts) == static, name
+    assert mapped >= 8
+
+
+def test_torch_compile_fullgraph_default_gate_without_an_eager_call(monkeypatch):
+    """The default gate with a known act_fn is decided from its type while torch.compile traces (no
+    probe, no eager call first): it runs on moe_ext, not the fallback."""
+    experts = experts_modules(build("mixtral"))[0]
+    experts.config._experts_implementation = "moe_ext"
+    x = torch.randn(6, 64)
+    ids = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [1, 0], [0, 2]])
+    w = torch.rand(6, 2)
+    spy = Spy(monkeypatch)
+    got = torch.compile(experts, fullgraph=True, backend="aot_eager")(x, ids, w)
+    assert spy.calls and "_moe_ext_activation" not in vars(experts)
+    assert rel(got, hf._eager_forward(experts)(experts, x, ids, w)) <= FP32_RTOL
+
+
+def test_torch_compile_fullgraph_gpt_oss_experts():
+    """The backend traces with fullgraph=True once the module's activation is decided (one eager call)."""
+    experts = experts_modules(build("gpt_oss", swiglu_limit=1.0))[0]
+    experts.config._experts_implementation = "moe_ext"
+    x = torch.randn(6, 64)
+    ids = torch.tensor([[0, 1], [1, 2], [3, 0], [2, 3], [1, 0], [0, 2]])
+    w = torch.rand(6, 2)
+    want = experts(x, ids, w)
+    compiled = torch.compile(experts, fullgraph=True, backend="aot_eager")
+    assert rel(compiled(x, ids, w), want) <= FP32_RTOL
 
 
 # --------------------------------------------------------------------------------------------------

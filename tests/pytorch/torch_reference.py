@@ -21,21 +21,31 @@ def route_weights(x, w_router, topk_ids, *, scoring="softmax", renormalize=True,
 
 
 def activation(h, act):
-    if act in GATED:
-        f = h.shape[1] // 2
-        gate, up = h[:, :f], h[:, f:]
-        return (F.silu(gate) if act == "swiglu" else F.gelu(gate)) * up
-    return F.relu(h) if act == "relu" else F.gelu(h)
+    """A moe_ext activation description (preset name, canonical string or moe_ext.Activation): gated ones
+    act(gate) * (up + up_offset) with gate/up concatenated or interleaved and clamped by the limit."""
+    import moe_ext
+    a = moe_ext.activation_from(act)
+    fn = {"silu": lambda z: z * torch.sigmoid(a.alpha * z), "gelu": F.gelu,
+          "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu,
+          "relu2": lambda z: F.relu(z) ** 2}[a.fn]
+    if not a.gated:
+        return fn(h)
+    f = h.shape[1] // 2
+    gate, up = (h[:, 0::2], h[:, 1::2]) if a.interleaved else (h[:, :f], h[:, f:])
+    if a.limit is not None:
+        gate, up = gate.clamp(max=a.limit), up.clamp(-a.limit, a.limit)
+    return fn(gate) * (up + a.up_offset)
 
 
-def experts(x, w13, w2, topk_weights, topk_ids, act="swiglu"):
-    """The HF-style loop over experts, in the dtype of the inputs."""
+def experts(x, w13, w2, topk_weights, topk_ids, act="swiglu", b13=None, b2=None):
+    """The HF-style loop over experts, in the dtype of the inputs (optional expert biases)."""
     y = torch.zeros_like(x)
     for e in range(w2.shape[0]):
         token, slot = torch.where(topk_ids == e)
         if token.numel() == 0:
             continue
-        out = activation(x[token] @ w13[e].t(), act) @ w2[e].t()
+        h = x[token] @ w13[e].t() + (0 if b13 is None else b13[e])
+        out = activation(h, act) @ w2[e].t() + (0 if b2 is None else b2[e])
         y = y.index_add(0, token, out * topk_weights[token, slot, None])
     return y
 

@@ -2,8 +2,11 @@
 functional API on tensors, and the nn.Module `MoE`. Needs torch (`import moe_ext` does not).
 
 Ops (torch.ops.moe_ext.<name>): route, permute, grouped_gemm, activation, unpermute, experts, moe, and
-the backward ops grouped_gemm_backward, activation_backward, unpermute_backward, permute_backward.
-float32, bfloat16 and float16 tensors (scores and top-k weights float32). Semantics: docs/api.md.
+the backward ops grouped_gemm_backward, activation_backward, unpermute_backward, permute_backward,
+bias_grad; schemas with the functional API's defaults. Activations are descriptions (moe_ext.Activation,
+passed to the ops as its canonical string), experts may have biases, and expert weights may be transposed
+views of contiguous [E, K, N] tensors (read in place). float32, bfloat16 and float16 tensors (scores and
+top-k weights float32). Semantics: docs/api.md §8.
 """
 import torch  # noqa: F401  (a clear ImportError here when torch is missing)
 

@@ -13,6 +13,9 @@ Adaptations, all so that a CUDA call returns what the CPU kernel returns on the 
   on the device); the op's contract is the kept rows only (M = T*k - dropped), so the kept count is read
   back (one host synchronisation, capacity only) and the padding cut off;
 * backward ops return [0, ...] tensors for gradients not asked for (moe_ext.cuda returns None);
+* the CUDA kernels take the preset activations without expert biases: a bias is a ValueError here (the
+  transformers backend sends such experts to their eager forward on CUDA), another description is
+  moe_ext.cuda's ValueError; defaults as the ops' schemas (torch leaves trailing defaults out);
 * value checks of moe_ext.cuda stay on (check_ids, check_offsets): a bad id or offset is a ValueError,
   as on CPU, never an out-of-bounds access on the device (the price: a small read-back per call).
   Under CUDA graph capture (serving engines capture decode) the read-back is impossible: the checks
@@ -47,14 +50,15 @@ def _common(*ts):
     return [t.contiguous() if same else t.float().contiguous() for t in ts]
 
 
-def route(x, w_router, top_k, scoring, renormalize, scale, bias, correction_bias, n_group, topk_group):
+def route(x, w_router, top_k, scoring="softmax", renormalize=True, scale=1.0, bias=None, correction_bias=None,
+          n_group=None, topk_group=None):
     x, w_router = _common(x, w_router)
     return _k.route(x, w_router, top_k, scoring=scoring, renormalize=renormalize, scale=scale, bias=_f32(bias),
                     correction_bias=_f32(correction_bias), n_group=n_group, topk_group=topk_group,
                     return_probs=True)
 
 
-def permute(x, topk_ids, num_experts, capacity):
+def permute(x, topk_ids, num_experts, capacity=None):
     if capacity is not None and _k._capturing():
         raise RuntimeError("moe_ext::permute with capacity returns only the kept rows, a number known after the "
                            "kernels ran: it cannot be captured in a CUDA graph (experts and moe with capacity can)")
@@ -66,12 +70,20 @@ def permute(x, topk_ids, num_experts, capacity):
     return x_perm, offsets, perm_rows
 
 
-def grouped_gemm(a, w, expert_offsets):
+def _no_biases(**biases):
+    """The CUDA kernels take no expert biases yet (moe_ext.torch.hf runs such experts eagerly on CUDA)."""
+    for name, bias in biases.items():
+        if bias is not None:
+            raise ValueError(f"{name}: expert biases are not supported by the CUDA kernels; got a tensor")
+
+
+def grouped_gemm(a, w, expert_offsets, bias=None):
+    _no_biases(bias=bias)
     a2, w2 = _common(a, w)
     return _k.grouped_gemm(a2, w2, _i32(expert_offsets)).to(a.dtype)
 
 
-def activation(h, activation):
+def activation(h, activation="swiglu"):
     return _k.activate(_c(h), activation)
 
 
@@ -79,26 +91,28 @@ def unpermute(y_perm, perm_rows, topk_weights):
     return _k.unpermute(_c(y_perm), _i32(perm_rows), _f32(topk_weights))
 
 
-def experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity):
+def experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation="swiglu", capacity=None, b13_or_b1=None, b2=None):
+    _no_biases(b13_or_b1=b13_or_b1, b2=b2)
     x2, w13, w2 = _common(x, w13_or_w1, w2)
     return _k.experts(x2, w13, w2, _f32(topk_weights), _c(topk_ids), activation=activation,
                       capacity=capacity).to(x.dtype)
 
 
-def moe(x, w_router, w13_or_w1, w2, top_k, activation, scoring, renormalize, scale, bias, correction_bias,
-        n_group, topk_group, capacity):
+def moe(x, w_router, w13_or_w1, w2, top_k, activation="swiglu", scoring="softmax", renormalize=True, scale=1.0,
+        bias=None, correction_bias=None, n_group=None, topk_group=None, capacity=None, b13_or_b1=None, b2=None):
+    _no_biases(b13_or_b1=b13_or_b1, b2=b2)
     x2, w_router, w13, w2 = _common(x, w_router, w13_or_w1, w2)
     return _k.moe(x2, w_router, w13, w2, top_k, activation=activation, scoring=scoring, renormalize=renormalize,
                   scale=scale, bias=_f32(bias), correction_bias=_f32(correction_bias), n_group=n_group,
                   topk_group=topk_group, capacity=capacity).to(x.dtype)
 
 
-def activation_backward(grad_act, h, activation):
+def activation_backward(grad_act, h, activation="swiglu"):
     h2, g = _common(h, grad_act)
     return _k.activation_backward(h2, g, activation).to(h.dtype)  # note: moe_ext.cuda takes (h, d_act)
 
 
-def grouped_gemm_backward(grad_out, a, w, expert_offsets, need_a, need_w):
+def grouped_gemm_backward(grad_out, a, w, expert_offsets, need_a=True, need_w=True):
     g, a2, w2 = _common(grad_out, a, w)
     d_a, d_w = _k.grouped_gemm_backward(g, a2, w2, _i32(expert_offsets), need_a=need_a, need_w=need_w)
     (M, K), (E, N, _) = a.shape, w.shape

@@ -38,14 +38,16 @@ def permute(x, topk_ids, num_experts, *, capacity=None) -> PermuteResult:
     return PermuteResult(*torch.ops.moe_ext.permute(x, topk_ids, int(num_experts), capacity))
 
 
-def grouped_gemm(a, w, expert_offsets) -> Tensor:
-    """out[rows of e] = a[rows of e] @ w[e]^T."""
-    return torch.ops.moe_ext.grouped_gemm(a, w, expert_offsets)
+def grouped_gemm(a, w, expert_offsets, *, bias=None) -> Tensor:
+    """out[rows of e] = a[rows of e] @ w[e]^T (+ bias[e]). w [E, N, K], or the transposed view
+    `w_t.transpose(1, 2)` of a contiguous [E, K, N] tensor (no copy); bias [E, N]."""
+    return torch.ops.moe_ext.grouped_gemm(a, w, expert_offsets, bias)
 
 
 def activation(h, activation="swiglu") -> Tensor:
-    """act(gate) * up on h = [gate | up] for swiglu/geglu, act(h) for relu/gelu."""
-    return torch.ops.moe_ext.activation(h, activation)
+    """The activation description (preset name, canonical string or moe_ext.Activation) on h: gated
+    descriptions take h [M, 2f] to act(gate) * (up + up_offset) [M, f], the others act elementwise."""
+    return torch.ops.moe_ext.activation(h, _ops._spec(activation))
 
 
 def unpermute(y_perm, perm_rows, topk_weights) -> Tensor:
@@ -61,35 +63,43 @@ def _flat(x):
     return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
 
 
-def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None) -> Tensor:
+def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None, b13_or_b1=None,
+            b2=None) -> Tensor:
     """The expert FFNs over given routing: x [..., d] -> y [..., d]. topk_weights [T, k] of any float
-    dtype (computed in float32), topk_ids [T, k] int32 or int64 (T = number of rows of x)."""
+    dtype (computed in float32), topk_ids [T, k] int32 or int64 (T = number of rows of x). `activation`:
+    a preset name, canonical string or moe_ext.Activation. Weights [E, N, K] or transposed views of
+    contiguous [E, K, N] tensors (no copy); optional biases b13_or_b1 [E, 2f or f] and b2 [E, d]."""
     shape = x.shape
     x = _flat(x)
     k = topk_ids.shape[-1]
     topk_weights = topk_weights.reshape(x.shape[0], k).float()
     topk_ids = topk_ids.reshape(x.shape[0], k)
-    if not _needs_grad(x, w13_or_w1, w2, topk_weights):
-        return torch.ops.moe_ext.experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation,
-                                         capacity).reshape(shape)
+    activation = _ops._spec(activation)
+    if not _needs_grad(x, w13_or_w1, w2, topk_weights, b13_or_b1, b2):
+        return torch.ops.moe_ext.experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity,
+                                         b13_or_b1, b2).reshape(shape)
     x_perm, offsets, perm_rows = permute(x, topk_ids, w2.shape[0], capacity=capacity)
-    h = grouped_gemm(x_perm, w13_or_w1, offsets)
-    y_perm = grouped_gemm(torch.ops.moe_ext.activation(h, activation), w2, offsets)
+    h = grouped_gemm(x_perm, w13_or_w1, offsets, bias=b13_or_b1)
+    y_perm = grouped_gemm(torch.ops.moe_ext.activation(h, activation), w2, offsets, bias=b2)
     return unpermute(y_perm, perm_rows, topk_weights).reshape(shape)
 
 
 def moe(x, w_router, w13_or_w1, w2, top_k, *, activation="swiglu", scoring="softmax", renormalize=True,
-        scale=1.0, bias=None, correction_bias=None, n_group=None, topk_group=None, capacity=None) -> Tensor:
-    """The fused MoE layer: route, then experts. x [..., d] -> y [..., d]."""
+        scale=1.0, bias=None, correction_bias=None, n_group=None, topk_group=None, capacity=None, b13_or_b1=None,
+        b2=None) -> Tensor:
+    """The fused MoE layer: route, then experts. x [..., d] -> y [..., d]. `bias` is the router's bias,
+    b13_or_b1 / b2 the experts' (see experts)."""
     shape = x.shape
     x = _flat(x)
-    if not _needs_grad(x, w_router, w13_or_w1, w2, bias):
+    activation = _ops._spec(activation)
+    if not _needs_grad(x, w_router, w13_or_w1, w2, bias, b13_or_b1, b2):
         return torch.ops.moe_ext.moe(x, w_router, w13_or_w1, w2, int(top_k), activation, scoring,
                                      bool(renormalize), float(scale), bias, correction_bias, n_group, topk_group,
-                                     capacity).reshape(shape)
+                                     capacity, b13_or_b1, b2).reshape(shape)
     weights, ids, _ = route(x, w_router, top_k, scoring=scoring, renormalize=renormalize, scale=scale, bias=bias,
                             correction_bias=correction_bias, n_group=n_group, topk_group=topk_group)
-    return experts(x, w13_or_w1, w2, weights, ids, activation=activation, capacity=capacity).reshape(shape)
+    return experts(x, w13_or_w1, w2, weights, ids, activation=activation, capacity=capacity, b13_or_b1=b13_or_b1,
+                   b2=b2).reshape(shape)
 
 
 def load_balancing_loss(probs, topk_ids, num_experts) -> Tensor:

@@ -17,16 +17,29 @@ registered at once; otherwise a one-shot import hook registers it the moment
 transformers, and the order of the two imports does not matter. Without transformers nothing happens.
 `register()` registers explicitly (idempotent).
 
-What runs on moe_ext: experts modules in transformers' standard layout, i.e. `gate_up_proj [E, 2f, d]`
-(rows 0..f-1 gate, f..2f-1 up; moe_ext's w13) or `up_proj [E, f, d]` for non-gated experts, and
-`down_proj [E, d, f]` (w2), no biases, no post-expert norm, the default gate, an activation moe_ext has
-(silu -> "swiglu", exact erf gelu -> "geglu" when gated; relu / exact gelu when not), CPU tensors (or
-CUDA tensors in a build with the CUDA kernels, moe_ext.torch._cuda.REGISTERED) of dtype float32,
-bfloat16 or float16 (the module's dtype; hidden states of the same dtype). The parameters themselves are
-handed to the kernels: no weight copy is made here.
-Anything else (biases, transposed or interleaved weights, tanh-approximated gelu, other activations,
-custom `_apply_gate`, a post-expert norm, DTensor-sharded weights, other devices or dtypes) runs the
-module's own eager forward instead, with one warning per experts class and reason: never something else.
+How an experts module is mapped (transformers' `use_experts_implementation` flags and attributes):
+* weights: `gate_up_proj` (has_gate) or `up_proj`, and `down_proj`, [E, out, in]; with is_transposed
+  ([E, in, out]) the views `w.transpose(1, 2)` are passed, which moe_ext takes without a copy. The
+  parameters themselves (or those views of them) reach the kernels: no weight copy is made here.
+* has_bias: `gate_up_proj_bias` / `up_proj_bias` [E, 2f or f] and `down_proj_bias` [E, d].
+* the activation, as a moe_ext.Activation description: candidates are built from the module's attributes
+  (its `act_fn`, `alpha`/`swiglu_alpha`, `limit`/`swiglu_limit`, is_concatenated) and each is VERIFIED
+  against the module's own code: its `_apply_gate` (gated) or `act_fn` (not gated) runs on a small float64
+  probe whose values straddle the clamp limit, and the first description that gives the same values
+  (to 1e-12 relative; 1e-5 when the gate itself computes in float32) is used. This covers the default
+  gate with silu / exact gelu / tanh-approximated gelu ("gelu_pytorch_tanh", "gelu_new", "gelu_fast",
+  nn.GELU(approximate="tanh")) / relu / relu² (ReLUSquaredActivation) / quick_gelu, gpt-oss's clamped,
+  alpha-scaled, +1, interleaved gate, and the clamped SwiGLU of DeepSeek-V4 / HY-V4 / GLM-5-Next. The
+  decision is cached on the module (recomputed when the attributes it was made from change); the probe
+  never runs inside torch.compile (an undecided custom gate falls back there: run one forward eagerly
+  first). The default gate with an act_fn of a known type is decided without a probe.
+* dtypes float32, bfloat16, float16 (the module's, hidden states of the same dtype); CPU tensors (or CUDA
+  tensors in a build with the CUDA kernels, moe_ext.torch._cuda.REGISTERED, for preset activations
+  without biases).
+Anything else runs the module's own eager forward instead, with one warning per experts class and reason
+(never something else): a post-expert norm (has_post_expert_norm), a gate no description reproduces
+(e.g. a softcapped SwiGLU, or a limit applied after the activation), DTensor-sharded weights, other
+devices or dtypes.
 
 Expert-parallel sentinels: under transformers' expert parallelism `top_k_index` may hold `num_experts`
 (an expert on another rank) with weight 0. Those copies are given expert 0 and weight 0 (with a gradient
@@ -34,19 +47,19 @@ of 0 for that weight), which leaves the result unchanged for finite expert outpu
 """
 import importlib.abc
 import importlib.util
+import math
 import sys
 import threading
 import warnings
 
 import torch
 
+import moe_ext
+
 NAME = "moe_ext"
 _INTERFACE_MODULE = "transformers.integrations.moe"
-
-# (HF activation, gated) -> moe_ext activation
-_ACTIVATIONS = {("silu", True): "swiglu", ("gelu", True): "geglu",
-                ("relu", False): "relu", ("gelu", False): "gelu"}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PRESETS_CUDA = ("swiglu", "geglu", "relu", "gelu")  # what moe_ext.cuda's kernels take
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,7 +72,7 @@ def experts_forward(self, hidden_states, top_k_index, top_k_weights):
     if isinstance(plan, str):
         _warn_fallback(type(self), plan)
         return _eager_forward(self)(self, hidden_states, top_k_index, top_k_weights)
-    activation, w_in, w2 = plan
+    activation, w_in, w2, b_in, b2 = plan
     num_experts = w_in.shape[0]
     # Expert-parallel sentinels (id == num_experts, weight 0): a valid id with weight 0 contributes
     # nothing; masked_fill also gives their weight a zero gradient, as eager (which skips them) does.
@@ -67,7 +80,8 @@ def experts_forward(self, hidden_states, top_k_index, top_k_weights):
     ids = top_k_index.masked_fill(sentinel, 0)
     weights = top_k_weights.to(torch.float32).masked_fill(sentinel, 0.0)  # SPEC §2: weights are f32
     from moe_ext import torch as moe_torch  # at call time: moe_ext.torch imports this module
-    y = moe_torch.experts(hidden_states.contiguous(), w_in, w2, weights, ids, activation=activation)
+    y = moe_torch.experts(hidden_states.contiguous(), w_in, w2, weights, ids, activation=activation,
+                          b13_or_b1=b_in, b2=b2)
     return y.to(hidden_states.dtype)
 
 
@@ -78,81 +92,252 @@ def fallback_reason(experts_module, hidden_states=None):
     return plan if isinstance(plan, str) else None
 
 
+def activation_of(experts_module):
+    """The moe_ext activation description (canonical string) moe_ext runs `experts_module` with, or None
+    when no description reproduces its gate / activation (it then falls back)."""
+    decision = _activation(experts_module, bool(getattr(experts_module, "has_gate", True)))
+    return None if decision.startswith("!") else decision
+
+
 def _plan(self, hidden_states):
-    """(moe_ext activation, w13_or_w1, w2) for a module moe_ext runs as it is, else the reason why not."""
-    for flag, wrong, reason in (("has_bias", True, "expert biases"),
-                                ("is_transposed", True, "transposed expert weights ([E, in, out])"),
-                                ("is_concatenated", False, "interleaved gate/up rows"),
-                                ("has_post_expert_norm", True, "a norm after each expert")):
-        if bool(getattr(self, flag, not wrong)) == wrong:
-            return reason
+    """(activation, w13_or_w1, w2, b13_or_b1, b2) to run `self` on moe_ext, else the reason why not."""
+    if bool(getattr(self, "has_post_expert_norm", False)):
+        return "a norm after each expert (has_post_expert_norm)"
     gated = bool(getattr(self, "has_gate", True))
-    # the class's gate must be transformers' default (split, act(gate) * up), and no instance override;
-    # (looked up on the class and in vars(): comparing a bound method's __func__ does not trace in dynamo)
-    if gated and (getattr(type(self), "_apply_gate", None) is not _default_apply_gate()
-                  or "_apply_gate" in vars(self)):
-        return "a custom gate (_apply_gate)"
-    act = _activation_name(getattr(self, "act_fn", None))
-    activation = _ACTIVATIONS.get((act, gated))
-    if activation is None:
-        what = act or type(getattr(self, "act_fn", None)).__name__
-        return f"activation {what} ({'gated' if gated else 'not gated'}) is not one of moe_ext's"
-    w_in = getattr(self, "gate_up_proj" if gated else "up_proj", None)
-    w2 = getattr(self, "down_proj", None)
-    if not isinstance(w_in, torch.Tensor) or not isinstance(w2, torch.Tensor):
-        return "no gate_up_proj/up_proj and down_proj tensors"
-    if _is_dtensor(w_in) or _is_dtensor(w2):
-        return "DTensor (sharded) expert weights"
-    if w_in.dim() != 3 or w2.dim() != 3:
-        return "expert weights that are not [E, out, in]"
-    E, rows, d = w_in.shape
-    f = rows // 2 if gated else rows
-    if (gated and rows % 2) or tuple(w2.shape) != (E, d, f):
-        return f"expert weight shapes {tuple(w_in.shape)} and {tuple(w2.shape)} that do not match"
-    if getattr(self, "num_experts", E) != E:
-        return f"num_experts {self.num_experts} != the weights' {E} experts"
-    if w_in.dtype not in _DTYPES or w2.dtype != w_in.dtype:
-        return f"expert weights of dtype {w_in.dtype} / {w2.dtype}"
-    if not _device_supported(w_in.device) or w2.device != w_in.device:
+    weights = _weights(self, gated)
+    if isinstance(weights, str):
+        return weights
+    w_in, w2, b_in, b2 = weights
+    tensors = [t for t in (w_in, w2, b_in, b2) if t is not None]
+    if w_in.dtype not in _DTYPES or w2.dtype != w_in.dtype or any(t.dtype not in _DTYPES for t in tensors):
+        return "expert weights (and biases) of dtype " + " / ".join(str(t.dtype) for t in tensors)
+    if not _device_supported(w_in.device) or any(t.device != w_in.device for t in tensors):
         return f"expert weights on {w_in.device}"
     if hidden_states is not None:
+        d = w_in.shape[2]
         if hidden_states.dtype != w_in.dtype:
             return f"hidden states of dtype {hidden_states.dtype} with weights of {w_in.dtype}"
         if hidden_states.device != w_in.device:
             return f"hidden states on {hidden_states.device} with weights on {w_in.device}"
         if hidden_states.dim() != 2 or hidden_states.shape[1] != d:
             return f"hidden states of shape {tuple(hidden_states.shape)} for d = {d}"
-    return activation, w_in, w2
+    activation = _activation(self, gated)
+    if activation.startswith("!"):
+        return activation[1:]
+    if w_in.device.type == "cuda" and (b_in is not None or activation not in _PRESETS_CUDA):
+        return f"activation {activation} or expert biases on CUDA (its kernels take {', '.join(_PRESETS_CUDA)})"
+    return activation, w_in, w2, b_in, b2
 
 
-def _activation_name(act):
-    """"silu", "gelu" (exact, erf), "relu", or None for anything else (tanh gelu included)."""
+def _weights(self, gated):
+    """(w13_or_w1 [E, N, d], w2 [E, d, f], b13_or_b1 [E, N] or None, b2 [E, d] or None), transposed
+    weights as views of the parameters, else the reason the module's tensors cannot run."""
+    w_name = "gate_up_proj" if gated else "up_proj"
+    w_in, w2 = getattr(self, w_name, None), getattr(self, "down_proj", None)
+    if not isinstance(w_in, torch.Tensor) or not isinstance(w2, torch.Tensor):
+        return f"no {w_name} and down_proj tensors"
+    if _is_dtensor(w_in) or _is_dtensor(w2):
+        return "DTensor (sharded) expert weights"
+    if w_in.dim() != 3 or w2.dim() != 3:
+        return "expert weights that are not 3-D [E, out, in] (or [E, in, out] with is_transposed)"
+    if bool(getattr(self, "is_transposed", False)):  # [E, in, out]: the [E, out, in] views, no copy
+        w_in, w2 = w_in.transpose(1, 2), w2.transpose(1, 2)
+    E, rows, d = w_in.shape
+    f = rows // 2 if gated else rows
+    if (gated and rows % 2) or tuple(w2.shape) != (E, d, f):
+        return f"expert weight shapes {tuple(w_in.shape)} and {tuple(w2.shape)} (as [E, out, in]) that do not match"
+    if getattr(self, "num_experts", E) != E:
+        return f"num_experts {self.num_experts} != the weights' {E} experts"
+    b_in = b2 = None
+    if bool(getattr(self, "has_bias", False)):
+        b_in, b2 = getattr(self, w_name + "_bias", None), getattr(self, "down_proj_bias", None)
+        if not isinstance(b_in, torch.Tensor) or not isinstance(b2, torch.Tensor) or _is_dtensor(b_in) \
+                or _is_dtensor(b2):
+            return f"has_bias without {w_name}_bias and down_proj_bias tensors"
+        if tuple(b_in.shape) != (E, rows) or tuple(b2.shape) != (E, d):
+            return f"expert bias shapes {tuple(b_in.shape)} and {tuple(b2.shape)} for weights [E={E}, {rows}, {d}]"
+    return w_in, w2, b_in, b2
+
+
+# --------------------------------------------------------------------------------------------------
+# the activation: candidate descriptions from the module's attributes, verified on a probe
+# --------------------------------------------------------------------------------------------------
+_LIMIT_NAMES = ("limit", "swiglu_limit")
+_ALPHA_NAMES = ("alpha", "swiglu_alpha")
+_QUICK_GELU_ALPHA = 1.702  # transformers' QuickGELUActivation: x * sigmoid(1.702 x)
+_FNS = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
+_PROBES = ((torch.float64, 1e-12), (torch.float32, 1e-5))  # (dtype, relative tolerance) tried in turn
+
+
+def _real_attribute(self, names):
+    for name in names:
+        value = getattr(self, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def _decision_key(self, gated):
+    """What the activation decision depends on: the gate code (class or instance), the act_fn object,
+    the numeric attributes and layout flags. Compared element by element (`is` for the objects)."""
+    gate = vars(self).get("_apply_gate", getattr(type(self), "_apply_gate", None))
+    return (gated, gate, getattr(self, "act_fn", None), _real_attribute(self, _ALPHA_NAMES),
+            _real_attribute(self, _LIMIT_NAMES), bool(getattr(self, "is_concatenated", True)))
+
+
+def _same_key(a, b):
+    return len(a) == len(b) and all(x is y or (type(x) in (bool, float) and x == y) for x, y in zip(a, b))
+
+
+def _activation(self, gated):
+    """The canonical description string, or "!" + the reason none applies. Decided once per module (and
+    again when its key changes); never probed while torch.compile traces."""
+    key = _decision_key(self, gated)
+    cached = vars(self).get("_moe_ext_activation")
+    if cached is not None and _same_key(cached[0], key):
+        return cached[1]
+    if torch.compiler.is_compiling():
+        static = _static_description(self, gated)
+        return static if static is not None else \
+            "!a custom gate not yet verified (the probe does not run under torch.compile: run one forward eagerly)"
+    decision = _verify(self, gated)
+    self.__dict__["_moe_ext_activation"] = (key, decision)  # a plain attribute: not a submodule or buffer
+    return decision
+
+
+def _static_description(self, gated):
+    """The description of transformers' default gate (or a non-gated module) with an act_fn of a known
+    type, without running anything; None otherwise."""
+    if gated and (getattr(type(self), "_apply_gate", None) is not _default_apply_gate()
+                  or "_apply_gate" in vars(self)):
+        return None
+    fn = _static_fn(getattr(self, "act_fn", None))
+    if fn is None:
+        return None
+    name, alpha = fn
+    return moe_ext.Activation(name, gated, alpha=alpha).spec
+
+
+def _static_fn(act):
+    """(fn, alpha) of an act_fn of a known type (torch's or transformers'), else None."""
     F = torch.nn.functional
-    if act in (F.silu,):
-        return "silu"
-    if act in (F.relu,):
-        return "relu"
-    if act in (F.gelu,):  # the function's default is the exact gelu
-        return "gelu"
+    by_function = {F.silu: "silu", F.relu: "relu", F.gelu: "gelu"}  # F.gelu's default is the exact gelu
+    if not isinstance(act, torch.nn.Module):
+        name = by_function.get(act) if callable(act) else None
+        return None if name is None else (name, 1.0)
     kind = type(act)
     if kind is torch.nn.SiLU:
-        return "silu"
+        return "silu", 1.0
     if kind is torch.nn.ReLU:
-        return "relu"
+        return "relu", 1.0
     if kind is torch.nn.GELU:
-        return "gelu" if act.approximate == "none" else None
+        return ("gelu" if act.approximate == "none" else "gelu_tanh"), 1.0
     try:
         from transformers import activations as hf_act
     except ImportError:
         return None
-    if kind is hf_act.SiLUActivation:
-        return "silu"
-    if kind is hf_act.GELUActivation:
+    known = {"SiLUActivation": ("silu", 1.0), "GELUTanh": ("gelu_tanh", 1.0), "NewGELUActivation": ("gelu_tanh", 1.0),
+             "FastGELUActivation": ("gelu_tanh", 1.0), "PytorchGELUTanh": ("gelu_tanh", 1.0),
+             "ReLUSquaredActivation": ("relu2", 1.0), "QuickGELUActivation": ("silu", _QUICK_GELU_ALPHA)}
+    for name, fn in known.items():
+        if kind is getattr(hf_act, name, None):
+            return fn
+    if kind is getattr(hf_act, "GELUActivation", None):
         # nn.functional.gelu (exact) or the erf formula in Python ("gelu_python"): the same function
         inner = getattr(act, "act", None)
         exact = inner is F.gelu or getattr(inner, "__func__", None) is hf_act.GELUActivation._gelu_python
-        return "gelu" if exact else None
+        return ("gelu", 1.0) if exact else None
     return None
+
+
+def _candidates(self, gated):
+    """Activation descriptions worth trying, most likely first (the static one, then the attributes')."""
+    static = _static_fn(getattr(self, "act_fn", None))
+    fns = ([static[0]] if static else []) + [fn for fn in _FNS if not static or fn != static[0]]
+    alpha = _real_attribute(self, _ALPHA_NAMES)
+    alphas = [a for a in dict.fromkeys([alpha, static[1] if static else None, 1.0, _QUICK_GELU_ALPHA])
+              if a is not None]
+    if not gated:
+        layouts, limits, offsets = [False], [None], [0.0]
+    else:
+        concatenated = bool(getattr(self, "is_concatenated", True))
+        layouts = [not concatenated, concatenated]
+        limit = _real_attribute(self, _LIMIT_NAMES)
+        limits = [limit, None] if limit is not None and limit > 0 else [None]
+        offsets = [0.0, 1.0]
+    for fn in fns:
+        for a in (alphas if fn == "silu" else [1.0]):
+            for limit in limits:
+                for offset in offsets:
+                    for interleaved in layouts:
+                        yield moe_ext.Activation(fn, gated, interleaved=interleaved, alpha=a, limit=limit,
+                                                 up_offset=offset)
+
+
+def _probe(self, gated, dtype):
+    """A probe tensor h (values across +-1.5 x the limit, or +-6) for the module's gate / act_fn."""
+    limit = _real_attribute(self, _LIMIT_NAMES)
+    span = 1.5 * limit if limit is not None and limit > 0 else 6.0
+    rows, cols = 48, 16 if gated else 8
+    values = torch.linspace(-span, span, rows * cols, dtype=torch.float64)
+    order = torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))
+    return values[order].reshape(rows, cols).to(dtype)
+
+
+def reference_activation(h, description):
+    """A moe_ext activation description computed with torch ops (in h's dtype): the semantics the probe
+    compares against, and a readable statement of them."""
+    a = moe_ext.activation_from(description)
+    F = torch.nn.functional
+
+    def act(z):
+        if a.fn == "silu":
+            return z * torch.sigmoid(a.alpha * z)
+        if a.fn in ("gelu", "gelu_tanh"):
+            return F.gelu(z, approximate="tanh" if a.fn == "gelu_tanh" else "none")
+        return F.relu(z) if a.fn == "relu" else F.relu(z).square()
+
+    if not a.gated:
+        return act(h)
+    f = h.shape[-1] // 2
+    gate, up = (h[..., 0::2], h[..., 1::2]) if a.interleaved else (h[..., :f], h[..., f:])
+    if a.limit is not None:
+        gate, up = gate.clamp(max=a.limit), up.clamp(min=-a.limit, max=a.limit)
+    return act(gate) * (up + a.up_offset)
+
+
+def _verify(self, gated):
+    """The first candidate description that reproduces the module's own gate / act_fn on the probe."""
+    run = self._apply_gate if gated else getattr(self, "act_fn", None)
+    what = "gate (_apply_gate)" if gated else "act_fn"
+    if run is None or not callable(run):
+        return f"!no {what} to run"
+    candidates = list(_candidates(self, gated))
+    error = None
+    for dtype, tolerance in _PROBES:
+        h = _probe(self, gated, dtype)
+        try:
+            with torch.no_grad():
+                got = run(h.clone())
+        except Exception as e:  # noqa: BLE001  (a gate that cannot run on the probe: no decision)
+            error = f"{type(e).__name__}: {e}"
+            continue
+        expected = (h.shape[0], h.shape[1] // 2 if gated else h.shape[1])
+        if not isinstance(got, torch.Tensor) or got.shape != expected:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return f"!its {what} returns {shape} for a probe of shape {tuple(h.shape)}"
+        got = got.double()
+        for description in candidates:
+            want = reference_activation(h.double(), description)
+            if bool(((got - want).abs() <= tolerance * (1 + want.abs())).all()):
+                return description.spec
+    act = getattr(self, "act_fn", None)
+    act_name = type(act).__name__ if isinstance(act, torch.nn.Module) else getattr(act, "__name__", repr(act))
+    if error is not None:
+        return f"!its custom gate ({what}) failed on the probe ({error})"
+    if gated and (type(self)._apply_gate is not _default_apply_gate() or "_apply_gate" in vars(self)):
+        return f"!its custom gate (_apply_gate of {type(self).__name__}) matches none of moe_ext's activations"
+    return f"!activation {act_name} ({'gated' if gated else 'not gated'}) matches none of moe_ext's activations"
 
 
 def _default_apply_gate():

@@ -36,8 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _functional as F
-
-GATED = ("swiglu", "geglu")
+from . import _ops
 
 
 class _AllToAll(torch.autograd.Function):
@@ -125,6 +124,7 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"capacity: expected an int >= 0 or None; got {capacity!r}")
         if capacity_factor is not None and not (capacity_factor > 0 and math.isfinite(capacity_factor)):
             raise ValueError(f"capacity_factor: expected a finite float > 0 or None; got {capacity_factor!r}")
+        activation = _ops._spec(activation)  # any description (moe_ext.Activation), kept as its string
         self.top_k, self.activation = int(top_k), activation
         self.scoring, self.renormalize, self.scale = scoring, bool(renormalize), float(scale)
         self.n_group, self.topk_group = n_group, topk_group
@@ -140,7 +140,7 @@ class ExpertParallelMoE(nn.Module):
             self.register_buffer("correction_bias", correction_bias.detach().clone())
         else:
             self.correction_bias = None
-        if activation in GATED:
+        if _ops._gated(activation):
             self.w13 = _param(w13_or_w1)
         else:
             self.w1 = _param(w13_or_w1)
@@ -151,7 +151,7 @@ class ExpertParallelMoE(nn.Module):
 
     @property
     def w13_or_w1(self):
-        return self.w13 if self.activation in GATED else self.w1
+        return self.w13 if _ops._gated(self.activation) else self.w1
 
     @classmethod
     def from_moe(cls, moe, group=None, *, capacity_factor=None):
@@ -163,6 +163,8 @@ class ExpertParallelMoE(nn.Module):
             if not hasattr(moe, name):
                 raise TypeError(f"moe: expected a moe_ext.torch.MoE (attribute {name!r}); "
                                 f"got {type(moe).__name__}")
+        if getattr(moe, "b2", None) is not None:
+            raise ValueError("moe: expert biases (MoE(bias=True)) are not supported by ExpertParallelMoE yet")
         E = moe.w_router.shape[0]
         block = local_expert_block(E, rank, world)
         local = slice(block.start, block.stop)
