@@ -50,6 +50,8 @@ def add_arguments(parser):
                              "Mixtral decoder layer (d=4096, f=14336, E=8, k=2) with experts_implementation "
                              "moe_ext / grouped_mm / eager, prefill T=512 and decode batch 1 and 8 "
                              "(--dtype, default bf16; moe_ext._bench.hf_layer)")
+    parser.add_argument("--hf-model", choices=("mixtral", "gpt_oss"), default="mixtral",
+                        help="--mode hf: the layer (mixtral, default; gpt_oss: gpt-oss-20b's layer)")
     # Hidden: custom shapes and small ceilings, for tests and quick experiments.
     parser.add_argument("--shape-spec", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--ceiling-n", type=int, default=ceiling.COMPUTE_N, help=argparse.SUPPRESS)
@@ -78,10 +80,12 @@ def run_args(args, argv=None):
         return 0
     if args.mode == "hf":
         from ._bench import hf_layer
+        stem = "hf_layer" if args.hf_model == "mixtral" else f"hf_layer_{args.hf_model}"
         hf_layer.run(dtype=(args.dtype or ["bf16"])[0], repeats=args.repeats,
-                     json_path=args.json if args.json != harness.DEFAULT_JSON else hf_layer.DEFAULT_JSON,
-                     png_path=os.path.join(args.png_dir, "hf_layer.png") if args.png_dir else None,
-                     ceiling_n=args.ceiling_n, ceiling_bytes=int(args.ceiling_mib * 2**20),
+                     json_path=args.json if args.json != harness.DEFAULT_JSON else
+                     os.path.join("bench", "results", stem + ".json"),
+                     png_path=os.path.join(args.png_dir, stem + ".png") if args.png_dir else None,
+                     ceiling_n=args.ceiling_n, ceiling_bytes=int(args.ceiling_mib * 2**20), model=args.hf_model,
                      **dict(_hf_overrides(specs)))
         return 0
     run(shapes=shapes or QUICK, dtypes=args.dtype or ["fp32"], impls=args.impl, warmup=args.warmup,

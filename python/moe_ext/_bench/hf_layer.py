@@ -1,5 +1,6 @@
 """`moe-ext bench --mode hf`: what a transformers user sees. One Mixtral decoder layer at real layer sizes
-(d=4096, f=14336, E=8, k=2, 32 heads, 8 KV heads) in a MixtralForCausalLM with a tiny vocabulary, run with
+(d=4096, f=14336, E=8, k=2, 32 heads, 8 KV heads) in a MixtralForCausalLM with a tiny vocabulary (or, with
+--hf-model gpt_oss, gpt-oss-20b's layer: d=f=2880, E=32, k=4, biases, transposed interleaved experts), run with
 `experts_implementation` "moe_ext", "grouped_mm" and "eager" on the same model (same weights; the switch
 is `model.set_experts_implementation`, nothing is prepacked or copied by hand).
 
@@ -30,20 +31,44 @@ DEFAULT_JSON = os.path.join("bench", "results", "hf_layer.json")
 DEFAULT_PNG = os.path.join("bench", "results", "hf_layer.png")
 
 
-def build_model(dtype, seed=0, **overrides):
-    """A 1-layer MixtralForCausalLM of `dtype` with random weights (N(0, 1/fan_in) experts, so routing and
-    activations have realistic spreads)."""
+# The models: (config class, causal-LM class, real layer sizes). gpt_oss: gpt-oss-20b's layer (SPEC §6:
+# biases, transposed weights, interleaved clamped gate), 64 query heads of 64, 8 KV heads.
+MODELS = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", LAYER),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4,
+                     num_attention_heads=64, num_key_value_heads=8, head_dim=64, vocab_size=128,
+                     num_hidden_layers=1, layer_types=["full_attention"], max_position_embeddings=4096)),
+}
+
+
+def build_model(dtype, seed=0, model="mixtral", **overrides):
+    """A 1-layer causal LM of `model`'s family and `dtype` with random weights (N(0, 1/fan_in) matrices,
+    so routing and activations have realistic spreads; biases small)."""
     import torch
     import transformers
 
-    config = transformers.MixtralConfig(**dict(LAYER, **overrides))
+    config_name, model_name, layer = MODELS[model]
+    config = getattr(transformers, config_name)(**dict(layer, **overrides))
     torch.manual_seed(seed)
     with torch.no_grad():
-        model = transformers.MixtralForCausalLM(config).to(dtype).eval()
-        for name, p in model.named_parameters():
+        lm = getattr(transformers, model_name)(config).to(dtype).eval()
+        for name, p in lm.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, p.shape[-1] ** -0.5)
-    return model
+                # transposed experts ([E, in, out]) have their fan-in on dim 1
+                fan_in = p.shape[-2] if (p.dim() == 3 and getattr(_experts_of(lm, name), "is_transposed", False)) \
+                    else p.shape[-1]
+                p.normal_(0.0, fan_in ** -0.5)
+            elif "bias" in name:
+                p.normal_(0.0, 0.02)
+    return lm
+
+
+def _experts_of(model, param_name):
+    module = model
+    for part in param_name.split(".")[:-1]:
+        module = getattr(module, part)
+    return module
 
 
 class _ExpertCounter:
@@ -80,9 +105,9 @@ def _weight_bytes(model, experts_touched):
 
 def _prefill_flops(cfg, T):
     d, f, E, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
-    head_dim = d // cfg.num_attention_heads
-    kv = cfg.num_key_value_heads * head_dim
-    attention = 2 * T * d * (2 * d + 2 * kv) + 2 * 2 * T * T * d  # projections + scores and values
+    head_dim = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    attention = 2 * T * d * (2 * q + 2 * kv) + 2 * 2 * T * T * q  # projections + scores and values
     experts = 2 * T * k * d * f * 3 + 2 * T * d * E
     return attention + experts + 2 * T * d * cfg.vocab_size
 
@@ -105,7 +130,7 @@ def _ceiling(dtype, n, nbytes):
 
 def run(dtype="bf16", prefill_tokens=512, batches=(1, 8), context=16, steps=16, repeats=3, impls=IMPLS,
         json_path=DEFAULT_JSON, png_path=DEFAULT_PNG, out=print, seed=0, ceiling_n=ceiling.COMPUTE_N,
-        ceiling_bytes=ceiling.BANDWIDTH_BYTES, **overrides):
+        ceiling_bytes=ceiling.BANDWIDTH_BYTES, model="mixtral", **overrides):
     import torch
     import transformers
 
@@ -118,10 +143,10 @@ def run(dtype="bf16", prefill_tokens=512, batches=(1, 8), context=16, steps=16, 
     torch.set_num_threads(threads)
     rows, notes = [], []
     try:
-        out(f"moe-ext bench --mode hf: Mixtral decoder layer {dict(LAYER, **overrides)}, {dtype}, {threads} threads, "
+        out(f"moe-ext bench --mode hf: {model} decoder layer {dict(MODELS[model][2], **overrides)}, {dtype}, {threads} threads, "
             f"isa {moe_ext.get_isa()}, torch {torch.__version__}, transformers {transformers.__version__}")
         ceilings = {"start": _ceiling(dtype, ceiling_n, ceiling_bytes)}
-        model = build_model(tdt, seed, **overrides)
+        model_name, model = model, build_model(tdt, seed, model, **overrides)
         counter = _ExpertCounter(model)
         cfg = model.config
         gen = torch.Generator().manual_seed(seed + 1)
@@ -194,7 +219,8 @@ def run(dtype="bf16", prefill_tokens=512, batches=(1, 8), context=16, steps=16, 
             row["moe_ext_speedup"] = row["p50_ms"] / ours["p50_ms"] if ours else None
     finally:
         torch.set_num_threads(previous)
-    doc = {"schema": "moe_ext.bench.hf/1", "mode": "hf", "dtype": dtype, "layer": dict(LAYER, **overrides),
+    doc = {"schema": "moe_ext.bench.hf/1", "mode": "hf", "model": model_name, "dtype": dtype,
+           "layer": dict(MODELS[model_name][2], **overrides),
            "prefill_tokens": prefill_tokens, "batches": list(batches), "context": context, "steps": steps,
            "repeats": repeats, "threads": threads, "info": moe_ext.info(), "ceilings": ceilings,
            "compute_ceiling_gflop_per_s": compute, "bandwidth_ceiling_gb_per_s": bandwidth,
@@ -252,7 +278,7 @@ def plot(doc, path):
     ax.set_xticks(np.arange(len(phases)) + width * (len(impls) - 1) / 2, phases)
     ax.set_yscale("log")
     ax.set_ylabel("tokens/s (p50)")
-    ax.set_title(f"transformers Mixtral layer, {doc['dtype']}, experts_implementation, {doc['threads']} threads")
+    ax.set_title(f"transformers {doc['model']} layer, {doc['dtype']}, experts_implementation, {doc['threads']} threads")
     ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
