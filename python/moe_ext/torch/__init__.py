@@ -14,8 +14,10 @@ from . import _ops  # registers torch.ops.moe_ext.*
 from ._functional import (PermuteResult, RouteResult, activation, experts, grouped_gemm, load_balancing_loss,
                           moe, permute, route, router_z_loss, unpermute)
 from ._module import MoE
+from .quant import QuantizedExperts, QuantizedExpertWeight, expert_bytes, quantize_experts  # docs/api.md §9
 from . import hf  # noqa: E402,F401  registers "moe_ext" with transformers' experts interface (SPEC §7)
 
 __all__ = ["route", "permute", "grouped_gemm", "activation", "unpermute", "experts", "moe",
-           "load_balancing_loss", "router_z_loss", "RouteResult", "PermuteResult", "MoE"]
+           "load_balancing_loss", "router_z_loss", "RouteResult", "PermuteResult", "MoE",
+           "quantize_experts", "QuantizedExpertWeight", "QuantizedExperts", "expert_bytes"]
 from .parallel import ExpertParallelMoE  # noqa: E402,F401  (expert parallelism over torch.distributed)

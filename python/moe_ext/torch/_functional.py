@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
+from . import quant as _quant
 
 
 class RouteResult(NamedTuple):
@@ -64,6 +65,8 @@ def _flat(x):
 def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None) -> Tensor:
     """The expert FFNs over given routing: x [..., d] -> y [..., d]. topk_weights [T, k] of any float
     dtype (computed in float32), topk_ids [T, k] int32 or int64 (T = number of rows of x)."""
+    if _quant.is_quantized(w13_or_w1) or _quant.is_quantized(w2):  # QuantizedExpertWeights (torch/quant.py)
+        return _quant.experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation=activation, capacity=capacity)
     shape = x.shape
     x = _flat(x)
     k = topk_ids.shape[-1]
@@ -83,6 +86,11 @@ def moe(x, w_router, w13_or_w1, w2, top_k, *, activation="swiglu", scoring="soft
     """The fused MoE layer: route, then experts. x [..., d] -> y [..., d]."""
     shape = x.shape
     x = _flat(x)
+    if _quant.is_quantized(w13_or_w1) or _quant.is_quantized(w2):  # route, then the quantised experts
+        weights, ids, _ = route(x, w_router, top_k, scoring=scoring, renormalize=renormalize, scale=scale,
+                                bias=bias, correction_bias=correction_bias, n_group=n_group, topk_group=topk_group)
+        return _quant.experts(x, w13_or_w1, w2, weights, ids, activation=activation,
+                              capacity=capacity).reshape(shape)
     if not _needs_grad(x, w_router, w13_or_w1, w2, bias):
         return torch.ops.moe_ext.moe(x, w_router, w13_or_w1, w2, int(top_k), activation, scoring,
                                      bool(renormalize), float(scale), bias, correction_bias, n_group, topk_group,
