@@ -143,14 +143,18 @@ quantized_experts.register_autograd(_no_backward)
 
 
 def is_quantized(w):
-    return isinstance(w, QuantizedExpertWeight)
+    """Whether w is a quantised expert weight (a NumPy-side moe_ext.QuantizedWeight counts, to be refused
+    with a hint by experts() rather than reach an op that takes tensors)."""
+    return isinstance(w, (QuantizedExpertWeight, _core.QuantizedWeight))
 
 
 def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None) -> Tensor:
     """moe_ext.torch.experts with QuantizedExpertWeights (both weights quantised): x [..., d] -> y."""
     for name, w in (("w13_or_w1", w13_or_w1), ("w2", w2)):
-        if not is_quantized(w):
-            check.fail(TypeError, name, "a QuantizedExpertWeight (both expert weights quantised)", type(w).__name__)
+        if not isinstance(w, QuantizedExpertWeight):
+            hint = " (wrap it: QuantizedExpertWeight(q))" if isinstance(w, _core.QuantizedWeight) else ""
+            check.fail(TypeError, name, "a QuantizedExpertWeight (both expert weights quantised)",
+                       type(w).__name__ + hint)
     activation = check.choice(activation, "activation", ("swiglu", "geglu", "relu", "gelu"))
     E, d, f = w2.shape
     rows = 2 * f if activation in _GATED else f
