@@ -297,3 +297,14 @@ def test_from_quantized_weight_and_empty_batch():
     weights = torch.rand(5, 2)
     want = moe_ext.experts(x.numpy(), q13, q2, weights.numpy(), ids.numpy())
     np.testing.assert_array_equal(mt.experts(x, w13, w2, weights, ids).numpy(), want)
+
+
+def test_state_dict_round_trip():
+    """A quantised model's state_dict loads into another model quantised with the same arguments."""
+    a, b = make_model("qwen3_moe", seed=0), make_model("qwen3_moe", seed=1)
+    for m in (a, b):
+        mt.quantize_experts(m, "int4", group_size=32, zero_point=True)
+    ids = tokens()
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(b(ids).logits, a(ids).logits, rtol=0, atol=0)
