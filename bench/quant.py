@@ -27,7 +27,7 @@ import numpy as np
 import moe_ext
 from moe_ext import quant
 
-SHAPES = {"mixtral": (4096, 14336, 8, 2), "fine": (2048, 768, 128, 8)}
+SHAPES = {"mixtral": (4096, 14336, 8, 2), "fine": (2048, 768, 128, 8), "tiny": (256, 128, 8, 2)}  # tiny: tests
 SCHEMES = {"int8": ("int8", None), "int4 g128": ("int4", 128)}
 
 
