@@ -2,7 +2,8 @@
 functional API on tensors, and the nn.Module `MoE`. Needs torch (`import moe_ext` does not).
 
 Ops (torch.ops.moe_ext.<name>): route, permute, grouped_gemm, activation, unpermute, experts, moe, and
-the backward ops grouped_gemm_backward, activation_backward, unpermute_backward, permute_backward.
+the backward ops grouped_gemm_backward, activation_backward, unpermute_backward, permute_backward;
+quantized_experts (inference only) behind quantize_experts (docs/api.md §9.1).
 float32, bfloat16 and float16 tensors (scores and top-k weights float32). Semantics: docs/api.md.
 """
 import torch  # noqa: F401  (a clear ImportError here when torch is missing)
