@@ -195,19 +195,20 @@ QuantView QuantizedWeight::layout(QuantScheme scheme, int64_t E, int64_t N, int6
 }
 
 QuantizedWeight::QuantizedWeight(QuantScheme scheme, int64_t E, int64_t N, int64_t K, int64_t group_size,
-                                 bool zero_point, bool quantize_activations)
+                                 bool zero_point, bool quantize_activations, bool allocate_parts)
     : group_size_(group_size), view_(layout(scheme, E, N, K, group_size, zero_point)) {
   QuantView& v = view_;
   v.quantize_activations = quantize_activations;
   const std::size_t rows = static_cast<std::size_t>(E * N);
   const std::size_t values = rows * v.row_bytes, scales = rows * v.groups * sizeof(float),
                     zeros = zero_point ? rows * v.groups : 0;
+  bytes_ = values + scales + zeros;
+  if (!allocate_parts) return;
   const std::size_t scales_at = round_up(static_cast<int64_t>(values), 64);
   const std::size_t zeros_at = scales_at + round_up(static_cast<int64_t>(scales), 64);
   void* data = allocate(zeros_at + zeros);
   if (data == nullptr) throw std::bad_alloc();
   data_.reset(data);
-  bytes_ = values + scales + zeros;
   uint8_t* base = static_cast<uint8_t*>(data);
   std::memset(base, 0, scales_at);  // the int8 rows' padding is zero
   v.values = base;
@@ -274,6 +275,16 @@ std::unique_ptr<QuantizedWeight> QuantizedWeight::from_parts(QuantScheme scheme,
       if (zeros[i] > 15) fail("zeros", "zero points in 0..15", std::to_string(zeros[i]));
     std::memcpy(const_cast<uint8_t*>(v.zeros), zeros, rows * v.groups);
   }
+  return q;
+}
+
+std::unique_ptr<QuantizedWeight> QuantizedWeight::borrow(QuantScheme scheme, int64_t E, int64_t N, int64_t K,
+                                                         int64_t group_size, const uint8_t* values,
+                                                         const float* scales, const uint8_t* zeros,
+                                                         bool quantize_activations) {
+  std::unique_ptr<QuantizedWeight> q(
+      new QuantizedWeight(scheme, E, N, K, group_size, zeros != nullptr, quantize_activations, false));
+  q->view_.values = values, q->view_.scales = scales, q->view_.zeros = zeros;
   return q;
 }
 

@@ -53,6 +53,11 @@ class QuantizedWeight {
   static std::unique_ptr<QuantizedWeight> from_parts(QuantScheme scheme, int64_t E, int64_t N, int64_t K,
                                                      int64_t group_size, const uint8_t* values, const float* scales,
                                                      const uint8_t* zeros, bool quantize_activations);
+  // A weight over parts that someone else owns (moe_ext.torch's buffers), in this layout, neither copied nor
+  // checked (the caller validated them when it made them): they must outlive the result, unchanged.
+  static std::unique_ptr<QuantizedWeight> borrow(QuantScheme scheme, int64_t E, int64_t N, int64_t K,
+                                                 int64_t group_size, const uint8_t* values, const float* scales,
+                                                 const uint8_t* zeros, bool quantize_activations);
   // The view's sizes (row_depth, group, groups, row_bytes) for a format, without data; throws as quantize.
   static QuantView layout(QuantScheme scheme, int64_t E, int64_t N, int64_t K, int64_t group_size, bool zero_point);
   // A copy sharing nothing, with the activation mode changed.
@@ -68,9 +73,9 @@ class QuantizedWeight {
 
  private:
   QuantizedWeight(QuantScheme scheme, int64_t E, int64_t N, int64_t K, int64_t group_size, bool zero_point,
-                  bool quantize_activations);
+                  bool quantize_activations, bool allocate = true);
   struct Free { void operator()(void* p) const; };
-  std::unique_ptr<void, Free> data_;  // values, then scales, then zeros
+  std::unique_ptr<void, Free> data_;  // values, then scales, then zeros; null when borrowed
   std::size_t bytes_ = 0;
   int64_t group_size_ = 0;
   QuantView view_;

@@ -9,9 +9,12 @@
 // - DotVnni (csrc/cpu/quant_gemm_vnni.cpp only, compiled with AVX512_VNNI): vpdpbusd, unsigned weight
 //   bytes times signed activations into int32 with no int16 stage. int8 weights go in as w + 128
 //   (one xor), so the block sum holds 128 * sum(a) too, removed with the group's activation sum.
-// Every policy gives the exact integer sum, so all tiers agree on the integers; the float32 epilogue
-// (per group: sum += float(isum) * scale; at the end times the token's scale) may round differently
-// where a tier contracts into FMA.
+// Every policy gives the exact integer sums, so all tiers agree on the integers. The group's zero-point
+// correction (z * the activations' group sum) is subtracted from lane 0 in int32 (exact); then the float32
+// epilogue keeps the 8 lanes apart: acc[lane] += float(lane sum) * group scale (each lane sum < 2^24, so
+// exactly converted), and only after the last group are the lanes added, in a fixed order, and times the
+// token's scale. No horizontal sum per group: with g32 that was as costly as the products. A tier that
+// contracts the multiply-add into FMA may round differently from one that does not.
 #pragma once
 #include "core/kernels.h"
 #include "core/quant.h"
@@ -21,6 +24,7 @@
 #endif
 
 typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef float f32x8 __attribute__((vector_size(32)));
 
 // Policies and templates in the tier's namespace, with internal linkage: each tier (and the VNNI file)
 // has its own copy compiled with its own flags (see cpu/common.h).
@@ -46,11 +50,6 @@ struct DotScalar {
     return acc;
   }
   static i32x8 dot_u8(i32x8 acc, const Block& w, const int8_t* a) { return dot_s8(acc, w, a); }
-  static int32_t hsum(i32x8 v) {
-    uint32_t s = 0;  // unsigned: wrap-around instead of overflow (the exact sum always fits)
-    for (int lane = 0; lane < 8; ++lane) s += static_cast<uint32_t>(v[lane]);
-    return static_cast<int32_t>(s);
-  }
 };
 
 #if defined(__AVX2__)
@@ -72,13 +71,6 @@ struct DotAvx2 {
   static i32x8 dot_u8(i32x8 acc, Block w, const int8_t* a) {
     return pairs_to_i32(acc, _mm256_maddubs_epi16(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))));
   }
-  static int32_t hsum(i32x8 v) {
-    const __m256i x = (__m256i)v;
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
-  }
 };
 #endif
 
@@ -94,7 +86,6 @@ struct DotVnni {
     return (i32x8)_mm256_dpbusd_epi32((__m256i)acc, w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
   }
   static i32x8 dot_s8(i32x8 acc, Block w, const int8_t* a) { return dot_u8(acc, w, a); }
-  static int32_t hsum(i32x8 v) { return DotAvx2::hsum(v); }
 };
 #endif
 
@@ -108,7 +99,7 @@ void int_dot_rows(const QuantView& w, int64_t row, const int8_t* aq, int64_t lda
   const uint8_t* zeros = w.zeros ? w.zeros + row * w.groups : nullptr;
   constexpr int64_t kBlockBytes = Int4 ? kQuantBlock / 2 : kQuantBlock;
   const int64_t blocks = w.group / kQuantBlock;
-  float acc[R] = {};
+  f32x8 acc[R] = {};
   for (int64_t g = 0; g < w.groups; ++g) {
     i32x8 s[R] = {};
     for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
@@ -119,11 +110,14 @@ void int_dot_rows(const QuantView& w, int64_t row, const int8_t* aq, int64_t lda
     }
     const int32_t zero = Int4 ? (zeros ? zeros[g] : kInt4SymmetricZero) : Dot::kS8Bias;
     for (int r = 0; r < R; ++r) {
-      const int32_t isum = Dot::hsum(s[r]) - zero * sums[r * w.groups + g];
-      acc[r] += static_cast<float>(isum) * scales[g];
+      s[r][0] -= zero * sums[r * w.groups + g];
+      acc[r] += __builtin_convertvector(s[r], f32x8) * scales[g];
     }
   }
-  for (int r = 0; r < R; ++r) c[r * ldc] = acc[r] * a_scales[r];
+  for (int r = 0; r < R; ++r) {
+    const f32x8& v = acc[r];
+    c[r * ldc] = (((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))) * a_scales[r];
+  }
 }
 
 constexpr int kQuantRows = 8;  // activation rows per pass over a weight row (int32 sums in registers)

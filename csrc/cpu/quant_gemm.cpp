@@ -77,27 +77,29 @@ void dequantize_row(const QuantView& w, int64_t row, float* dst) {
   }
 }
 
-// c[r * ldc] = dot(a row r, w_row) over K depths for r < R.
+// c[r * ldc] = dot(a row r, w_row) over K depths for r < R. Few rows (decode) get 4 independent
+// accumulators a row, so the FMA latency chain does not bound them; more rows have enough with 2.
 template <int R>
 void float_dot_rows(const float* a, int64_t lda, const float* w_row, int64_t K, float* c, int64_t ldc) {
-  vec acc[R][2] = {};
-  constexpr int64_t kStep = 2 * kLanes;
+  constexpr int kAcc = R <= 2 ? 4 : 2;
+  constexpr int64_t kStep = kAcc * kLanes;
+  vec acc[R][kAcc] = {};
   int64_t p = 0;
   for (; p + kStep <= K; p += kStep) {
-    const vec w0 = load(w_row + p), w1 = load(w_row + p + kLanes);
-    for (int r = 0; r < R; ++r) {
-      acc[r][0] += load(a + r * lda + p) * w0;
-      acc[r][1] += load(a + r * lda + p + kLanes) * w1;
-    }
+    vec w[kAcc];
+    for (int j = 0; j < kAcc; ++j) w[j] = load(w_row + p + j * kLanes);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kAcc; ++j) acc[r][j] += load(a + r * lda + p + j * kLanes) * w[j];
   }
   float w_tail[kStep] = {};
   for (int64_t i = 0; p + i < K; ++i) w_tail[i] = w_row[p + i];
   for (int r = 0; r < R; ++r) {
     float a_tail[kStep] = {};
     for (int64_t i = 0; p + i < K; ++i) a_tail[i] = a[r * lda + p + i];
-    acc[r][0] += load(a_tail) * load(w_tail);
-    acc[r][1] += load(a_tail + kLanes) * load(w_tail + kLanes);
-    c[r * ldc] = lane_sum(acc[r][0] + acc[r][1]);
+    for (int j = 0; j < kAcc; ++j) acc[r][j] += load(a_tail + j * kLanes) * load(w_tail + j * kLanes);
+    vec sum = acc[r][0];
+    for (int j = 1; j < kAcc; ++j) sum += acc[r][j];
+    c[r * ldc] = lane_sum(sum);
   }
 }
 

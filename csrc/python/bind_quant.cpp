@@ -41,6 +41,19 @@ std::unique_ptr<QuantizedWeight> from_parts(const std::string& scheme, int64_t E
   return QuantizedWeight::from_parts(s, E, N, K, group_size, values_ptr, scales_ptr, zeros_ptr, activations);
 }
 
+// A QuantizedWeight over the caller's arrays (no copy; see QuantizedWeight::borrow): the arrays' shapes and
+// dtypes are checked here, their values were checked when they were made (moe_ext.torch.quant).
+std::unique_ptr<QuantizedWeight> borrowed(const std::string& scheme, int64_t E, int64_t N, int64_t K,
+                                          int64_t group_size, const py::array& values, const py::array& scales,
+                                          const std::optional<py::array>& zeros, bool activations) {
+  const QuantScheme s = scheme_from(scheme);
+  const QuantView v = QuantizedWeight::layout(s, E, N, K, group_size, zeros.has_value());
+  const uint8_t* values_ptr = data_of<uint8_t>(values, "values", {E, N, v.row_bytes});
+  const float* scales_ptr = data_of<float>(scales, "scales", {E, N, v.groups});
+  const uint8_t* zeros_ptr = zeros ? data_of<uint8_t>(*zeros, "zeros", {E, N, v.groups}) : nullptr;
+  return QuantizedWeight::borrow(s, E, N, K, group_size, values_ptr, scales_ptr, zeros_ptr, activations);
+}
+
 }  // namespace
 
 void bind_quant(py::module_& m) {
@@ -107,6 +120,9 @@ void bind_quant(py::module_& m) {
   m.def("quantized_from_parts", &from_parts, py::arg("scheme"), py::arg("E"), py::arg("N"), py::arg("K"),
         py::arg("group_size"), py::arg("values"), py::arg("scales"), py::arg("zeros").none(true),
         py::arg("activations"));
+  m.def("quantized_borrow", &borrowed, py::arg("scheme"), py::arg("E"), py::arg("N"), py::arg("K"),
+        py::arg("group_size"), py::arg("values"), py::arg("scales"), py::arg("zeros").none(true),
+        py::arg("activations"), py::keep_alive<0, 6>(), py::keep_alive<0, 7>(), py::keep_alive<0, 8>());
   m.def("vnni_enabled", &vnni_enabled, "Whether int8 products use vpdpbusd (AVX512_VNNI) on the avx512 tier.");
   m.def("_set_vnni_enabled", &set_vnni_enabled, py::arg("enabled"),
         "Tests only: turn vpdpbusd off to reach the vpmaddubsw path (cannot turn it on without the CPU).");

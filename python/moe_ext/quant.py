@@ -81,6 +81,8 @@ def from_parts(scheme, shape, group_size, values, scales, zeros=None, *, activat
     values uint8 [E, N, row_bytes], scales float32 [E, N, groups], zeros uint8 [E, N, groups] or None."""
     scheme = check.choice(scheme, "scheme", SCHEMES)
     E, N, K = (check.integer(s, "shape", 0) for s in shape)
+    if scheme == "int4" and K % 2 != 0:
+        check.fail(ValueError, "w", "an even K for scheme 'int4' (two values a byte)", f"shape {tuple(shape)}")
     group_size = _group_size(scheme, group_size, K) if K > 0 else 0
     values = np.ascontiguousarray(values, dtype=np.uint8)
     scales = np.ascontiguousarray(scales, dtype=np.float32)

@@ -3,7 +3,8 @@ functional API on tensors, and the nn.Module `MoE`. Needs torch (`import moe_ext
 
 Ops (torch.ops.moe_ext.<name>): route, permute, grouped_gemm, activation, unpermute, experts, moe, and
 the backward ops grouped_gemm_backward, activation_backward, unpermute_backward, permute_backward,
-bias_grad; schemas with the functional API's defaults. Activations are descriptions (moe_ext.Activation,
+bias_grad; quantized_experts (inference only) behind quantize_experts (docs/api.md §9.1); schemas with the
+functional API's defaults. Activations are descriptions (moe_ext.Activation,
 passed to the ops as its canonical string), experts may have biases, and expert weights may be transposed
 views of contiguous [E, K, N] tensors (read in place). float32, bfloat16 and float16 tensors (scores and
 top-k weights float32). Semantics: docs/api.md §8.
@@ -17,8 +18,10 @@ from . import _ops  # registers torch.ops.moe_ext.*
 from ._functional import (PermuteResult, RouteResult, activation, experts, grouped_gemm, load_balancing_loss,
                           moe, permute, route, router_z_loss, unpermute)
 from ._module import MoE
+from .quant import QuantizedExperts, QuantizedExpertWeight, expert_bytes, quantize_experts  # docs/api.md §9
 from . import hf  # noqa: E402,F401  registers "moe_ext" with transformers' experts interface (SPEC §7)
 
 __all__ = ["route", "permute", "grouped_gemm", "activation", "unpermute", "experts", "moe",
-           "load_balancing_loss", "router_z_loss", "RouteResult", "PermuteResult", "MoE"]
+           "load_balancing_loss", "router_z_loss", "RouteResult", "PermuteResult", "MoE",
+           "quantize_experts", "QuantizedExpertWeight", "QuantizedExperts", "expert_bytes"]
 from .parallel import ExpertParallelMoE  # noqa: E402,F401  (expert parallelism over torch.distributed)

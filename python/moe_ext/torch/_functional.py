@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
+from . import quant as _quant
 
 
 class RouteResult(NamedTuple):
@@ -63,12 +64,23 @@ def _flat(x):
     return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
 
 
+def _no_quantized_biases(b13_or_b1, b2):
+    # the quantised torch op (torch/quant.py) takes no expert biases yet: refuse rather than drop them
+    for name, b in (("b13_or_b1", b13_or_b1), ("b2", b2)):
+        if b is not None:
+            raise ValueError(f"{name}: expected None with quantised expert weights (moe_ext.torch's quantised "
+                             f"experts take no biases); got a tensor of shape {tuple(b.shape)}")
+
+
 def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None, b13_or_b1=None,
             b2=None) -> Tensor:
     """The expert FFNs over given routing: x [..., d] -> y [..., d]. topk_weights [T, k] of any float
     dtype (computed in float32), topk_ids [T, k] int32 or int64 (T = number of rows of x). `activation`:
     a preset name, canonical string or moe_ext.Activation. Weights [E, N, K] or transposed views of
     contiguous [E, K, N] tensors (no copy); optional biases b13_or_b1 [E, 2f or f] and b2 [E, d]."""
+    if _quant.is_quantized(w13_or_w1) or _quant.is_quantized(w2):  # QuantizedExpertWeights (torch/quant.py)
+        _no_quantized_biases(b13_or_b1, b2)
+        return _quant.experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation=activation, capacity=capacity)
     shape = x.shape
     x = _flat(x)
     k = topk_ids.shape[-1]
@@ -91,6 +103,12 @@ def moe(x, w_router, w13_or_w1, w2, top_k, *, activation="swiglu", scoring="soft
     b13_or_b1 / b2 the experts' (see experts)."""
     shape = x.shape
     x = _flat(x)
+    if _quant.is_quantized(w13_or_w1) or _quant.is_quantized(w2):  # route, then the quantised experts
+        _no_quantized_biases(b13_or_b1, b2)
+        weights, ids, _ = route(x, w_router, top_k, scoring=scoring, renormalize=renormalize, scale=scale,
+                                bias=bias, correction_bias=correction_bias, n_group=n_group, topk_group=topk_group)
+        return _quant.experts(x, w13_or_w1, w2, weights, ids, activation=activation,
+                              capacity=capacity).reshape(shape)
     activation = _ops._spec(activation)
     if not _needs_grad(x, w_router, w13_or_w1, w2, bias, b13_or_b1, b2):
         return torch.ops.moe_ext.moe(x, w_router, w13_or_w1, w2, int(top_k), activation, scoring,
