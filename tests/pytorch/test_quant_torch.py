@@ -276,7 +276,7 @@ def test_functional_shape_and_type_errors():
         mt.experts(x, m.w13, torch.randn(8, 64, 96), weights, ids)
     with pytest.raises(TypeError, match=r"^w13_or_w1: expected a QuantizedExpertWeight .*wrap it"):
         mt.experts(x, m.w13.core(), m.w2, weights, ids)  # a NumPy-side moe_ext.QuantizedWeight
-    with pytest.raises(ValueError, match="^activation: expected one of"):
+    with pytest.raises(ValueError, match="^activation: expected a preset name"):
         mt.experts(x, m.w13, m.w2, weights, ids, activation="tanh")
     with pytest.raises(TypeError, match="^q: expected a moe_ext.QuantizedWeight"):
         mt.QuantizedExpertWeight(torch.zeros(2, 3, 4))

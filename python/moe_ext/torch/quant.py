@@ -34,10 +34,6 @@ from moe_ext import quant as _quant
 from . import _ops
 
 _SCHEME_IDS = {"int8": 0, "int4": 1}
-_GATED = ("swiglu", "geglu")
-# (transformers activation name, gated) -> moe_ext activation
-_HF_ACTIVATIONS = {("silu", True): "swiglu", ("gelu", True): "geglu", ("relu", False): "relu",
-                   ("gelu", False): "gelu"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,9 +151,10 @@ def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", ca
             hint = " (wrap it: QuantizedExpertWeight(q))" if isinstance(w, _core.QuantizedWeight) else ""
             check.fail(TypeError, name, "a QuantizedExpertWeight (both expert weights quantised)",
                        type(w).__name__ + hint)
-    activation = check.choice(activation, "activation", ("swiglu", "geglu", "relu", "gelu"))
+    description = moe_ext.activation_from(activation)
+    activation = description.spec
     E, d, f = w2.shape
-    rows = 2 * f if activation in _GATED else f
+    rows = 2 * f if description.gated else f
     if tuple(w13_or_w1.shape) != (E, rows, x.shape[-1]) or d != x.shape[-1]:
         check.fail(ValueError, "w13_or_w1", f"shape (E, {'2f' if rows != f else 'f'}, d) = ({E}, {rows}, "
                    f"{x.shape[-1]}) beside w2 of shape {w2.shape} and x of shape {tuple(x.shape)}", w13_or_w1.shape)
@@ -218,8 +215,11 @@ def _hf_plan(name, module):
     """(activation, gated, w_in, down_proj) for a transformers experts module moe_ext runs, else raises."""
     from . import hf
     gated, w_in, down = _hf_weights(module)
-    reason = "expert biases" if getattr(module, "has_bias", False) else hf.fallback_reason(module)
-    activation = _HF_ACTIVATIONS.get((hf._activation_name(getattr(module, "act_fn", None)), gated))
+    reason = ("expert biases" if getattr(module, "has_bias", False) else
+              "transposed expert weights" if getattr(module, "is_transposed", False) else
+              hf.fallback_reason(module))
+    # the description the transformers backend verified against the module's own gate (hf.py)
+    activation = hf.activation_of(module)
     if reason is None and activation is None:
         reason = "an activation moe_ext does not have"
     if reason is not None:
