@@ -37,6 +37,14 @@ Activation activation_from(const py::object& activation) {
   const py::object limit = a.attr("limit");
   if (!limit.is_none()) out.limit = limit.cast<float>();
   if (!(out.limit > 0.f)) throw py::value_error("activation: expected limit > 0");
+  for (const char* field : {"gate_softcap", "up_softcap"}) {
+    const py::object c = a.attr(field);
+    if (c.is_none()) continue;
+    const float value = c.cast<float>();
+    if (!(value > 0.f && value < __builtin_inff()))
+      throw py::value_error(std::string("activation: expected ") + field + " > 0 and finite");
+    (field[0] == 'g' ? out.gate_softcap : out.up_softcap) = value;
+  }
   return out;
 }
 
