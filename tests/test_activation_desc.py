@@ -18,7 +18,12 @@ DESCRIPTIONS = ("swiglu", "geglu", "geglu_tanh", "relu", "gelu", "gelu_tanh", "r
                 "swiglu(alpha=1.702,limit=7.0,up_offset=1.0,interleaved)",
                 "swiglu(interleaved)", "geglu_tanh(limit=3.5,interleaved)", "geglu(up_offset=-0.5)",
                 "relu(gated=True)", "relu2(gated=True,limit=2.0)", "silu(gated=False)",
-                "silu(gated=False,alpha=0.5)")
+                "silu(gated=False,alpha=0.5)",
+                # Inkling2's softcapped SwiGLU (its config's defaults), and the softcaps with the other fields
+                "swiglu(gate_softcap=4.0,up_softcap=25.0)",
+                "swiglu(gate_softcap=1.5,up_softcap=2.0,interleaved)",
+                "swiglu(alpha=1.702,limit=7.0,gate_softcap=3.0,up_softcap=5.0,up_offset=1.0)",
+                "swiglu(gate_softcap=2.0)", "geglu(up_softcap=2.0)", "relu2(gated=True,limit=2.0,up_softcap=1.5)")
 LIMIT = 7.0
 # As tests/test_backward.py: expf/erfcf are a few ulp, and the gradients chain a handful of float32 ops.
 ACT_RTOL = 1e-5
@@ -28,15 +33,26 @@ def cols(activation, f):
     return 2 * f if moe_ext.activation_from(activation).gated else f
 
 
+def _softcaps(a):
+    return [c for c in (a.gate_softcap, a.up_softcap) if c is not None]
+
+
 def inputs(rng, shape, activation):
     """h for an activation: with a limit L, values spread over about [-2L, 2L] so the clamps bite, some
     exactly at +-L and 0; without one ~N(0, 2.5^2) (far tails only cost float32 accuracy of the argument,
-    e.g. gelu's erfc at z = -12 amplifies the rounding of z 300 times)."""
-    limit = moe_ext.activation_from(activation).limit
-    h = (rng.standard_normal(shape) * (limit or 2.5)).astype(np.float32)
+    e.g. gelu's erfc at z = -12 amplifies the rounding of z 300 times). With softcaps c: spread over
+    about [-2c, 2c] of the largest c too (with a limit: within the clamps), and values at +-2c, +-c of
+    every c, tanh's polynomial/exponential switch (|z/c| = 0.25) and 0."""
+    a = moe_ext.activation_from(activation)
+    limit, caps = a.limit, _softcaps(a)
+    spread = max([limit or 2.5] + [2 * c for c in caps if limit is None])
+    h = (rng.standard_normal(shape) * spread).astype(np.float32)
     flat = h.reshape(-1)
-    if limit is not None and flat.size >= 4:
-        flat[:4] = [limit, -limit, 0.0, np.float32(limit) * 1.5]
+    pinned = [] if limit is None else [limit, -limit, 0.0, np.float32(limit) * 1.5]
+    for c in caps:
+        pinned += [2 * c, -2 * c, c, -c, 0.25 * c, -0.25 * c, 0.2 * c]
+    count = min(len(pinned), flat.size)
+    flat[:count] = pinned[:count]
     return h
 
 
@@ -97,6 +113,18 @@ BAD = [
     (lambda: moe_ext.activation_from("swiglu(beta=1)"), "fields gated"),
     (lambda: moe_ext.activation_from("relu(limit=7.0)"), "limit only with a gated"),
     (lambda: moe_ext.activation_from("swiglu(interleaved=yes)"), "interleaved=True"),
+    (lambda: moe_ext.Activation("gelu", True, gate_softcap=4.0), "gate_softcap only with fn 'silu'"),
+    (lambda: moe_ext.activation_from("geglu_tanh(gate_softcap=4.0)"), "gate_softcap only with fn 'silu'"),
+    (lambda: moe_ext.Activation("silu", False, gate_softcap=4.0), "gate_softcap only with a gated"),
+    (lambda: moe_ext.Activation("gelu", False, up_softcap=4.0), "up_softcap only with a gated"),
+    (lambda: moe_ext.Activation("silu", True, gate_softcap=0.0), "gate_softcap > 0"),
+    (lambda: moe_ext.Activation("silu", True, up_softcap=-3.0), "up_softcap > 0"),
+    (lambda: moe_ext.Activation("silu", True, up_softcap=math.inf), "up_softcap finite"),
+    (lambda: moe_ext.Activation("silu", True, gate_softcap=math.nan), "gate_softcap finite"),
+    (lambda: moe_ext.Activation("silu", True, up_softcap="30"), "up_softcap a real number"),
+    (lambda: moe_ext.Activation("silu", True, gate_softcap=True), "gate_softcap a real number"),
+    (lambda: moe_ext.activation_from("swiglu(up_softcap=inf)"), "up_softcap finite"),
+    (lambda: moe_ext.activation_from("swiglu(gate_softcap=)"), "gate_softcap=<number>"),
 ]
 
 
@@ -135,7 +163,8 @@ def test_reference_derivative_matches_finite_differences(rng, text):
     """Central differences of the float64 reference, away from the kinks (relu at 0, the clamps at +-L)."""
     f = 6
     a = moe_ext.activation_from(text)
-    h = rng.uniform(-2.5, 2.5, size=(3, cols(text, f)))
+    span = max([2.5] + [2.2 * c for c in _softcaps(a)])  # across +-2c of every softcap c
+    h = rng.uniform(-span, span, size=(3, cols(text, f)))
     if a.limit is not None:  # move values off the clamps' kinks by more than eps
         h = np.where(np.abs(np.abs(h) - a.limit) < 1e-3, h + 0.01, h)
     h = np.where(np.abs(h) < 1e-3, h + 0.01, h)
@@ -162,6 +191,23 @@ def test_clamps_pass_no_gradient_where_they_bite_and_nan_propagates():
     assert grad[0, 3] == 0.0 and grad[0, 4] == 0.0  # |up| = 3 > 1: clamped
     assert np.isnan(grad[0, 2])
     np.testing.assert_allclose(out, ref.activation(h.astype(np.float64), a), rtol=1e-6)
+
+
+def test_softcaps_bound_and_pass_gradients_as_tanh_does():
+    """softcap(z) = c tanh(z / c): the gate's linear factor and up are bounded by their caps while the
+    sigmoid sees the raw gate; far past the caps the gradients vanish, NaN propagates, inf is capped."""
+    a = "swiglu(gate_softcap=2.0,up_softcap=3.0)"
+    gate = np.array([1e4, -1e4, 0.5, np.nan, np.inf, 1.0], dtype=np.float32)
+    up = np.array([1e4, 1e4, -1e4, 1.0, 1.0, np.inf], dtype=np.float32)
+    h = np.concatenate([gate, up])[None]
+    out = moe_ext.activation(h, a)[0]
+    np.testing.assert_allclose(out[[0, 1, 4, 5]], [6.0, 0.0, 6 * np.tanh(1 / 3), 2 * np.tanh(0.5) / (1 + np.exp(-1.0)) * 3],
+                               rtol=1e-6)
+    assert abs(out[2] - 2 * np.tanh(0.25) / (1 + np.exp(-0.5)) * -3) < 1e-5 and np.isnan(out[3])
+    grad = moe_ext.activation_backward(np.ones((1, 6), np.float32), h, a)[0]
+    assert grad[0] == 0.0 and grad[6] == 0.0  # both saturated
+    assert np.isnan(grad[3])
+    np.testing.assert_allclose(moe_ext.activation(h, a), ref.activation(h.astype(np.float64), a), rtol=1e-6)
 
 
 def test_interleaved_is_the_concatenated_activation_of_the_same_pairs(rng):

@@ -22,7 +22,8 @@ ONE_ROUNDING = {np.dtype(np.float32): GEMM_RTOL, BF16: 2 * 2.0 ** -9, np.dtype(n
 
 DESCRIPTIONS = ("swiglu", "geglu", "geglu_tanh", "relu", "gelu", "gelu_tanh", "relu2", "swiglu(limit=7.0)",
                 "swiglu(alpha=1.702,limit=7.0,up_offset=1.0,interleaved)", "swiglu(limit=7.0,interleaved)",
-                "geglu(interleaved)")
+                "geglu(interleaved)", "swiglu(gate_softcap=4.0,up_softcap=5.0)",
+                "swiglu(limit=7.0,gate_softcap=3.0,up_softcap=2.0,up_offset=1.0,interleaved)")
 GPT_OSS = "swiglu(alpha=1.702,limit=7.0,up_offset=1.0,interleaved)"
 
 

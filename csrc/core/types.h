@@ -21,6 +21,10 @@ struct Activation {
   float alpha = 1.f;
   float limit = std::numeric_limits<float>::infinity();  // +inf: no clamp
   float up_offset = 0.f;
+  // Softcaps c tanh(z / c) (gated only; 0: none): up_softcap bounds up after the clamp, before up_offset;
+  // gate_softcap (silu only) replaces silu's linear factor: act(g) = c_g tanh(g / c_g) sigmoid(alpha g).
+  float gate_softcap = 0.f;
+  float up_softcap = 0.f;
 
   static Activation swiglu() { return {}; }
   static Activation geglu() { return with(ActivationFn::gelu, true); }

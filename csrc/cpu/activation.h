@@ -49,6 +49,26 @@ static inline vec vgelu_tanh(vec z) {
 // z sigmoid(alpha z); alpha = 1 gives vsilu's bits (1 * z is z).
 static inline vec vsilu_alpha(vec z, float alpha) { return z / (1.f + vexp(-(alpha * z))); }
 
+// tanh(y): an odd Taylor polynomial to y^9 for |y| < 0.25 (next term < 1e-8 relative), else
+// sign(y) (1 - e) / (1 + e) with e = e^(-2|y|) (no overflow; 1 - e loses at most ~2 bits there). NaN stays
+// NaN, +-inf gives +-1.
+static inline vec vtanh(vec y) {
+  const vec ay = y < 0.f ? -y : y;
+  const vec e = vexp(-2.f * ay);
+  const vec big = (1.f - e) / (1.f + e);
+  const vec y2 = y * y;
+  vec p = broadcast(62.f / 2835.f);
+  p = p * y2 - 17.f / 315.f;
+  p = p * y2 + 2.f / 15.f;
+  p = p * y2 - 1.f / 3.f;
+  const vec small = y + y * y2 * p;
+  return ay < 0.25f ? small : (y < 0.f ? -big : big);
+}
+// The softcap c tanh(z / c) (c > 0).
+static inline vec vsoftcap(vec z, float c) { return c * vtanh(z / c); }
+static inline bool has_gate_softcap(const moe_ext::Activation& a) { return a.gated && a.gate_softcap > 0.f; }
+static inline bool has_up_softcap(const moe_ext::Activation& a) { return a.gated && a.up_softcap > 0.f; }
+
 // min(z, limit) and clip(z, -limit, limit); NaN passes both comparisons, so it stays NaN (torch.clamp).
 static inline vec vclamp_max(vec z, float limit) { return z > limit ? broadcast(limit) : z; }
 static inline vec vclamp_abs(vec z, float limit) {
@@ -69,13 +89,16 @@ static inline vec activate_fn(const moe_ext::Activation& a, vec z) {
 }
 
 // act(gate) * up for gated activations (clamps and up_offset applied here), act(z) otherwise (`up`
-// unused). Only non-default fields cost anything: without a limit or offset the old four activations
+// unused). Only non-default fields cost anything: without a limit, softcap or offset the old activations
 // compute exactly what they always did.
 static inline vec activate_vec(const moe_ext::Activation& a, vec z, vec up) {
   if (!a.gated) return activate_fn(a, z);
   if (has_limit(a)) z = vclamp_max(z, a.limit), up = vclamp_abs(up, a.limit);
+  if (has_up_softcap(a)) up = vsoftcap(up, a.up_softcap);
   if (a.up_offset != 0.f) up = up + a.up_offset;
-  return activate_fn(a, z) * up;
+  // gate_softcap: softcap(g) sigmoid(alpha g), the sigmoid on the (clamped) gate itself
+  const vec act = has_gate_softcap(a) ? vsoftcap(z, a.gate_softcap) / (1.f + vexp(-(a.alpha * z))) : activate_fn(a, z);
+  return act * up;
 }
 
 // dst[i] = activation(gate[i * stride]) (times up[i * stride] for the gated ones; `up` is ignored

@@ -1,7 +1,10 @@
 // Gradients of the expert activations (core/types.h's Activation): grad_h from grad_act = dL/d act(h).
 // Gated, out = act(g') u'' with g' = min(g, L), u' = clip(u, -L, L), u'' = u' + up_offset:
 //   du = da act(g') [|u| <= L],   dg = da u'' act'(g') [g <= L]
-// (the clamps pass no gradient where they bite; NaN propagates). Non-gated: dz = da act'(z). With
+// (the clamps pass no gradient where they bite; NaN propagates). Softcaps (after the clamps, before
+// up_offset): u'' = c_u tanh(u'/c_u) + up_offset gives du a factor 1 - tanh^2(u'/c_u); gate_softcap makes
+// act = c_g t s with t = tanh(g'/c_g), s = sigmoid(a g'), act' = (1 - t^2) s + c_g t a s (1 - s).
+// Non-gated: dz = da act'(z). With
 //   silu_a:    act = z s,  act' = s (1 + a z (1 - s)),  s = sigmoid(a z)
 //   gelu:      act' = Phi(z) + z phi(z) = 0.5 erfc(-z/sqrt2) + z exp(-z^2/2) / sqrt(2 pi)
 //   gelu_tanh: act = z s,  act' = s + 2 z s (1 - s) y',  s = sigmoid(2y), y = c (z + 0.044715 z^3)
@@ -56,9 +59,19 @@ void block_grad(const Activation& a, const float* da, const float* z_in, const f
   const vec z_raw = z, up_raw = up;
   const bool clamp = a.gated && has_limit(a);
   if (clamp) z = vclamp_max(z, a.limit), up = vclamp_abs(up, a.limit);
+  vec up_slope = broadcast(1.f);  // d softcap(u') / du', used only with an up_softcap
+  if (has_up_softcap(a)) {
+    const vec t = vtanh(up / a.up_softcap);
+    up = a.up_softcap * t, up_slope = 1.f - t * t;
+  }
   if (a.gated && a.up_offset != 0.f) up = up + a.up_offset;
   vec dgate, dup;
-  if (a.fn == ActivationFn::silu) {
+  if (has_gate_softcap(a)) {
+    const vec t = vtanh(z / a.gate_softcap), s = 1.f / (1.f + vexp(-(a.alpha * z)));
+    const vec capped = a.gate_softcap * t;
+    dgate = grad * up * ((1.f - t * t) * s + capped * (a.alpha * s * (1.f - s)));
+    dup = grad * (capped * s);
+  } else if (a.fn == ActivationFn::silu) {
     // The products associate as they always have, so swiglu's gradients keep their bits.
     const vec az = a.alpha * z, s = 1.f / (1.f + vexp(-az));
     if (!a.gated) {
@@ -79,6 +92,7 @@ void block_grad(const Activation& a, const float* da, const float* z_in, const f
     dgate = grad * up * slope;
     dup = grad * value;
   }
+  if (has_up_softcap(a)) dup = dup * up_slope;
   if (clamp) {
     dgate = z_raw > a.limit ? broadcast(0.f) : dgate;
     dup = (up_raw > a.limit) | (up_raw < -a.limit) ? broadcast(0.f) : dup;

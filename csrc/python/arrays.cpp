@@ -37,6 +37,15 @@ Activation activation_from(const py::object& activation) {
   const py::object limit = a.attr("limit");
   if (!limit.is_none()) out.limit = limit.cast<float>();
   if (!(out.limit > 0.f)) throw py::value_error("activation: expected limit > 0");
+  const auto softcap = [&](const char* field) {  // None -> 0 (no softcap)
+    const py::object c = a.attr(field);
+    const float value = c.is_none() ? 0.f : c.cast<float>();
+    if (!c.is_none() && !(value > 0.f && value < __builtin_inff()))
+      throw py::value_error(std::string("activation: expected ") + field + " > 0 and finite");
+    return value;
+  };
+  out.gate_softcap = softcap("gate_softcap");
+  out.up_softcap = softcap("up_softcap");
   return out;
 }
 

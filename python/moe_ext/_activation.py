@@ -5,6 +5,12 @@ An ``Activation`` says which function runs on the first GEMM's output h, and how
 * ``gated=True``: h has 2f columns, ``out = act(gate) * (up + up_offset)``, gate and up either concatenated
   (``[gate | up]``) or ``interleaved`` (``g0 u0 g1 u1 ...``); with ``limit`` L, gate = min(g, L) and
   up = clip(u, -L, L) first (NaN stays NaN, as torch.clamp).
+* softcaps (gated only; ``softcap_c(z) = c tanh(z / c)``, c a positive finite float, None = none):
+  ``up_softcap`` c_u bounds up before the multiply, ``gate_softcap`` c_g (fn "silu" only) replaces silu's
+  linear factor: ``act(g) = softcap_{c_g}(g) * sigmoid(alpha g)``, the sigmoid seeing g itself (Inkling2's
+  softcapped SwiGLU). Order: the limit's clamps first, then the softcaps, then ``+ up_offset``:
+  ``out = softcap_{c_g}(g') sigmoid(alpha g') * (softcap_{c_u}(u') + up_offset)``, g' = min(g, L),
+  u' = clip(u, -L, L).
 * ``gated=False``: h has f columns, ``out = act(h)``.
 
 ``fn`` is one of "silu" (``z * sigmoid(alpha * z)``), "gelu" (exact, erf), "gelu_tanh" (tanh
@@ -64,6 +70,8 @@ class Activation:
     alpha: float = 1.0
     limit: Optional[float] = None
     up_offset: float = 0.0
+    gate_softcap: Optional[float] = None
+    up_softcap: Optional[float] = None
 
     def __post_init__(self):
         if not isinstance(self.fn, str) or self.fn not in FNS:
@@ -73,29 +81,43 @@ class Activation:
         alpha = _real(self.alpha, "alpha")
         up_offset = _real(self.up_offset, "up_offset")
         limit = None if self.limit is None else _real(self.limit, "limit")
+        softcaps = {field: None if getattr(self, field) is None else _real(getattr(self, field), field)
+                    for field in ("gate_softcap", "up_softcap")}
         if alpha != 1.0 and self.fn != "silu":
             _fail("alpha only with fn 'silu'", f"alpha={alpha!r} with fn {self.fn!r}")
         if not gated:
             for field, value, default in (("interleaved", interleaved, False), ("limit", limit, None),
-                                          ("up_offset", up_offset, 0.0)):
+                                          ("up_offset", up_offset, 0.0),
+                                          ("gate_softcap", softcaps["gate_softcap"], None),
+                                          ("up_softcap", softcaps["up_softcap"], None)):
                 if value != default:
                     _fail(f"{field} only with a gated activation", f"{field}={value!r} with gated=False")
         if limit is not None and not limit > 0:
             _fail("limit > 0 (or None)", repr(limit))
+        for field, value in softcaps.items():
+            if value is not None and not value > 0:
+                _fail(f"{field} > 0 (or None)", repr(value))
+        if softcaps["gate_softcap"] is not None and self.fn != "silu":
+            _fail("gate_softcap only with fn 'silu'", f"gate_softcap={softcaps['gate_softcap']!r} with fn {self.fn!r}")
         for field, value in (("gated", gated), ("interleaved", interleaved), ("alpha", alpha),
-                             ("limit", limit), ("up_offset", up_offset)):
+                             ("limit", limit), ("up_offset", up_offset), *softcaps.items()):
             object.__setattr__(self, field, value)
 
     @property
     def spec(self):
         """The canonical string: the preset name, else e.g. 'swiglu(alpha=1.702,limit=7.0,up_offset=1.0,
-        interleaved)' (non-default fields only, in this fixed order; gated=... where no preset fits)."""
+        interleaved)' or 'swiglu(gate_softcap=30.0,up_softcap=30.0)' (non-default fields only, in the fixed
+        order alpha, limit, gate_softcap, up_softcap, up_offset, interleaved; gated=... where no preset
+        fits)."""
         preset = _PRESET_OF.get((self.fn, self.gated))
         fields = [] if preset else [f"gated={self.gated}"]
         if self.alpha != 1.0:
             fields.append(f"alpha={self.alpha!r}")
         if self.limit is not None:
             fields.append(f"limit={self.limit!r}")
+        for field in ("gate_softcap", "up_softcap"):
+            if getattr(self, field) is not None:
+                fields.append(f"{field}={getattr(self, field)!r}")
         if self.up_offset != 0.0:
             fields.append(f"up_offset={self.up_offset!r}")
         if self.interleaved:
@@ -125,10 +147,11 @@ class Activation:
                 kwargs[key] = _parse_bool(value, key, text)
             elif key == "interleaved":
                 kwargs[key] = True if value is None else _parse_bool(value, key, text)
-            elif key in ("alpha", "limit", "up_offset"):
+            elif key in ("alpha", "limit", "up_offset", "gate_softcap", "up_softcap"):
                 kwargs[key] = _parse_float(value, key, text)
             else:
-                _fail("fields gated, alpha, limit, up_offset, interleaved", f"{key!r} in {text!r}")
+                _fail("fields gated, alpha, limit, gate_softcap, up_softcap, up_offset, interleaved",
+                      f"{key!r} in {text!r}")
         kwargs.setdefault("gated", gated)
         return cls(fn=fn, **kwargs)
 

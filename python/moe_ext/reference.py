@@ -149,8 +149,17 @@ def relu(z):
     return np.maximum(z, z.dtype.type(0))
 
 
+def softcap(z, c):
+    """c tanh(z / c) (np.tanh in z's dtype)."""
+    z = np.asarray(z)
+    c = z.dtype.type(c)
+    return c * np.tanh(z / c)
+
+
 def _fn(a):
-    """The elementwise function of an Activation."""
+    """The elementwise function of an Activation (with a gate_softcap: softcap(z) * sigmoid(alpha z))."""
+    if a.gate_softcap is not None:
+        return lambda z: softcap(z, a.gate_softcap) * sigmoid(z.dtype.type(a.alpha) * z)
     if a.fn == "silu":
         return lambda z: silu(z, a.alpha)
     return {"gelu": gelu, "gelu_tanh": gelu_tanh, "relu": relu, "relu2": relu2}[a.fn]
@@ -165,10 +174,13 @@ def _gate_up(h, a):
 
 
 def _clamped(gate, up, a):
-    """The gate and up the function sees: min(g, L), clip(u, -L, L) + up_offset (NaN propagating)."""
+    """The gate and up the function sees: min(g, L), softcap(clip(u, -L, L)) + up_offset (NaN
+    propagating; the softcap only with an up_softcap)."""
     if a.limit is not None:
         limit = gate.dtype.type(a.limit)
         gate, up = np.minimum(gate, limit), np.clip(up, -limit, limit)
+    if a.up_softcap is not None:
+        up = softcap(up, a.up_softcap)
     if a.up_offset != 0.0:
         up = up + up.dtype.type(a.up_offset)
     return gate, up
@@ -179,7 +191,8 @@ def activate(h, activation):
     GEMM's output h [M, n].
 
     Gated: n = 2f, result act(min(gate, L)) * (clip(up, -L, L) + up_offset) [M, f], gate/up from
-    [gate | up] or interleaved columns. Non-gated: elementwise, result [M, n].
+    [gate | up] or interleaved columns; softcaps (after the clamps, before up_offset) as
+    moe_ext.Activation says. Non-gated: elementwise, result [M, n].
     """
     a = activation_from(activation)
     h = np.asarray(h)
@@ -428,6 +441,10 @@ def _gelu_grad(z):
 def _value_and_grad(a, z):
     """(act(z), act'(z)) of an Activation's function."""
     dt = z.dtype
+    if a.gate_softcap is not None:  # c t s, t = tanh(z / c), s = sigmoid(alpha z)
+        c, alpha = dt.type(a.gate_softcap), dt.type(a.alpha)
+        t, s = np.tanh(z / c), sigmoid(alpha * z)
+        return c * t * s, (1 - t * t) * s + c * t * alpha * s * (1 - s)
     if a.fn == "silu":
         s = sigmoid(dt.type(a.alpha) * z)
         return silu(z, a.alpha), s * (1 + dt.type(a.alpha) * z * (1 - s))
@@ -456,6 +473,9 @@ def activation_backward(grad_act, h, activation="swiglu"):
     gate, up = _clamped(gate_raw, up_raw, a)
     act, act_grad = _value_and_grad(a, gate)
     d_gate, d_up = g * up * act_grad, g * act
+    if a.up_softcap is not None:  # d softcap(u') / du' = 1 - tanh(u' / c)^2
+        up_clamped = up_raw if a.limit is None else np.clip(up_raw, dt.type(-a.limit), dt.type(a.limit))
+        d_up = d_up * (1 - np.tanh(up_clamped / dt.type(a.up_softcap)) ** 2)
     if a.limit is not None:
         limit = dt.type(a.limit)
         d_gate = np.where(gate_raw > limit, dt.type(0), d_gate)

@@ -16,6 +16,7 @@ F32_RTOL = 5e-5  # as test_autograd.py: float32 kernels against float64, a few c
 T, d, f, E, k = 23, 16, 12, 5, 2
 DESCRIPTIONS = ["swiglu", "geglu_tanh", "relu2", "gelu_tanh", "swiglu(limit=1.5)",
                 "swiglu(alpha=1.702,limit=1.5,up_offset=1.0,interleaved)", "geglu(interleaved)",
+                "swiglu(gate_softcap=1.5,up_softcap=2.0)",  # Inkling2's softcapped SwiGLU (small caps: they bite)
                 moe_ext.Activation("silu", True, alpha=1.702, limit=1.5, up_offset=1.0, interleaved=True)]
 
 

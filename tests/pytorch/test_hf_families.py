@@ -16,9 +16,10 @@ with the errors of every config tried: never a silent skip.
 Then, on the same random inputs (fp32 weights at fan-in scale, random biases and norm weights, hidden
 states scaled so that a clamped gate's limit is crossed, random top-k ids and weights), transformers'
 "eager" forward and "moe_ext" run forward and backward, and:
-- moe_ext must have run (one call of moe_ext.torch.experts, no fallback warning), except for the
-  families listed in EXPECTED_FALLBACK, which must fall back with that reason, bit-identical to eager
-  (a listed family that starts running on moe_ext fails too: update the table);
+- moe_ext must have run (one call of moe_ext.torch.experts, or of the stage-op path for a post-expert norm,
+  no fallback warning; the description EXPECTED_ACTIVATION names where listed), except for the families
+  listed in EXPECTED_FALLBACK (none with transformers 5.25), which must fall back with that reason,
+  bit-identical to eager (a listed family that starts running on moe_ext fails too: update the table);
 - output relative error <= OUT_RTOL, every gradient (hidden states, routing weights, every parameter)
   relative error <= GRAD_RTOL (Frobenius norms; fp32 in both).
 Full models: tiny CausalLMs of gpt_oss and deepseek_v4 (logits and every parameter's gradient of a
@@ -68,11 +69,14 @@ INIT_ARGS = {
 CALLS = {
     "ErgoExpertProjections": dict(top_k=1, unit_weights=True),
 }
-# experts class -> the reason hf.fallback_reason gives: variants moe_ext's kernels do not compute
-EXPECTED_FALLBACK = {
-    "MuseSparkExperts": "a norm after each expert",
-    "Inkling2Experts": "custom gate",
-    "Inkling2LoopExperts": "custom gate",
+# experts class -> the reason hf.fallback_reason gives: variants moe_ext's kernels do not compute. None
+# in transformers 5.25 (MuseSpark's post-expert norm runs on the stage ops, Inkling2's softcapped SwiGLU
+# is the description swiglu(gate_softcap=...,up_softcap=...)).
+EXPECTED_FALLBACK = {}
+# experts class -> the activation description the backend must have chosen (beyond "runs and matches")
+EXPECTED_ACTIVATION = {
+    "Inkling2Experts": "swiglu(gate_softcap=4.0,up_softcap=25.0)",
+    "Inkling2LoopExperts": "swiglu(gate_softcap=4.0,up_softcap=25.0)",
 }
 
 
@@ -110,7 +114,7 @@ def test_discovery():
     assert len(FAMILIES) == DECORATOR_LINES, "a @use_experts_implementation line not followed by its class"
     assert len(FAMILIES) >= MIN_FAMILIES, f"found {len(FAMILIES)} decorated experts classes"
     assert len(set(FAMILY_IDS)) == len(FAMILY_IDS)
-    for listed in list(EXPECTED_FALLBACK) + list(OVERRIDES) + list(CALLS) + list(INIT_ARGS):
+    for listed in list(EXPECTED_FALLBACK) + list(EXPECTED_ACTIVATION) + list(OVERRIDES) + list(CALLS) + list(INIT_ARGS):
         assert listed in {name for _, _, name in FAMILIES}, f"{listed} is no longer a family: update the table"
 
 
@@ -206,20 +210,29 @@ def inputs(experts, seed=1, top_k=TOP_K, unit_weights=False):
 
 
 class Calls:
-    """Counts the calls of moe_ext.torch.experts (hf.experts_forward looks it up at call time)."""
+    """Counts the calls of moe_ext.torch.experts and of hf's staged path for a post-expert norm
+    (hf.experts_forward looks both up at call time)."""
 
     def __init__(self, monkeypatch):
         self.count = 0
         self.activations = []
         self.weight_ptrs = set()
         self.real = moe_ext.torch.experts
+        self.real_staged = hf._experts_with_post_norm
         monkeypatch.setattr(moe_ext.torch, "experts", self)
+        monkeypatch.setattr(hf, "_experts_with_post_norm", self.staged)
 
     def __call__(self, x, w13_or_w1, w2, *args, **kw):
         self.count += 1
         self.activations.append(str(kw.get("activation")))
         self.weight_ptrs |= {w13_or_w1.data_ptr(), w2.data_ptr()}
         return self.real(x, w13_or_w1, w2, *args, **kw)
+
+    def staged(self, module, x, ids, weights, activation, w_in, w2, *biases):
+        self.count += 1
+        self.activations.append(str(activation))
+        self.weight_ptrs |= {w_in.data_ptr(), w2.data_ptr()}
+        return self.real_staged(module, x, ids, weights, activation, w_in, w2, *biases)
 
 
 def run(experts, implementation, x, ids, weights):
@@ -275,6 +288,8 @@ def test_family_matches_eager(family, monkeypatch):
     assert reason is None, f"{class_name} falls back: {reason}"
     assert not fallback_warnings, fallback_warnings
     assert calls.count == 1, f"moe_ext.torch.experts called {calls.count} times"
+    if class_name in EXPECTED_ACTIVATION:
+        assert calls.activations == [EXPECTED_ACTIVATION[class_name]]
     # no weight copy: the kernels got the parameters' own memory (transposed ones as views)
     params = {p.data_ptr() for p in experts.parameters() if p.dim() == 3}
     assert calls.weight_ptrs <= params and len(calls.weight_ptrs) == 2
@@ -374,7 +389,8 @@ def test_limit_after_the_activation_falls_back(class_name, monkeypatch):
 # bfloat16: the variants with the most mapping, against fp32 eager and transformers' own bf16 eager
 # --------------------------------------------------------------------------------------------------
 BF16_FAMILIES = ("GptOssExperts", "OpenAIPrivacyFilterExperts", "AriaExperts", "ErgoExpertProjections",
-                 "NemotronHExperts", "DeepseekV4Experts", "Gemma4TextExperts", "MixtralExperts")
+                 "NemotronHExperts", "DeepseekV4Experts", "Gemma4TextExperts", "MixtralExperts", "MuseSparkExperts",
+                 "Inkling2Experts")
 BF16_RTOL = 3e-2  # a few bf16 roundings (u = 2^-8) of the inputs, weights and output
 
 

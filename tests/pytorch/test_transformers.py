@@ -23,6 +23,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
@@ -399,10 +400,10 @@ def test_fallback_float64(monkeypatch):
 
 @pytest.mark.parametrize("flag, value, reason", [
     ("has_bias", True, "has_bias without"), ("is_transposed", True, "do not match"),
-    ("has_post_expert_norm", True, "norm after each expert")])
+    ("has_post_expert_norm", True, "without a callable post_expert_norm")])
 def test_fallback_flags(flag, value, reason):
     """Flags the module's tensors contradict (a bias flag without bias tensors, [E, out, in] weights read
-    as transposed) and a post-expert norm: the eager forward."""
+    as transposed, has_post_expert_norm without a post_expert_norm): the eager forward."""
     experts = experts_modules(build("mixtral"))[0]
     setattr(experts, flag, value)
     assert reason in hf.fallback_reason(experts)
@@ -413,6 +414,66 @@ def test_fallback_flags(flag, value, reason):
     with pytest.warns(RuntimeWarning, match=reason):
         got = hf.experts_forward(experts, x, ids, w)
     assert torch.equal(got, hf._eager_forward(experts)(experts, x, ids, w))
+
+
+class _ScaledRMSNorm(torch.nn.Module):
+    """An RMS norm with a weight (MuseSpark's post-expert norm is of this kind)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1.0 + 0.3 * torch.randn(d, generator=torch.Generator().manual_seed(8)))
+
+    def forward(self, y):
+        y32 = y.float()
+        return (self.weight * y32 * torch.rsqrt(y32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(y.dtype)
+
+
+def test_post_expert_norm_runs_on_the_stage_ops(monkeypatch):
+    """has_post_expert_norm: permute -> grouped_gemm -> activation -> grouped_gemm -> the module's own norm
+    on every expert output row -> unpermute, every step with autograd: output and gradients (x, routing
+    weights, expert weights, the norm's weight) against transformers' batched_mm backend (which applies
+    post_expert_norm the same way), with expert-parallel sentinels (id == E, weight 0) among the ids."""
+    from transformers.integrations.moe import batched_mm_experts_forward
+    experts = experts_modules(build("mixtral"))[0]
+    experts.post_expert_norm = _ScaledRMSNorm(experts.down_proj.shape[1])
+    experts.has_post_expert_norm = True
+    experts._is_expert_parallel = True  # batched_mm then clamps the sentinels and masks their weights
+    assert hf.fallback_reason(experts) is None
+    E, T, k = experts.num_experts, 30, 2
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(T, experts.gate_up_proj.shape[-1], generator=gen)
+    ids = torch.stack([torch.randperm(E + 1, generator=gen)[:k] for _ in range(T)])  # E = sentinel
+    w = torch.rand(T, k, generator=gen).masked_fill(ids == E, 0.0)
+    assert (ids == E).any()
+    staged = []
+    real = hf._experts_with_post_norm
+    monkeypatch.setattr(hf, "_experts_with_post_norm", lambda *a: staged.append(a[4]) or real(*a))
+    spy = Spy(monkeypatch)
+    want, want_g = _module_grads(batched_mm_experts_forward, experts, x, ids, w)
+    got, got_g = _module_grads(hf.experts_forward, experts, x, ids, w)
+    assert staged == ["swiglu"] and not spy.calls  # the stage ops, not the fused experts
+    assert "post_expert_norm.weight" in want_g
+    assert rel(got, want) <= FP32_RTOL
+    for name in want_g:
+        assert rel(got_g[name], want_g[name]) <= FP32_RTOL, name
+    assert torch.all(got_g["w"][ids == E] == 0)
+
+
+def test_softcapped_swiglu_is_verified_and_other_softcaps_fall_back():
+    """A gate softcap_g(g) sigmoid(g) softcap_u(u) with its caps as module attributes (numbers or objects
+    with .softcap, as Inkling2's act_fn holds them) maps to swiglu(gate_softcap=..,up_softcap=..); one that
+    feeds the capped gate to the sigmoid too (silu(softcap(g))) is no description: it falls back."""
+    experts = experts_modules(build("mixtral"))[0]
+
+    def cap(z, c):
+        return c * torch.tanh(z / c)
+
+    experts.gate_softcap, experts.up_softcap = 1.5, types.SimpleNamespace(softcap=2.5)
+    experts._apply_gate = lambda h: cap(h.chunk(2, -1)[0], 1.5) * torch.sigmoid(h.chunk(2, -1)[0]) \
+        * cap(h.chunk(2, -1)[1], 2.5)
+    assert hf.activation_of(experts) == "swiglu(gate_softcap=1.5,up_softcap=2.5)"
+    experts._apply_gate = lambda h: torch.nn.functional.silu(cap(h.chunk(2, -1)[0], 1.5)) * cap(h.chunk(2, -1)[1], 2.5)
+    assert hf.activation_of(experts) is None and "_apply_gate" in hf.fallback_reason(experts)
 
 
 def test_interleaved_flag_with_the_default_gate_runs_concatenated():

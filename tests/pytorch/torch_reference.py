@@ -22,18 +22,23 @@ def route_weights(x, w_router, topk_ids, *, scoring="softmax", renormalize=True,
 
 def activation(h, act):
     """A moe_ext activation description (preset name, canonical string or moe_ext.Activation): gated ones
-    act(gate) * (up + up_offset) with gate/up concatenated or interleaved and clamped by the limit."""
+    act(gate) * (up + up_offset) with gate/up concatenated or interleaved and clamped by the limit, then
+    softcapped (c tanh(z / c): up by up_softcap; gate_softcap replaces silu's linear factor)."""
     import moe_ext
     a = moe_ext.activation_from(act)
     fn = {"silu": lambda z: z * torch.sigmoid(a.alpha * z), "gelu": F.gelu,
           "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "relu": F.relu,
           "relu2": lambda z: F.relu(z) ** 2}[a.fn]
+    if a.gate_softcap is not None:
+        fn = lambda z: a.gate_softcap * torch.tanh(z / a.gate_softcap) * torch.sigmoid(a.alpha * z)  # noqa: E731
     if not a.gated:
         return fn(h)
     f = h.shape[1] // 2
     gate, up = (h[:, 0::2], h[:, 1::2]) if a.interleaved else (h[:, :f], h[:, f:])
     if a.limit is not None:
         gate, up = gate.clamp(max=a.limit), up.clamp(-a.limit, a.limit)
+    if a.up_softcap is not None:
+        up = a.up_softcap * torch.tanh(up / a.up_softcap)
     return fn(gate) * (up + a.up_offset)
 
 

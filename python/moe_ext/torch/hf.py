@@ -23,23 +23,28 @@ How an experts module is mapped (transformers' `use_experts_implementation` flag
   parameters themselves (or those views of them) reach the kernels: no weight copy is made here.
 * has_bias: `gate_up_proj_bias` / `up_proj_bias` [E, 2f or f] and `down_proj_bias` [E, d].
 * the activation, as a moe_ext.Activation description: candidates are built from the module's attributes
-  (its `act_fn`, `alpha`/`swiglu_alpha`, `limit`/`swiglu_limit`, is_concatenated) and each is VERIFIED
-  against the module's own code: its `_apply_gate` (gated) or `act_fn` (not gated) runs on a small float64
-  probe whose values straddle the clamp limit, and the first description that gives the same values
+  (its `act_fn`, `alpha`/`swiglu_alpha`, `limit`/`swiglu_limit`, is_concatenated, and `gate_softcap` /
+  `up_softcap` of the module or its act_fn) and each is VERIFIED against the module's own code: its
+  `_apply_gate` (gated) or `act_fn` (not gated) runs on a small float64 probe whose values straddle the
+  clamp limit and +-2x every softcap, and the first description that gives the same values
   (to 1e-12 relative; 1e-5 when the gate itself computes in float32) is used. This covers the default
   gate with silu / exact gelu / tanh-approximated gelu ("gelu_pytorch_tanh", "gelu_new", "gelu_fast",
   nn.GELU(approximate="tanh")) / relu / relu² (ReLUSquaredActivation) / quick_gelu, gpt-oss's clamped,
-  alpha-scaled, +1, interleaved gate, and the clamped SwiGLU of DeepSeek-V4 / HY-V4 / GLM-5-Next. The
+  alpha-scaled, +1, interleaved gate, the clamped SwiGLU of DeepSeek-V4 / HY-V4 / GLM-5-Next and the
+  softcapped SwiGLU of Inkling2 / Inkling2-Loop (swiglu(gate_softcap=..,up_softcap=..)). The
   decision is cached on the module (recomputed when the attributes it was made from change); the probe
   never runs inside torch.compile (an undecided custom gate falls back there: run one forward eagerly
   first). The default gate with an act_fn of a known type is decided without a probe.
 * dtypes float32, bfloat16, float16 (the module's, hidden states of the same dtype); CPU tensors (or CUDA
   tensors in a build with the CUDA kernels, moe_ext.torch._cuda.REGISTERED, for preset activations
   without biases).
+* has_post_expert_norm (MuseSpark): the stage ops with autograd instead of the fused experts op, the
+  module's own `post_expert_norm` applied to the [M, d] expert output rows before the weighted combine
+  (_experts_with_post_norm).
 Anything else runs the module's own eager forward instead, with one warning per experts class and reason
-(never something else): a post-expert norm (has_post_expert_norm), a gate no description reproduces
-(e.g. a softcapped SwiGLU, or a limit applied after the activation), DTensor-sharded weights, other
-devices or dtypes.
+(never something else): a gate no description reproduces (e.g. a limit applied after the activation),
+has_post_expert_norm without a callable post_expert_norm, DTensor-sharded weights, other devices or
+dtypes.
 
 Expert-parallel sentinels: under transformers' expert parallelism `top_k_index` may hold `num_experts`
 (an expert on another rank) with weight 0. Those copies are given expert 0 and weight 0 (with a gradient
@@ -73,6 +78,8 @@ def experts_forward(self, hidden_states, top_k_index, top_k_weights):
         _warn_fallback(type(self), plan)
         return _eager_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     activation, w_in, w2, b_in, b2 = plan
+    if bool(getattr(self, "has_post_expert_norm", False)):
+        return _experts_with_post_norm(self, hidden_states, top_k_index, top_k_weights, *plan)
     num_experts = w_in.shape[0]
     # Expert-parallel sentinels (id == num_experts, weight 0): a valid id with weight 0 contributes
     # nothing; masked_fill also gives their weight a zero gradient, as eager (which skips them) does.
@@ -83,6 +90,23 @@ def experts_forward(self, hidden_states, top_k_index, top_k_weights):
     y = moe_torch.experts(hidden_states.contiguous(), w_in, w2, weights, ids, activation=activation,
                           b13_or_b1=b_in, b2=b2)
     return y.to(hidden_states.dtype)
+
+
+def _experts_with_post_norm(self, hidden_states, top_k_index, top_k_weights, activation, w_in, w2, b_in, b2):
+    """The experts of a module with has_post_expert_norm, on moe_ext's stage ops (autograd through each):
+    permute -> grouped_gemm (+ b_in) -> activation -> grouped_gemm (+ b2) -> the module's own
+    post_expert_norm on every expert output row [M, d] (torch, autograd) -> unpermute with the routing
+    weights. Sentinels as in experts_forward: expert 0 with weight 0 (the norm's output is finite)."""
+    from moe_ext import torch as moe_torch  # at call time: moe_ext.torch imports this module
+    num_experts = w_in.shape[0]
+    sentinel = top_k_index == num_experts
+    ids = top_k_index.masked_fill(sentinel, 0)
+    weights = top_k_weights.to(torch.float32).masked_fill(sentinel, 0.0)
+    x_perm, offsets, perm_rows = moe_torch.permute(hidden_states.contiguous(), ids, num_experts)
+    h = moe_torch.grouped_gemm(x_perm, w_in, offsets, bias=b_in)
+    y_perm = moe_torch.grouped_gemm(moe_torch.activation(h, activation), w2, offsets, bias=b2)
+    y_perm = self.post_expert_norm(y_perm).to(y_perm.dtype)
+    return moe_torch.unpermute(y_perm, perm_rows, weights).to(hidden_states.dtype)
 
 
 def fallback_reason(experts_module, hidden_states=None):
@@ -101,8 +125,8 @@ def activation_of(experts_module):
 
 def _plan(self, hidden_states):
     """(activation, w13_or_w1, w2, b13_or_b1, b2) to run `self` on moe_ext, else the reason why not."""
-    if bool(getattr(self, "has_post_expert_norm", False)):
-        return "a norm after each expert (has_post_expert_norm)"
+    if bool(getattr(self, "has_post_expert_norm", False)) and not callable(getattr(self, "post_expert_norm", None)):
+        return "has_post_expert_norm without a callable post_expert_norm"
     gated = bool(getattr(self, "has_gate", True))
     weights = _weights(self, gated)
     if isinstance(weights, str):
@@ -177,12 +201,30 @@ def _real_attribute(self, names):
     return None
 
 
+def _softcap_value(owner, name):
+    """A softcap constant: owner.<name> as a number, or as a module/object with a numeric .softcap
+    (transformers' Inkling2Softcap); None otherwise."""
+    value = getattr(owner, name, None)
+    value = getattr(value, "softcap", value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    return None
+
+
+def _softcaps(self):
+    """(gate_softcap, up_softcap) named by the module or its act_fn (e.g. Inkling2SoftcappedSwiGLU's
+    gate_softcap / up_softcap modules), each None when absent."""
+    act = getattr(self, "act_fn", None)
+    return tuple(_softcap_value(self, name) if _softcap_value(self, name) is not None else _softcap_value(act, name)
+                 for name in ("gate_softcap", "up_softcap"))
+
+
 def _decision_key(self, gated):
     """What the activation decision depends on: the gate code (class or instance), the act_fn object,
     the numeric attributes and layout flags. Compared element by element (`is` for the objects)."""
     gate = vars(self).get("_apply_gate", getattr(type(self), "_apply_gate", None))
     return (gated, gate, getattr(self, "act_fn", None), _real_attribute(self, _ALPHA_NAMES),
-            _real_attribute(self, _LIMIT_NAMES), bool(getattr(self, "is_concatenated", True)))
+            _real_attribute(self, _LIMIT_NAMES), bool(getattr(self, "is_concatenated", True)), *_softcaps(self))
 
 
 def _same_key(a, b):
@@ -257,27 +299,34 @@ def _candidates(self, gated):
     alpha = _real_attribute(self, _ALPHA_NAMES)
     alphas = [a for a in dict.fromkeys([alpha, static[1] if static else None, 1.0, _QUICK_GELU_ALPHA])
               if a is not None]
+    caps = [(None, None)]
     if not gated:
         layouts, limits, offsets = [False], [None], [0.0]
     else:
+        gate_cap, up_cap = _softcaps(self)
+        if gate_cap is not None or up_cap is not None:  # the softcapped SwiGLU first, then one cap at a time
+            caps = list(dict.fromkeys([(gate_cap, up_cap), (gate_cap, None), (None, up_cap)])) + caps
         concatenated = bool(getattr(self, "is_concatenated", True))
         layouts = [not concatenated, concatenated]
         limit = _real_attribute(self, _LIMIT_NAMES)
         limits = [limit, None] if limit is not None and limit > 0 else [None]
         offsets = [0.0, 1.0]
-    for fn in fns:
-        for a in (alphas if fn == "silu" else [1.0]):
-            for limit in limits:
-                for offset in offsets:
-                    for interleaved in layouts:
-                        yield moe_ext.Activation(fn, gated, interleaved=interleaved, alpha=a, limit=limit,
-                                                 up_offset=offset)
+    for gate_cap, up_cap in caps:
+        for fn in (["silu"] if gate_cap is not None else fns):
+            for a in (alphas if fn == "silu" else [1.0]):
+                for limit in limits:
+                    for offset in offsets:
+                        for interleaved in layouts:
+                            yield moe_ext.Activation(fn, gated, interleaved=interleaved, alpha=a, limit=limit,
+                                                     up_offset=offset, gate_softcap=gate_cap, up_softcap=up_cap)
 
 
 def _probe(self, gated, dtype):
-    """A probe tensor h (values across +-1.5 x the limit, or +-6) for the module's gate / act_fn."""
+    """A probe tensor h (values across +-1.5 x the limit, or +-6, and across +-2 x every softcap) for the
+    module's gate / act_fn."""
     limit = _real_attribute(self, _LIMIT_NAMES)
     span = 1.5 * limit if limit is not None and limit > 0 else 6.0
+    span = max([span] + [2.0 * c for c in _softcaps(self) if c is not None])
     rows, cols = 48, 16 if gated else 8
     values = torch.linspace(-span, span, rows * cols, dtype=torch.float64)
     order = torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))
@@ -291,6 +340,8 @@ def reference_activation(h, description):
     F = torch.nn.functional
 
     def act(z):
+        if a.gate_softcap is not None:
+            return a.gate_softcap * torch.tanh(z / a.gate_softcap) * torch.sigmoid(a.alpha * z)
         if a.fn == "silu":
             return z * torch.sigmoid(a.alpha * z)
         if a.fn in ("gelu", "gelu_tanh"):
@@ -303,6 +354,8 @@ def reference_activation(h, description):
     gate, up = (h[..., 0::2], h[..., 1::2]) if a.interleaved else (h[..., :f], h[..., f:])
     if a.limit is not None:
         gate, up = gate.clamp(max=a.limit), up.clamp(min=-a.limit, max=a.limit)
+    if a.up_softcap is not None:
+        up = a.up_softcap * torch.tanh(up / a.up_softcap)
     return act(gate) * (up + a.up_offset)
 
 
