@@ -17,8 +17,10 @@ from . import _ops  # registers torch.ops.moe_ext.*
 from ._functional import (PermuteResult, RouteResult, activation, experts, grouped_gemm, load_balancing_loss,
                           moe, permute, route, router_z_loss, unpermute)
 from ._module import MoE
+from ._weight_cache import WeightCacheInfo, clear_weight_cache, set_weight_cache, weight_cache_info
 from . import hf  # noqa: E402,F401  registers "moe_ext" with transformers' experts interface (SPEC §7)
 
 __all__ = ["route", "permute", "grouped_gemm", "activation", "unpermute", "experts", "moe",
-           "load_balancing_loss", "router_z_loss", "RouteResult", "PermuteResult", "MoE"]
+           "load_balancing_loss", "router_z_loss", "RouteResult", "PermuteResult", "MoE",
+           "set_weight_cache", "weight_cache_info", "clear_weight_cache", "WeightCacheInfo"]
 from .parallel import ExpertParallelMoE  # noqa: E402,F401  (expert parallelism over torch.distributed)

@@ -98,7 +98,7 @@ class MoE(nn.Module):
                                       correction_bias=self.correction_bias, n_group=self.n_group,
                                       topk_group=self.topk_group)
         y = F.experts(x, self.w13_or_w1, self.w2, weights, ids, activation=self.activation,
-                      capacity=self.capacity, b13_or_b1=self.b13_or_b1, b2=self.b2)
+                      capacity=self.capacity, b13_or_b1=self.b13_or_b1, b2=self.b2, weight_cache=True)
         self._last = (x, probs, ids)
         self.last_expert_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
             0, ids.reshape(-1).long(), torch.ones(ids.numel(), dtype=torch.int64, device=x.device))

@@ -81,7 +81,7 @@ def experts_forward(self, hidden_states, top_k_index, top_k_weights):
     weights = top_k_weights.to(torch.float32).masked_fill(sentinel, 0.0)  # SPEC §2: weights are f32
     from moe_ext import torch as moe_torch  # at call time: moe_ext.torch imports this module
     y = moe_torch.experts(hidden_states.contiguous(), w_in, w2, weights, ids, activation=activation,
-                          b13_or_b1=b_in, b2=b2)
+                          b13_or_b1=b_in, b2=b2, weight_cache=True)
     return y.to(hidden_states.dtype)
 
 
