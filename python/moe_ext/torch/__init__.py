@@ -6,7 +6,9 @@ the backward ops grouped_gemm_backward, activation_backward, unpermute_backward,
 bias_grad; schemas with the functional API's defaults. Activations are descriptions (moe_ext.Activation,
 passed to the ops as its canonical string), experts may have biases, and expert weights may be transposed
 views of contiguous [E, K, N] tensors (read in place). float32, bfloat16 and float16 tensors (scores and
-top-k weights float32). Semantics: docs/api.md §8.
+top-k weights float32). The packed expert-weight cache (set_weight_cache, weight_cache_info,
+clear_weight_cache; MOE_EXT_WEIGHT_CACHE=0 switches it off) lets MoE and the transformers backend run
+inference on prepacked weights. Semantics: docs/api.md §8.
 """
 import torch  # noqa: F401  (a clear ImportError here when torch is missing)
 

@@ -20,7 +20,10 @@ class MoE(nn.Module):
     canonical string such as "swiglu(alpha=1.702,limit=7.0,up_offset=1.0,interleaved)", or a
     moe_ext.Activation; the module keeps its canonical string.
 
-    forward(x [..., d]) -> y [..., d]. After each forward:
+    forward(x [..., d]) -> y [..., d]. Inference calls (no gradient wanted, CPU, not under torch.compile)
+    run on packed copies of w13_or_w1 and w2 kept in the packed expert-weight cache (about their bytes once
+    more; rebuilt when a weight changes; moe_ext.torch.set_weight_cache / MOE_EXT_WEIGHT_CACHE=0; docs/api.md
+    §8). After each forward:
     * `last_expert_counts` [E] int64: copies routed to each expert (before any capacity drop);
     * `load_balancing_loss()` and `router_z_loss()`: SPEC §3.6 losses of that forward, differentiable
       through the router (add them to the training loss). The module keeps the last forward's router

@@ -20,7 +20,10 @@ transformers, and the order of the two imports does not matter. Without transfor
 How an experts module is mapped (transformers' `use_experts_implementation` flags and attributes):
 * weights: `gate_up_proj` (has_gate) or `up_proj`, and `down_proj`, [E, out, in]; with is_transposed
   ([E, in, out]) the views `w.transpose(1, 2)` are passed, which moe_ext takes without a copy. The
-  parameters themselves (or those views of them) reach the kernels: no weight copy is made here.
+  parameters themselves (or those views of them) reach moe_ext.torch.experts: no weight copy is made here.
+  It is called with weight_cache=True: inference calls (no gradient wanted, CPU, not under torch.compile)
+  run on packed copies of the two expert weights kept beside the parameters (about their bytes once more;
+  never stale; moe_ext.torch.set_weight_cache / MOE_EXT_WEIGHT_CACHE=0; docs/api.md §8).
 * has_bias: `gate_up_proj_bias` / `up_proj_bias` [E, 2f or f] and `down_proj_bias` [E, d].
 * the activation, as a moe_ext.Activation description: candidates are built from the module's attributes
   (its `act_fn`, `alpha`/`swiglu_alpha`, `limit`/`swiglu_limit`, is_concatenated) and each is VERIFIED
