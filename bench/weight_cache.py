@@ -6,9 +6,12 @@ On a shared machine the speed left to this process drifts over seconds, so each 
 "off" call right next to it (alternating which goes first) and the figure is the median over the pairs of
 off seconds / on seconds (> 1: the cache is faster). Only ratios are reported. "Off" here keeps the entries
 (a private switch: moe_ext.torch.set_weight_cache(False) would free them, and the next "on" call would pack).
+Calls in which no expert gets more than 16 rows stay on the plain weights even with the cache on (column
+"on ran": plain); `--few-rows 0` lowers that threshold (a private one) to time packed weights there too.
 
     python bench/weight_cache.py [--hidden 1024] [--intermediate 3584] [--experts 8] [--top-k 2]
-                                 [--tokens 1 16 256] [--dtypes fp32 bf16] [--pairs 9] [--json out.json]
+                                 [--tokens 1 16 256] [--dtypes fp32 bf16] [--pairs 9] [--few-rows 16]
+                                 [--json out.json]
 """
 import argparse
 import json
@@ -57,10 +60,15 @@ def _ratio(layer, x, pairs):
     """median(off / on), min(off) / min(on), median on ms, median off ms, max |on - off| over interleaved
     pairs, after one warm call each."""
     with torch.no_grad():
-        used = mt.weight_cache_info().hits + mt.weight_cache_info().builds
+        before = mt.weight_cache_info()
         _, on_out = _timed(layer, x, True)  # builds the entries (first T) or hits them
-        if mt.weight_cache_info().hits + mt.weight_cache_info().builds < used + 2:
-            raise RuntimeError(f"{type(layer).__name__} did not run on the weight cache: {mt.weight_cache_info()}")
+        after = mt.weight_cache_info()
+        if after.hits + after.builds >= before.hits + before.builds + 2:
+            path = "packed"
+        elif after.few_rows > before.few_rows:
+            path = "plain"
+        else:
+            raise RuntimeError(f"{type(layer).__name__} did not run on the weight cache: {after}")
         _, off_out = _timed(layer, x, False)
         diff = (on_out.float() - off_out.float()).abs().max().item()
         on, off = [], []
@@ -69,7 +77,7 @@ def _ratio(layer, x, pairs):
                 (on if cached else off).append(_timed(layer, x, cached)[0])
     ratios = [b / a for a, b in zip(on, off)]
     return (statistics.median(ratios), min(off) / min(on), statistics.median(on) * 1e3, statistics.median(off) * 1e3,
-            diff)
+            diff, path)
 
 
 def main():
@@ -82,13 +90,16 @@ def main():
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--layers", nargs="+", choices=["moe", "mixtral"], default=["moe", "mixtral"])
     parser.add_argument("--pairs", type=int, default=9)
+    parser.add_argument("--few-rows", type=int, default=_weight_cache.FEW_ROWS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    _weight_cache.FEW_ROWS = args.few_rows
     torch.set_num_threads(moe_ext.get_num_threads())
     print(f"# moe_ext {moe_ext.__version__}, ISA {moe_ext.get_isa()}, {moe_ext.get_num_threads()} threads; "
-          f"d={args.hidden} f={args.intermediate} E={args.experts} k={args.top_k}; {args.pairs} pairs")
+          f"d={args.hidden} f={args.intermediate} E={args.experts} k={args.top_k}; {args.pairs} pairs; "
+          f"few rows <= {args.few_rows}")
     print(f"{'layer':8} {'dtype':5} {'T':>4} {'off/on (median)':>16} {'best off/best on':>17} {'on ms':>9} {'off ms':>9} "
-          f"{'max |diff|':>11}")
+          f"{'max |diff|':>11} {'on ran':>7}")
     rows = []
     for layer_name in args.layers:
         for dtype_name in args.dtypes:
@@ -97,11 +108,11 @@ def main():
             for T in args.tokens:
                 shape = (T, args.hidden) if layer_name == "moe" else (1, T, args.hidden)  # the block takes [B, S, d]
                 x = torch.randn(*shape, generator=torch.Generator().manual_seed(T)).to(DTYPES[dtype_name])
-                ratio, best, on_ms, off_ms, diff = _ratio(layer, x, args.pairs)
+                ratio, best, on_ms, off_ms, diff, path = _ratio(layer, x, args.pairs)
                 rows.append(dict(layer=layer_name, dtype=dtype_name, T=T, ratio_off_over_on=ratio, best_ratio=best,
-                                 on_ms=on_ms, off_ms=off_ms, max_abs_diff=diff))
+                                 on_ms=on_ms, off_ms=off_ms, max_abs_diff=diff, on_ran=path))
                 print(f"{layer_name:8} {dtype_name:5} {T:>4} {ratio:>16.2f} {best:>17.2f} {on_ms:>9.2f} {off_ms:>9.2f} "
-                      f"{diff:>11.2e}", flush=True)
+                      f"{diff:>11.2e} {path:>7}", flush=True)
             del layer
             mt.clear_weight_cache()
     if args.json:

@@ -22,6 +22,11 @@ import moe_ext
 from . import _ops
 
 WARN_BYTES = 256 << 20  # the first growth past this warns once (the cache costs the weights' bytes again)
+# Calls in which no expert gets more than this many rows stay on the plain weights: there the grouped GEMM
+# streams plain weight rows (kFewRows in csrc/cpu/grouped_gemm.cpp) instead of packing them, summing in
+# another order than the packed kernel, and packed weights measured no faster (docs/api.md §8). So decode
+# gives the uncached path's bits and never builds an entry.
+FEW_ROWS = 16
 _ENV = "MOE_EXT_WEIGHT_CACHE"
 
 
@@ -35,7 +40,8 @@ class WeightCacheInfo(NamedTuple):
     builds: int               # PackedWeights built (misses that fitted the budget)
     invalidations: int        # misses that found an entry of an older version / other memory (dropped)
     over_budget: int          # misses not packed because max_bytes would be exceeded (plain weight used)
-    bypassed: int             # calls that asked for the cache but ran the plain path (see _eligible)
+    few_rows: int             # calls on the plain weights because no expert got more than FEW_ROWS rows
+    bypassed: int             # calls that asked for the cache but ran the plain path for another reason
 
 
 class _Entry(NamedTuple):
@@ -56,7 +62,7 @@ def _enabled_from_env():
 
 _lock = threading.RLock()
 _entries = {}
-_counts = dict(hits=0, misses=0, builds=0, invalidations=0, over_budget=0, bypassed=0)
+_counts = dict(hits=0, misses=0, builds=0, invalidations=0, over_budget=0, few_rows=0, bypassed=0)
 _state = dict(enabled=_enabled_from_env(), max_bytes=None, bytes=0, warned=False)
 
 
@@ -170,11 +176,29 @@ def experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity, b13_
             or not (_cacheable(w13_or_w1, x) and _cacheable(w2, x)):
         bypass()
         return None
+    if not _any_expert_past_few_rows(topk_ids, w2.shape[0], capacity):
+        return None
     with _lock:
         p13, p2 = _packed(w13_or_w1), _packed(w2)
     y = moe_ext.experts(_ops._np(x, True), p13, p2, _ops._np(topk_weights), _ops._np(topk_ids),
                         activation=activation, capacity=capacity, b13_or_b1=_ops._np(b13_or_b1), b2=_ops._np(b2))
     return _ops._out(y, x.dtype)
+
+
+def _any_expert_past_few_rows(topk_ids, num_experts, capacity):
+    """Whether some expert gets more than FEW_ROWS rows (counted as few_rows when not). Ids out of range
+    answer True: the kernels' checks then raise as on the plain path."""
+    ids = topk_ids.reshape(-1)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+        return True
+    rows = torch.bincount(ids.long(), minlength=num_experts)
+    if capacity is not None:
+        rows = rows.clamp(max=max(int(capacity), 0))
+    if bool((rows > FEW_ROWS).any()):
+        return True
+    with _lock:
+        _counts["few_rows"] += 1
+    return False
 
 
 def bypass():
