@@ -3,7 +3,7 @@ first inference call, with the packed expert-weight cache on and off (docs/api.m
 fresh subprocess, so peaks do not mix.
 
     python bench/weight_cache_rss.py [--layer moe|mixtral] [--hidden 1024] [--intermediate 3584] [--experts 8]
-                                     [--dtype fp32|bf16] [--tokens 16]
+                                     [--dtype fp32|bf16] [--tokens 256]
 """
 import argparse
 import json
@@ -69,7 +69,7 @@ def main():
     parser.add_argument("--intermediate", type=int, default=3584)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=256)  # prefill-sized: decode calls build nothing
     args = parser.parse_args()
     print(f"# {args.layer} d={args.hidden} f={args.intermediate} E={args.experts} {args.dtype}, first inference "
           f"call with T={args.tokens}; VmHWM in MiB")
