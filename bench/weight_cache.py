@@ -98,8 +98,8 @@ def main():
     print(f"# moe_ext {moe_ext.__version__}, ISA {moe_ext.get_isa()}, {moe_ext.get_num_threads()} threads; "
           f"d={args.hidden} f={args.intermediate} E={args.experts} k={args.top_k}; {args.pairs} pairs; "
           f"few rows <= {args.few_rows}")
-    print(f"{'layer':8} {'dtype':5} {'T':>4} {'off/on (median)':>16} {'best off/best on':>17} {'on ms':>9} {'off ms':>9} "
-          f"{'max |diff|':>11} {'on ran':>7}")
+    print(f"{'layer':8} {'dtype':5} {'T':>4} {'off/on (median)':>16} {'best off/best on':>17} {'on ms':>9} "
+          f"{'off ms':>9} {'max |diff|':>11} {'on ran':>7}")
     rows = []
     for layer_name in args.layers:
         for dtype_name in args.dtypes:
