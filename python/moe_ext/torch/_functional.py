@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _ops, _weight_cache
 from . import quant as _quant
 
 
@@ -73,11 +73,16 @@ def _no_quantized_biases(b13_or_b1, b2):
 
 
 def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None, b13_or_b1=None,
-            b2=None) -> Tensor:
+            b2=None, weight_cache=False) -> Tensor:
     """The expert FFNs over given routing: x [..., d] -> y [..., d]. topk_weights [T, k] of any float
     dtype (computed in float32), topk_ids [T, k] int32 or int64 (T = number of rows of x). `activation`:
     a preset name, canonical string or moe_ext.Activation. Weights [E, N, K] or transposed views of
-    contiguous [E, K, N] tensors (no copy); optional biases b13_or_b1 [E, 2f or f] and b2 [E, d]."""
+    contiguous [E, K, N] tensors (no copy); optional biases b13_or_b1 [E, 2f or f] and b2 [E, d].
+
+    weight_cache=True (what MoE and the transformers backend pass: their weights are long-lived
+    parameters) runs a call that needs no gradient on the packed expert-weight cache (docs/api.md §8)
+    when it is on, on CPU and not while torch.compile traces; a call that needs one frees the weights'
+    entries and runs the ops as without it."""
     if _quant.is_quantized(w13_or_w1) or _quant.is_quantized(w2):  # QuantizedExpertWeights (torch/quant.py)
         _no_quantized_biases(b13_or_b1, b2)
         return _quant.experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation=activation, capacity=capacity)
@@ -87,7 +92,16 @@ def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", ca
     topk_weights = topk_weights.reshape(x.shape[0], k).float()
     topk_ids = topk_ids.reshape(x.shape[0], k)
     activation = _ops._spec(activation)
-    if not _needs_grad(x, w13_or_w1, w2, topk_weights, b13_or_b1, b2):
+    needs_grad = _needs_grad(x, w13_or_w1, w2, topk_weights, b13_or_b1, b2)
+    if weight_cache and not torch.compiler.is_compiling():
+        if needs_grad:
+            _weight_cache.release(w13_or_w1, w2)
+            _weight_cache.bypass()
+        else:
+            y = _weight_cache.experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity, b13_or_b1, b2)
+            if y is not None:
+                return y.reshape(shape)
+    if not needs_grad:
         return torch.ops.moe_ext.experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity,
                                          b13_or_b1, b2).reshape(shape)
     x_perm, offsets, perm_rows = permute(x, topk_ids, w2.shape[0], capacity=capacity)

@@ -20,7 +20,10 @@ class MoE(nn.Module):
     canonical string such as "swiglu(alpha=1.702,limit=7.0,up_offset=1.0,interleaved)", or a
     moe_ext.Activation; the module keeps its canonical string.
 
-    forward(x [..., d]) -> y [..., d]. After each forward:
+    forward(x [..., d]) -> y [..., d]. Inference calls (no gradient wanted, CPU, not under torch.compile)
+    run on packed copies of w13_or_w1 and w2 kept in the packed expert-weight cache (about their bytes once
+    more; rebuilt when a weight changes; moe_ext.torch.set_weight_cache / MOE_EXT_WEIGHT_CACHE=0; docs/api.md
+    §8). After each forward:
     * `last_expert_counts` [E] int64: copies routed to each expert (before any capacity drop);
     * `load_balancing_loss()` and `router_z_loss()`: SPEC §3.6 losses of that forward, differentiable
       through the router (add them to the training loss). The module keeps the last forward's router
@@ -98,7 +101,7 @@ class MoE(nn.Module):
                                       correction_bias=self.correction_bias, n_group=self.n_group,
                                       topk_group=self.topk_group)
         y = F.experts(x, self.w13_or_w1, self.w2, weights, ids, activation=self.activation,
-                      capacity=self.capacity, b13_or_b1=self.b13_or_b1, b2=self.b2)
+                      capacity=self.capacity, b13_or_b1=self.b13_or_b1, b2=self.b2, weight_cache=True)
         self._last = (x, probs, ids)
         self.last_expert_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
             0, ids.reshape(-1).long(), torch.ones(ids.numel(), dtype=torch.int64, device=x.device))

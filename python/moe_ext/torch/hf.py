@@ -20,7 +20,10 @@ transformers, and the order of the two imports does not matter. Without transfor
 How an experts module is mapped (transformers' `use_experts_implementation` flags and attributes):
 * weights: `gate_up_proj` (has_gate) or `up_proj`, and `down_proj`, [E, out, in]; with is_transposed
   ([E, in, out]) the views `w.transpose(1, 2)` are passed, which moe_ext takes without a copy. The
-  parameters themselves (or those views of them) reach the kernels: no weight copy is made here.
+  parameters themselves (or those views of them) reach moe_ext.torch.experts: no weight copy is made here.
+  It is called with weight_cache=True: inference calls (no gradient wanted, CPU, not under torch.compile)
+  run on packed copies of the two expert weights kept beside the parameters (about their bytes once more;
+  never stale; moe_ext.torch.set_weight_cache / MOE_EXT_WEIGHT_CACHE=0; docs/api.md §8).
 * has_bias: `gate_up_proj_bias` / `up_proj_bias` [E, 2f or f] and `down_proj_bias` [E, d].
 * the activation, as a moe_ext.Activation description: candidates are built from the module's attributes
   (its `act_fn`, `alpha`/`swiglu_alpha`, `limit`/`swiglu_limit`, is_concatenated, and `gate_softcap` /
@@ -88,7 +91,7 @@ def experts_forward(self, hidden_states, top_k_index, top_k_weights):
     weights = top_k_weights.to(torch.float32).masked_fill(sentinel, 0.0)  # SPEC §2: weights are f32
     from moe_ext import torch as moe_torch  # at call time: moe_ext.torch imports this module
     y = moe_torch.experts(hidden_states.contiguous(), w_in, w2, weights, ids, activation=activation,
-                          b13_or_b1=b_in, b2=b2)
+                          b13_or_b1=b_in, b2=b2, weight_cache=True)
     return y.to(hidden_states.dtype)
 
 
