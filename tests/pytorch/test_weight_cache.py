@@ -312,11 +312,14 @@ def test_hf_backend_matches_uncached_and_is_never_stale(arch):
         with torch.no_grad():
             want = uncached(lambda: experts(x, ids, w))
             got = experts(x, ids, w)
-        if mixed:
+        if mixed or (arch == "gpt_oss" and T < 16):  # transposed decode: packed panels, another sum order
             assert rel(got, want) <= FP32_RTOL
         else:
             assert torch.equal(got, want)
-    assert info().builds == 2 and info().hits == 2 and info().few_rows == 2
+    if arch == "gpt_oss":  # transposed weights take the packed copy at every size (decode included)
+        assert info().builds == 2 and info().hits == 6 and info().few_rows == 0
+    else:
+        assert info().builds == 2 and info().hits == 2 and info().few_rows == 2
     x, ids, w = routing(80)
     w_in = experts.gate_up_proj
     with torch.no_grad():

@@ -176,7 +176,11 @@ def experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity, b13_
             or not (_cacheable(w13_or_w1, x) and _cacheable(w2, x)):
         bypass()
         return None
-    if not _any_expert_past_few_rows(topk_ids, w2.shape[0], capacity):
+    # Decode (few rows) streams contiguous plain weights as fast as packed ones, so it stays on them and
+    # costs no memory; transposed views (gpt-oss) stream through a strided kernel that reads them slower
+    # than a packed panel, so they take the packed copy at every size.
+    transposed = not (w13_or_w1.is_contiguous() and w2.is_contiguous())
+    if not transposed and not _any_expert_past_few_rows(topk_ids, w2.shape[0], capacity):
         return None
     with _lock:
         p13, p2 = _packed(w13_or_w1), _packed(w2)
