@@ -29,16 +29,29 @@ py::array view_of(const T* data, const Shape& shape, const py::object& owner) {
   return a;
 }
 
+// The caller's arrays of a quantised weight, their shapes and dtypes checked against the scheme's layout.
+struct CheckedParts {
+  QuantScheme scheme;
+  const uint8_t* values;
+  const float* scales;
+  const uint8_t* zeros;
+};
+
+CheckedParts checked_parts(const std::string& scheme, int64_t E, int64_t N, int64_t K, int64_t group_size,
+                           const py::array& values, const py::array& scales, const std::optional<py::array>& zeros) {
+  const QuantScheme s = scheme_from(scheme);
+  const QuantView v = QuantizedWeight::layout(s, E, N, K, group_size, zeros.has_value());
+  return {s, data_of<uint8_t>(values, "values", {E, N, v.row_bytes}),
+          data_of<float>(scales, "scales", {E, N, v.groups}),
+          zeros ? data_of<uint8_t>(*zeros, "zeros", {E, N, v.groups}) : nullptr};
+}
+
 std::unique_ptr<QuantizedWeight> from_parts(const std::string& scheme, int64_t E, int64_t N, int64_t K,
                                             int64_t group_size, const py::array& values, const py::array& scales,
                                             const std::optional<py::array>& zeros, bool activations) {
-  const QuantScheme s = scheme_from(scheme);
-  const QuantView v = QuantizedWeight::layout(s, E, N, K, group_size, zeros.has_value());
-  const uint8_t* values_ptr = data_of<uint8_t>(values, "values", {E, N, v.row_bytes});
-  const float* scales_ptr = data_of<float>(scales, "scales", {E, N, v.groups});
-  const uint8_t* zeros_ptr = zeros ? data_of<uint8_t>(*zeros, "zeros", {E, N, v.groups}) : nullptr;
+  const CheckedParts p = checked_parts(scheme, E, N, K, group_size, values, scales, zeros);
   py::gil_scoped_release release;
-  return QuantizedWeight::from_parts(s, E, N, K, group_size, values_ptr, scales_ptr, zeros_ptr, activations);
+  return QuantizedWeight::from_parts(p.scheme, E, N, K, group_size, p.values, p.scales, p.zeros, activations);
 }
 
 // A QuantizedWeight over the caller's arrays (no copy; see QuantizedWeight::borrow): the arrays' shapes and
@@ -46,12 +59,8 @@ std::unique_ptr<QuantizedWeight> from_parts(const std::string& scheme, int64_t E
 std::unique_ptr<QuantizedWeight> borrowed(const std::string& scheme, int64_t E, int64_t N, int64_t K,
                                           int64_t group_size, const py::array& values, const py::array& scales,
                                           const std::optional<py::array>& zeros, bool activations) {
-  const QuantScheme s = scheme_from(scheme);
-  const QuantView v = QuantizedWeight::layout(s, E, N, K, group_size, zeros.has_value());
-  const uint8_t* values_ptr = data_of<uint8_t>(values, "values", {E, N, v.row_bytes});
-  const float* scales_ptr = data_of<float>(scales, "scales", {E, N, v.groups});
-  const uint8_t* zeros_ptr = zeros ? data_of<uint8_t>(*zeros, "zeros", {E, N, v.groups}) : nullptr;
-  return QuantizedWeight::borrow(s, E, N, K, group_size, values_ptr, scales_ptr, zeros_ptr, activations);
+  const CheckedParts p = checked_parts(scheme, E, N, K, group_size, values, scales, zeros);
+  return QuantizedWeight::borrow(p.scheme, E, N, K, group_size, p.values, p.scales, p.zeros, activations);
 }
 
 }  // namespace
