@@ -242,7 +242,7 @@ def moe_ext_weights(type_name, d, f, E, gate, up, down, rng, activations):
 
 def borrow(q, activations):
     """A QuantizedWeight over q's own memory (no copy) with the given activation mode; q must outlive it."""
-    return moe_ext._core.quantized_borrow(q.scheme, *q.shape, q.group_size or 0, q.values, q.scales, q.zeros,
+    return moe_ext._core.quantized_borrow(q.scheme, *q.shape, q.group_size or 0, *q.kernel_parts(),
                                           activations == "int8")
 
 

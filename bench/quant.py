@@ -39,8 +39,7 @@ def random_weight(rng, scheme, group, E, N, K):
 
 
 def borrow(q, activations):
-    return moe_ext._core.quantized_borrow(q.scheme, *q.shape, q.group_size or 0, q.values, q.scales, q.zeros,
-                                          activations)
+    return moe_ext._core.quantized_borrow(q.scheme, *q.shape, q.group_size or 0, *q.kernel_parts(), activations)
 
 
 def random_bf16(rng, E, N, K):

@@ -89,21 +89,22 @@ def test_weights_of_another_layer(rng):
 
 
 def test_from_parts_and_borrow_check_their_arrays(rng):
-    q = moe_ext.quantize(rng.standard_normal((2, 6, 128)).astype(np.float32), "int4", group_size=64)
+    q = moe_ext.quantize(rng.standard_normal((2, 10, 128)).astype(np.float32), "int4", group_size=64)
     with pytest.raises(ValueError, match="^scales"):
         moe_ext.quant.from_parts("int4", q.shape, 32, q.values, q.scales)  # group 32: 4 scales a row, not 2
     with pytest.raises(ValueError, match="^group_size"):
         moe_ext.quant.from_parts("int4", q.shape, 48, q.values, q.scales)
     with pytest.raises(ValueError, match="^scheme"):
         moe_ext.quant.from_parts("int2", q.shape, 64, q.values, q.scales)
+    values, scales, _ = q.kernel_parts()  # borrow reads the kernel layout (10 rows: one panel of 8, 2 after)
     with pytest.raises(ValueError, match="^values"):
-        moe_ext._core.quantized_borrow("int4", 2, 6, 128, 64, q.values[:1], q.scales, None, False)
+        moe_ext._core.quantized_borrow("int4", 2, 10, 128, 64, values[:1], scales, None, False)
     with pytest.raises(TypeError, match="^scales"):
-        moe_ext._core.quantized_borrow("int4", 2, 6, 128, 64, q.values, q.scales.astype(np.float64), None, False)
-    b = moe_ext._core.quantized_borrow("int4", 2, 6, 128, 64, q.values, q.scales, None, True)
+        moe_ext._core.quantized_borrow("int4", 2, 10, 128, 64, values, scales.astype(np.float64), None, False)
+    b = moe_ext._core.quantized_borrow("int4", 2, 10, 128, 64, values, scales, None, True)
     assert b.activations == "int8"
     np.testing.assert_array_equal(moe_ext.dequantize(b), moe_ext.dequantize(q))
-    del q  # the borrowed weight keeps the arrays (and so q's memory) alive
+    del q, values, scales  # the borrowed weight keeps the arrays (and so q's memory) alive
     assert np.isfinite(moe_ext.dequantize(b)).all()
 
 

@@ -174,6 +174,42 @@ def test_mixed_weights(rng):
         assert_close(got, want, GEMM_RTOL, "mixed")
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "swiglu(interleaved)", "geglu"])
+@pytest.mark.parametrize("activations", [None, "int8"], ids=["weight-only", "a8"])
+@pytest.mark.parametrize("f", [20, 36, 44])
+def test_int4_panels_split_by_the_gate_up_halves(rng, activation, activations, f):
+    """int4 rows live in panels of 8 (core/quant.h): a gated w13 whose f is not a multiple of 8 has a
+    panel holding both gate and up rows, and a tail of f % 8 rows per expert outside the panels."""
+    T, d, E, k = 11, 64, 3, 2
+    x = random_x(rng, T, d)
+    w13, w2 = random_expert_weights(rng, E, d, f, "swiglu")
+    weights, ids = random_topk_weights(rng, T, k), random_ids(rng, T, E, k)
+    q13 = moe_ext.quantize(w13, "int4", group_size=32, zero_point=f == 36, activations=activations)
+    got = moe_ext.experts(x, q13, w2, weights, ids, activation=activation)
+    a8 = activations == "int8"
+    want = reference.quantized_experts(x, moe_ext.dequantize(q13), w2, weights, ids, activation=activation,
+                                       quantize_inputs=(a8, False))
+    assert_close(got, want, GEMM_RTOL if not a8 else 1e-3, "int4 w13")
+
+
+def test_int4_kernel_parts_are_the_exchange_parts_interleaved(rng):
+    """values/scales/zeros (exchange layout, GGUF order per row) and kernel_parts (panels of 8 rows) hold
+    the same bytes, and from_parts of the exchange parts gives the same weight."""
+    E, N, K = 2, 19, 96
+    q = moe_ext.quantize(rng.standard_normal((E, N, K)).astype(np.float32), "int4", group_size=32, zero_point=True)
+    values, scales, zeros = q.kernel_parts()
+    assert values.shape == q.values.shape and scales.shape == q.scales.shape and zeros.shape == q.zeros.shape
+    panel = values[:, :16].reshape(E, 2, K // 32, 4, 8, 4)  # [e, panel, block, chunk, row, byte]
+    np.testing.assert_array_equal(panel.transpose(0, 1, 4, 2, 3, 5).reshape(E, 16, -1), q.values[:, :16])
+    np.testing.assert_array_equal(values[:, 16:], q.values[:, 16:])  # the tail rows stay per row
+    np.testing.assert_array_equal(scales[:, :16].reshape(E, 2, -1, 8).transpose(0, 1, 3, 2).reshape(E, 16, -1),
+                                  q.scales[:, :16])
+    np.testing.assert_array_equal(sorted(zeros.ravel()), sorted(q.zeros.ravel()))
+    again = moe_ext.quant.from_parts("int4", q.shape, 32, q.values, q.scales, q.zeros)
+    np.testing.assert_array_equal(again.kernel_parts()[0], values)
+    np.testing.assert_array_equal(moe_ext.dequantize(again), moe_ext.dequantize(q))
+
+
 def test_wrong_shape_in_slot(rng):
     x = random_x(rng, 3, 64)
     w13, w2 = random_expert_weights(rng, 4, 64, 16)

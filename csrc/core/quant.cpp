@@ -145,15 +145,15 @@ void store_group(QuantScheme scheme, const int* q, int64_t first, int64_t n, uin
   }
 }
 
-int value_at(const QuantView& v, const uint8_t* row, int64_t depth) {
-  if (v.scheme == QuantScheme::int8) return static_cast<int8_t>(row[depth]);
+int value_at(const QuantView& v, int64_t row, int64_t depth) {
+  if (v.scheme == QuantScheme::int8) return static_cast<int8_t>(v.values[row * v.row_bytes + depth]);
   const int64_t block = depth / kQuantBlock, j = depth % kQuantBlock;
-  const uint8_t byte = row[block * (kQuantBlock / 2) + j % (kQuantBlock / 2)];
+  const uint8_t byte = v.values[value_offset(v, row, block * (kQuantBlock / 2) + j % (kQuantBlock / 2))];
   return j < kQuantBlock / 2 ? (byte & 0x0f) : (byte >> 4);
 }
 
 int zero_of(const QuantView& v, int64_t row, int64_t g) {
-  if (v.zeros != nullptr) return v.zeros[row * v.groups + g];
+  if (v.zeros != nullptr) return v.zeros[group_offset(v, row, g)];
   return v.scheme == QuantScheme::int4 ? kInt4SymmetricZero : 0;
 }
 
@@ -191,6 +191,7 @@ QuantView QuantizedWeight::layout(QuantScheme scheme, int64_t E, int64_t N, int6
   v.group = group_size == 0 ? v.row_depth : group_size;
   v.groups = v.row_depth / v.group;
   v.row_bytes = scheme == QuantScheme::int8 ? v.row_depth : v.row_depth / 2;
+  v.panels = scheme == QuantScheme::int4;
   return v;
 }
 
@@ -231,6 +232,7 @@ std::unique_ptr<QuantizedWeight> QuantizedWeight::quantize(const void* w, DType 
   for (int64_t r = 0; r < rows; ++r) {
     std::unique_ptr<float[]> x(new float[group_depth]);
     std::unique_ptr<int[]> qs(new int[group_depth]);
+    std::unique_ptr<uint8_t[]> row(new uint8_t[v.row_bytes]());
     for (int64_t g = 0; g < v.groups; ++g) {
       bool finite = true;
       for (int64_t i = 0; i < group_depth; ++i) {
@@ -244,10 +246,11 @@ std::unique_ptr<QuantizedWeight> QuantizedWeight::quantize(const void* w, DType 
       }
       const GroupResult res = scheme == QuantScheme::int8 ? quantize_group_int8(x.get(), group_depth, qs.get())
                                                           : quantize_group_int4(x.get(), group_depth, zero_point, qs.get());
-      scales[r * v.groups + g] = res.scale;
-      if (zeros != nullptr) zeros[r * v.groups + g] = static_cast<uint8_t>(res.zero);
-      store_group(scheme, qs.get(), g * group_depth, group_depth, values + r * v.row_bytes);
+      scales[group_offset(v, r, g)] = res.scale;
+      if (zeros != nullptr) zeros[group_offset(v, r, g)] = static_cast<uint8_t>(res.zero);
+      store_group(scheme, qs.get(), g * group_depth, group_depth, row.get());
     }
+    for (int64_t j = 0; j < v.row_bytes; ++j) values[value_offset(v, r, j)] = row[j];
   }
   if (bad_row.load() >= 0) {
     const int64_t r = bad_row.load();
@@ -265,17 +268,37 @@ std::unique_ptr<QuantizedWeight> QuantizedWeight::from_parts(QuantScheme scheme,
   std::unique_ptr<QuantizedWeight> q(
       new QuantizedWeight(scheme, E, N, K, group_size, zeros != nullptr, quantize_activations));
   const QuantView& v = q->view_;
-  const std::size_t rows = static_cast<std::size_t>(E * N);
-  std::memcpy(const_cast<uint8_t*>(v.values), values, rows * v.row_bytes);
-  for (std::size_t i = 0; i < rows * v.groups; ++i)
+  const int64_t rows = E * N;
+  for (int64_t i = 0; i < rows * v.groups; ++i)
     if (!std::isfinite(scales[i])) fail("scales", "finite values", "a non-finite scale at flat index " + std::to_string(i));
-  std::memcpy(const_cast<float*>(v.scales), scales, rows * v.groups * sizeof(float));
-  if (zeros != nullptr) {
-    for (std::size_t i = 0; i < rows * v.groups; ++i)
+  if (zeros != nullptr)
+    for (int64_t i = 0; i < rows * v.groups; ++i)
       if (zeros[i] > 15) fail("zeros", "zero points in 0..15", std::to_string(zeros[i]));
-    std::memcpy(const_cast<uint8_t*>(v.zeros), zeros, rows * v.groups);
+  uint8_t* to_values = const_cast<uint8_t*>(v.values);
+  float* to_scales = const_cast<float*>(v.scales);
+  uint8_t* to_zeros = const_cast<uint8_t*>(v.zeros);
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < v.row_bytes; ++j) to_values[value_offset(v, r, j)] = values[r * v.row_bytes + j];
+    for (int64_t g = 0; g < v.groups; ++g) {
+      to_scales[group_offset(v, r, g)] = scales[r * v.groups + g];
+      if (zeros != nullptr) to_zeros[group_offset(v, r, g)] = zeros[r * v.groups + g];
+    }
   }
   return q;
+}
+
+void QuantizedWeight::export_parts(uint8_t* values, float* scales, uint8_t* zeros) const {
+  const QuantView& v = view_;
+  const int64_t rows = v.E * v.N;
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < v.row_bytes; ++j) values[r * v.row_bytes + j] = v.values[value_offset(v, r, j)];
+    for (int64_t g = 0; g < v.groups; ++g) {
+      scales[r * v.groups + g] = v.scales[group_offset(v, r, g)];
+      if (zeros != nullptr && v.zeros != nullptr) zeros[r * v.groups + g] = v.zeros[group_offset(v, r, g)];
+    }
+  }
 }
 
 std::unique_ptr<QuantizedWeight> QuantizedWeight::borrow(QuantScheme scheme, int64_t E, int64_t N, int64_t K,
@@ -289,8 +312,14 @@ std::unique_ptr<QuantizedWeight> QuantizedWeight::borrow(QuantScheme scheme, int
 }
 
 std::unique_ptr<QuantizedWeight> QuantizedWeight::with_activations(bool quantize_activations) const {
-  return from_parts(view_.scheme, view_.E, view_.N, view_.K, group_size_, view_.values, view_.scales, view_.zeros,
-                    quantize_activations);
+  const QuantView& v = view_;
+  std::unique_ptr<QuantizedWeight> q(
+      new QuantizedWeight(v.scheme, v.E, v.N, v.K, group_size_, v.zeros != nullptr, quantize_activations));
+  const std::size_t rows = static_cast<std::size_t>(v.E * v.N);
+  std::memcpy(const_cast<uint8_t*>(q->view_.values), v.values, rows * v.row_bytes);  // both in the kernel layout
+  std::memcpy(const_cast<float*>(q->view_.scales), v.scales, rows * v.groups * sizeof(float));
+  if (v.zeros != nullptr) std::memcpy(const_cast<uint8_t*>(q->view_.zeros), v.zeros, rows * v.groups);
+  return q;
 }
 
 void QuantizedWeight::dequantize(float* out) const {
@@ -298,18 +327,18 @@ void QuantizedWeight::dequantize(float* out) const {
   const int64_t rows = v.E * v.N;
 #pragma omp parallel for schedule(static) num_threads(num_threads())
   for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* row = v.values + r * v.row_bytes;
     for (int64_t depth = 0; depth < v.K; ++depth) {
       const int64_t g = depth / v.group;
-      const float scale = v.scales[r * v.groups + g];
-      out[r * v.K + depth] = scale * static_cast<float>(value_at(v, row, depth) - zero_of(v, r, g));
+      const float scale = v.scales[group_offset(v, r, g)];
+      out[r * v.K + depth] = scale * static_cast<float>(value_at(v, r, depth) - zero_of(v, r, g));
     }
   }
 }
 
 int64_t quant_gemm_scratch_bytes(int64_t row_depth) {
-  // The tile's float32 results (128 rows x 2 x 64 columns), then one dequantised weight row.
-  return 128 * 2 * 64 * 4 + round_up(row_depth, 16) * 4 + 64;
+  // The tile's float32 results (128 rows x 2 x 64 columns), one dequantised weight row, then one int4
+  // panel's products (128 rows x 8).
+  return 128 * 2 * 64 * 4 + round_up(row_depth, 16) * 4 + 128 * kPanelRows * 4 + 64;
 }
 
 bool vnni_enabled() { return vnni().load(std::memory_order_relaxed); }

@@ -9,6 +9,14 @@
 // - zeros [E, N, groups] uint8 (int4 with zero points only).
 // A weight is value = scale * (q - z) with z = 0 (int8), 8 (int4 symmetric) or zeros[...] (int4 with
 // zero points), evaluated in float32: (q - z) exactly, then one rounded product.
+//
+// That is the exchange layout (from_parts, export_parts, what Python's values/scales/zeros show). int4
+// weights are kept in the kernel layout: each expert's rows in panels of kPanelRows (8) consecutive rows
+// interleaved, so one 32-byte load holds 4 depths of 8 rows and the integer kernel keeps one row per lane
+// (no horizontal sums; llama.cpp's repacked Q4_0 does the same). In a panel, block b's 128 bytes are 4
+// chunks of 32; chunk c holds, for each row i of the panel in turn, its block bytes 4c..4c+3 (depths
+// 4c..4c+3 in the low nibbles, 16+4c.. in the high ones); the panel's scales (and zeros) are [groups][8].
+// An expert's last N % 8 rows, and every int8 weight, stay in the exchange layout. Same bytes in total.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -24,6 +32,8 @@ enum class QuantScheme : int { int8 = 0, int4 = 1 };
 constexpr int64_t kQuantBlock = 32;
 // int4 symmetric weights store q + 8 (unsigned nibbles): their zero point.
 constexpr int kInt4SymmetricZero = 8;
+// Rows of an int4 panel (the kernel layout above).
+constexpr int64_t kPanelRows = 8;
 
 // What the kernels read: pointers into a QuantizedWeight.
 struct QuantView {
@@ -37,7 +47,25 @@ struct QuantView {
   const float* scales = nullptr;
   const uint8_t* zeros = nullptr;     // null: z = 0 (int8) or kInt4SymmetricZero (int4)
   bool quantize_activations = false;  // W8A8 / W4A8: the GEMM's rows are quantised per token to int8
+  bool panels = false;                // int4: rows in panels of kPanelRows (the kernel layout above)
 };
+
+// Rows of each expert that are in panels: the first N rounded down to kPanelRows (0 without panels).
+inline int64_t panel_rows(const QuantView& v) { return v.panels ? v.N / kPanelRows * kPanelRows : 0; }
+// Whether flat row `row` (e * N + n) is in a panel.
+inline bool in_panel(const QuantView& v, int64_t row) { return row % v.N < panel_rows(v); }
+// Where byte j (0 <= j < row_bytes, exchange order) of flat row `row` is kept in values.
+inline int64_t value_offset(const QuantView& v, int64_t row, int64_t j) {
+  if (!in_panel(v, row)) return row * v.row_bytes + j;
+  const int64_t i = row % v.N % kPanelRows, first = row - i, block = j / (kQuantBlock / 2), b = j % (kQuantBlock / 2);
+  return first * v.row_bytes + block * kPanelRows * (kQuantBlock / 2) + (b / 4) * 32 + i * 4 + b % 4;
+}
+// Where the scale (and zero point) of group g of flat row `row` is kept.
+inline int64_t group_offset(const QuantView& v, int64_t row, int64_t g) {
+  if (!in_panel(v, row)) return row * v.groups + g;
+  const int64_t i = row % v.N % kPanelRows, first = row - i;
+  return first * v.groups + g * kPanelRows + i;
+}
 
 // An owned, immutable quantised weight. Thread-safe to share: kernels only read it.
 class QuantizedWeight {
@@ -48,12 +76,13 @@ class QuantizedWeight {
   static std::unique_ptr<QuantizedWeight> quantize(const void* w, DType dtype, int64_t E, int64_t N, int64_t K,
                                                    QuantScheme scheme, int64_t group_size, bool zero_point,
                                                    bool quantize_activations);
-  // Copies already-quantised parts in this layout (an import, no requantisation): values
+  // Copies already-quantised parts in the exchange layout (an import, no requantisation): values
   // [E, N, row_bytes], scales [E, N, groups], zeros [E, N, groups] or null.
   static std::unique_ptr<QuantizedWeight> from_parts(QuantScheme scheme, int64_t E, int64_t N, int64_t K,
                                                      int64_t group_size, const uint8_t* values, const float* scales,
                                                      const uint8_t* zeros, bool quantize_activations);
-  // A weight over parts that someone else owns (moe_ext.torch's buffers), in this layout, neither copied nor
+  // A weight over parts that someone else owns (moe_ext.torch's buffers), in the kernel layout (the view's
+  // parts of a weight made here, of the same format), neither copied nor
   // checked (the caller validated them when it made them): they must outlive the result, unchanged.
   static std::unique_ptr<QuantizedWeight> borrow(QuantScheme scheme, int64_t E, int64_t N, int64_t K,
                                                  int64_t group_size, const uint8_t* values, const float* scales,
@@ -65,6 +94,8 @@ class QuantizedWeight {
 
   // The float32 values [E, N, K] the kernels multiply by.
   void dequantize(float* out) const;
+  // The parts in the exchange layout (sizes as from_parts; zeros only with zero points).
+  void export_parts(uint8_t* values, float* scales, uint8_t* zeros) const;
 
   const QuantView& view() const { return view_; }
   int64_t group_size() const { return group_size_; }  // 0: one scale per row

@@ -120,6 +120,119 @@ void int_dot_rows(const QuantView& w, int64_t row, const int8_t* aq, int64_t lda
   }
 }
 
+// --- int4 panels (core/quant.h's kernel layout): 8 weight rows, one a lane --------------------------
+// A policy's block<R>(w, a, depth, s) adds to s[r] (lane i: row i of the panel) the integer products of
+// the panel's 32-depth block at w (128 bytes) with activation rows a[r] at `depth`. Nibbles are unsigned
+// (0..15), so the zero point is taken off per group with the activations' group sum, as above.
+
+struct PanelScalar {
+  template <int R>
+  static void block(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s) {
+    for (int c = 0; c < 4; ++c)
+      for (int i = 0; i < 8; ++i)
+        for (int j = 0; j < 4; ++j) {
+          const uint8_t byte = w[32 * c + 4 * i + j];
+          for (int r = 0; r < R; ++r)
+            s[r][i] += (byte & 15) * a[r][depth + 4 * c + j] + (byte >> 4) * a[r][depth + 16 + 4 * c + j];
+        }
+  }
+};
+
+#if defined(__AVX2__)
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t v;
+  memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// vpmaddubsw (nibble x int8, pairs summed in int16), 8 of them summed in int16 before one vpmaddwd:
+// each pair is at most 2 * 15 * 127 = 3810 in magnitude, so 8 of them (30480) never saturate.
+struct PanelAvx2 {
+  template <int R>
+  static void block(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s) {
+    const __m256i low = _mm256_set1_epi8(15);
+    __m256i s16[R];
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
+      const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      for (int r = 0; r < R; ++r) {
+        const __m256i pair = _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(a[r] + depth + 4 * c)),
+                                              _mm256_maddubs_epi16(hi, broadcast4(a[r] + depth + 16 + 4 * c)));
+        s16[r] = c == 0 ? pair : _mm256_add_epi16(s16[r], pair);
+      }
+    }
+    for (int r = 0; r < R; ++r) s[r] += (i32x8)_mm256_madd_epi16(s16[r], _mm256_set1_epi16(1));
+  }
+};
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+struct PanelVnni {  // vpdpbusd: nibble x int8, 4 products summed straight into int32
+  template <int R>
+  static void block(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s) {
+    const __m256i low = _mm256_set1_epi8(15);
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
+      const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      for (int r = 0; r < R; ++r) {
+        __m256i acc = _mm256_dpbusd_epi32((__m256i)s[r], lo, broadcast4(a[r] + depth + 4 * c));
+        s[r] = (i32x8)_mm256_dpbusd_epi32(acc, hi, broadcast4(a[r] + depth + 16 + 4 * c));
+      }
+    }
+  }
+};
+#endif
+
+// c[r * 8 + i] (r < R) = panel row i (the panel's first flat row `first`) times activation row r. Per
+// group: the int32 sums less zero * group sum, then acc += float(sum) * scale, lane by lane; at the end
+// times the token's scale. Each row's sum runs over the groups in order, whatever the tier.
+template <class Panel, int R>
+void panel_dot_rows(const QuantView& w, int64_t first, const int8_t* aq, int64_t lda, const int32_t* sums,
+                    const float* a_scales, float* c) {
+  const uint8_t* values = w.values + first * w.row_bytes;
+  const float* scales = w.scales + first * w.groups;
+  const uint8_t* zeros = w.zeros ? w.zeros + first * w.groups : nullptr;
+  const int64_t blocks = w.group / kQuantBlock;
+  const int8_t* a[R];
+  for (int r = 0; r < R; ++r) a[r] = aq + r * lda;
+  f32x8 acc[R] = {};
+  for (int64_t g = 0; g < w.groups; ++g) {
+    i32x8 s[R] = {};
+    for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b)
+      Panel::template block<R>(values + b * kPanelRows * (kQuantBlock / 2), a, b * kQuantBlock, s);
+    i32x8 zero = {};
+    for (int i = 0; i < 8; ++i) zero[i] = zeros ? zeros[g * kPanelRows + i] : kInt4SymmetricZero;
+    f32x8 scale;
+    memcpy(&scale, scales + g * kPanelRows, sizeof scale);
+    for (int r = 0; r < R; ++r) {
+      s[r] -= zero * sums[r * w.groups + g];
+      acc[r] += __builtin_convertvector(s[r], f32x8) * scale;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 8; ++i) c[r * kPanelRows + i] = acc[r][i] * a_scales[r];
+}
+
+constexpr int kPanelActRows = 4;  // activation rows per pass over a panel
+
+// c [rows][8] for the `rows` activation rows starting at a_row, times the panel at flat row `first`.
+template <class Panel>
+void int_panel(const QuantGemmProblem& p, int64_t first, int64_t a_row, int64_t rows, float* c) {
+  const QuantView& w = *p.w;
+  for (int64_t m = 0; m < rows; m += kPanelActRows) {
+    const int64_t at = a_row + m;
+    const int8_t* aq = p.a_q + at * w.row_depth;
+    const int32_t* sums = p.a_sums + at * w.groups;
+    float* cm = c + m * kPanelRows;
+    switch (min_i64(kPanelActRows, rows - m)) {
+      case 1: panel_dot_rows<Panel, 1>(w, first, aq, w.row_depth, sums, p.a_scales + at, cm); break;
+      case 2: panel_dot_rows<Panel, 2>(w, first, aq, w.row_depth, sums, p.a_scales + at, cm); break;
+      case 3: panel_dot_rows<Panel, 3>(w, first, aq, w.row_depth, sums, p.a_scales + at, cm); break;
+      default: panel_dot_rows<Panel, 4>(w, first, aq, w.row_depth, sums, p.a_scales + at, cm); break;
+    }
+  }
+}
+
 constexpr int kQuantRows = 8;  // activation rows per pass over a weight row (int32 sums in registers)
 
 // c[r * ldc] for the `rows` activation rows starting at a_row: weight row `row` times each.
@@ -147,7 +260,8 @@ void int_column(const QuantGemmProblem& p, int64_t row, int64_t a_row, int64_t r
 
 }  // namespace
 
-// The VNNI instantiation (csrc/cpu/quant_gemm_vnni.cpp, avx512 tier only).
+// The VNNI instantiations (csrc/cpu/quant_gemm_vnni.cpp, avx512 tier only).
 void int_column_vnni(const QuantGemmProblem& p, int64_t row, int64_t a_row, int64_t rows, float* c, int64_t ldc);
+void int_panel_vnni(const QuantGemmProblem& p, int64_t first, int64_t a_row, int64_t rows, float* c);
 
 }  // namespace moe_ext::cpu::MOE_EXT_CPU_NS

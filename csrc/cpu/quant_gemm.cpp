@@ -54,26 +54,63 @@ void quantize_row(const float* x, int64_t K, const QuantView& w, int8_t* q, floa
 
 // --- weight-only products --------------------------------------------------------------------------
 
-// dst[0..row_depth) = the dequantised weight row `row` (flat e * N + n).
+// Where one row's bytes and scales are: int4 blocks' 16 bytes come in 4 runs of 4 bytes, `run` apart
+// (4 outside a panel, 32 inside one), blocks `block` apart; group g's scale (and zero) at g * `group`.
+struct RowAt {
+  const uint8_t* values;
+  const float* scales;
+  const uint8_t* zeros;
+  int64_t run, block, group;
+};
+
+RowAt row_at(const QuantView& w, int64_t row) {
+  const bool panel = in_panel(w, row);  // the offsets once per row: they divide
+  const int64_t v0 = value_offset(w, row, 0), g0 = group_offset(w, row, 0);
+  return {w.values + v0, w.scales + g0, w.zeros ? w.zeros + g0 : nullptr, panel ? 32 : 4,
+          panel ? kPanelRows * kQuantBlock / 2 : kQuantBlock / 2, panel ? kPanelRows : 1};
+}
+
+// o[0..32) = s * (q - z) for one int4 block's 16 bytes q (depth j in the low nibble of byte j, j + 16 in
+// the high one). The compiler does not vectorise the nibble split well, so AVX2 spells it out.
+void dequantize_block_u4(const uint8_t* q, float s, int z, float* o) {
+#if defined(__AVX2__)
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)), low = _mm_set1_epi8(15);
+  const __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+  const __m256 scale = _mm256_set1_ps(s);
+  const __m256i zero = _mm256_set1_epi32(z);
+  const __m128i eights[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int i = 0; i < 4; ++i) {
+    const __m256i v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(eights[i]), zero);
+    _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(scale, _mm256_cvtepi32_ps(v)));
+  }
+#else
+  for (int j = 0; j < kQuantBlock / 2; ++j) {
+    o[j] = s * static_cast<float>((q[j] & 15) - z);
+    o[j + kQuantBlock / 2] = s * static_cast<float>((q[j] >> 4) - z);
+  }
+#endif
+}
+
+// dst[0..row_depth) = the dequantised weight row `row` (flat e * N + n), from either layout.
 void dequantize_row(const QuantView& w, int64_t row, float* dst) {
-  const uint8_t* values = w.values + row * w.row_bytes;
-  const float* scales = w.scales + row * w.groups;
+  const RowAt at = row_at(w, row);
+  const int64_t blocks = w.group / kQuantBlock;
   for (int64_t g = 0; g < w.groups; ++g) {
-    const float s = scales[g];
-    const int z = w.zeros ? w.zeros[row * w.groups + g] : (w.scheme == QuantScheme::int4 ? kInt4SymmetricZero : 0);
+    const float s = at.scales[g * at.group];
+    const int z = at.zeros ? at.zeros[g * at.group] : (w.scheme == QuantScheme::int4 ? kInt4SymmetricZero : 0);
     float* out = dst + g * w.group;
     if (w.scheme == QuantScheme::int8) {
-      const int8_t* q = reinterpret_cast<const int8_t*>(values) + g * w.group;
+      const int8_t* q = reinterpret_cast<const int8_t*>(at.values) + g * w.group;
       for (int64_t i = 0; i < w.group; ++i) out[i] = s * static_cast<float>(q[i] - z);
       continue;
     }
-    const uint8_t* bytes = values + g * w.group / 2;
-    for (int64_t b = 0; b < w.group / kQuantBlock; ++b)
-      for (int j = 0; j < kQuantBlock / 2; ++j) {
-        const uint8_t byte = bytes[b * kQuantBlock / 2 + j];
-        out[b * kQuantBlock + j] = s * static_cast<float>((byte & 15) - z);
-        out[b * kQuantBlock + j + kQuantBlock / 2] = s * static_cast<float>((byte >> 4) - z);
-      }
+    for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
+      const uint8_t* bytes = at.values + b * at.block;
+      float* o = dst + b * kQuantBlock;
+      uint8_t q[kQuantBlock / 2];  // the block's bytes in exchange order
+      for (int run = 0; run < 4; ++run) memcpy(q + 4 * run, bytes + run * at.run, 4);
+      dequantize_block_u4(q, s, z, o);
+    }
   }
 }
 
@@ -132,6 +169,18 @@ void int_column_best(const QuantGemmProblem& p, int64_t row, int64_t a_row, int6
 #endif
 }
 
+// The integer products of the panel at flat row `first` with the tile's rows: c [rows][8].
+void int_panel_best(const QuantGemmProblem& p, int64_t first, int64_t a_row, int64_t rows, float* c) {
+#if defined(__AVX512F__)
+  if (p.vnni) return int_panel_vnni(p, first, a_row, rows, c);
+#endif
+#if defined(__AVX2__)
+  int_panel<PanelAvx2>(p, first, a_row, rows, c);
+#else
+  int_panel<PanelScalar>(p, first, a_row, rows, c);
+#endif
+}
+
 // --- tiles -----------------------------------------------------------------------------------------
 
 struct Tile {
@@ -169,22 +218,40 @@ bool find_tile(const QuantGemmProblem& p, int64_t index, int64_t col_tiles, int6
   return false;
 }
 
-void run_tile(const QuantGemmProblem& p, const Geometry& g, const Tile& t, float* local, float* w_row) {
+// Column c[r * kLocalCols] (r < t.rows) of the tile's results = weight row `row` times the tile's rows.
+// A row in an int4 panel (integer path) takes its lane of the whole panel's products, computed once per
+// panel and kept in `panel` ([rows][8]) while the tile walks the panel's rows.
+struct Columns {
+  const QuantGemmProblem& p;
+  const Tile& t;
+  float* w_row;   // one dequantised weight row (weight-only)
+  float* panel;   // the current panel's products
+  int64_t panel_first = -1;
+
+  void operator()(int64_t row, float* c) {
+    const QuantView& w = *p.w;
+    if (!w.quantize_activations) {
+      dequantize_row(w, row, w_row);
+      return float_column(p, w_row, t.row_begin, t.rows, c, kLocalCols);
+    }
+    if (!in_panel(w, row)) return int_column_best(p, row, t.row_begin, t.rows, c, kLocalCols);
+    const int64_t lane = row % w.N % kPanelRows;
+    if (row - lane != panel_first) {
+      panel_first = row - lane;
+      int_panel_best(p, panel_first, t.row_begin, t.rows, panel);
+    }
+    for (int64_t r = 0; r < t.rows; ++r) c[r * kLocalCols] = panel[r * kPanelRows + lane];
+  }
+};
+
+void run_tile(const QuantGemmProblem& p, const Geometry& g, const Tile& t, float* local, float* w_row, float* panel) {
   const QuantView& w = *p.w;
   const int segments = g.gated && !g.interleaved ? 2 : 1;
   const int64_t first = g.interleaved ? 2 * t.col_begin : t.col_begin;  // w's first row of segment 0
   const int64_t seg_rows = g.interleaved ? 2 * t.cols : t.cols;
+  Columns column{p, t, w_row, panel};
   for (int s = 0; s < segments; ++s)
-    for (int64_t j = 0; j < seg_rows; ++j) {
-      const int64_t row = t.expert * w.N + s * g.half + first + j;
-      float* c = local + s * kTileCols + j;
-      if (w.quantize_activations) {
-        int_column_best(p, row, t.row_begin, t.rows, c, kLocalCols);
-      } else {
-        dequantize_row(w, row, w_row);
-        float_column(p, w_row, t.row_begin, t.rows, c, kLocalCols);
-      }
-    }
+    for (int64_t j = 0; j < seg_rows; ++j) column(t.expert * w.N + s * g.half + first + j, local + s * kTileCols + j);
   const float* bias = p.bias ? p.bias + t.expert * w.N : nullptr;
   for (int64_t r = 0; r < t.rows; ++r) {
     float* src = local + r * kLocalCols;
@@ -219,8 +286,10 @@ void quant_gemm(const QuantGemmProblem& p, int threads, void* scratch) {
   for (int64_t index = 0; index < tiles; ++index) {
     char* mine = static_cast<char*>(scratch) + thread_index() * per_thread;
     Tile t;
+    float* local = reinterpret_cast<float*>(mine);
+    float* w_row = local + kTileRows * kLocalCols;
     if (find_tile(p, index, col_tiles, g.out_cols, &t))
-      run_tile(p, g, t, reinterpret_cast<float*>(mine), reinterpret_cast<float*>(mine + kTileRows * kLocalCols * 4));
+      run_tile(p, g, t, local, w_row, w_row + ceil_div(w.row_depth, 16) * 16);
   }
 }
 

@@ -9,4 +9,8 @@ void int_column_vnni(const QuantGemmProblem& p, int64_t row, int64_t a_row, int6
   int_column<DotVnni>(p, row, a_row, rows, c, ldc);
 }
 
+void int_panel_vnni(const QuantGemmProblem& p, int64_t first, int64_t a_row, int64_t rows, float* c) {
+  int_panel<PanelVnni>(p, first, a_row, rows, c);
+}
+
 }  // namespace moe_ext::cpu::MOE_EXT_CPU_NS

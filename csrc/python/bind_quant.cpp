@@ -63,6 +63,32 @@ std::unique_ptr<QuantizedWeight> borrowed(const std::string& scheme, int64_t E, 
   return QuantizedWeight::borrow(p.scheme, E, N, K, group_size, p.values, p.scales, p.zeros, activations);
 }
 
+// (values, scales, zeros or None) of q in the exchange layout, as new arrays.
+py::list exchange_parts(const QuantizedWeight& q) {
+  const QuantView& v = q.view();
+  auto values = output<uint8_t>({v.E, v.N, v.row_bytes});
+  auto scales = output<float>({v.E, v.N, v.groups});
+  py::object zeros = py::none();
+  uint8_t* zeros_ptr = nullptr;
+  if (v.zeros != nullptr) {
+    auto z = output<uint8_t>({v.E, v.N, v.groups});
+    zeros_ptr = z.mutable_data();
+    zeros = z;
+  }
+  uint8_t* values_ptr = values.mutable_data();
+  float* scales_ptr = scales.mutable_data();
+  {
+    py::gil_scoped_release release;
+    q.export_parts(values_ptr, scales_ptr, zeros_ptr);
+  }
+  py::list parts;  // read-only, as the kernel views: writing into a copy would change nothing
+  for (py::object part : {py::object(values), py::object(scales), zeros}) {
+    if (!part.is_none()) py::detail::array_proxy(part.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+    parts.append(part);
+  }
+  return parts;
+}
+
 }  // namespace
 
 void bind_quant(py::module_& m) {
@@ -84,19 +110,18 @@ void bind_quant(py::module_& m) {
         return py::none();
       })
       .def_property_readonly("nbytes", &QuantizedWeight::nbytes)
-      .def_property_readonly("values", [](const py::object& self) {
+      .def_property_readonly("values", [](const QuantizedWeight& q) -> py::object { return exchange_parts(q)[0]; },
+                             "uint8 [E, N, row_bytes] in the exchange layout (docs/api.md §9): a copy.")
+      .def_property_readonly("scales", [](const QuantizedWeight& q) -> py::object { return exchange_parts(q)[1]; },
+                             "float32 [E, N, groups] in the exchange layout: a copy.")
+      .def_property_readonly("zeros", [](const QuantizedWeight& q) -> py::object { return exchange_parts(q)[2]; },
+                             "uint8 [E, N, groups] (zero points) or None: a copy.")
+      .def("kernel_parts", [](const py::object& self) {
         const QuantView& v = self.cast<const QuantizedWeight&>().view();
-        return view_of<uint8_t>(v.values, {v.E, v.N, v.row_bytes}, self);
-      })
-      .def_property_readonly("scales", [](const py::object& self) {
-        const QuantView& v = self.cast<const QuantizedWeight&>().view();
-        return view_of<float>(v.scales, {v.E, v.N, v.groups}, self);
-      })
-      .def_property_readonly("zeros", [](const py::object& self) -> py::object {
-        const QuantView& v = self.cast<const QuantizedWeight&>().view();
-        if (v.zeros == nullptr) return py::none();
-        return view_of<uint8_t>(v.zeros, {v.E, v.N, v.groups}, self);
-      })
+        return py::make_tuple(view_of<uint8_t>(v.values, {v.E, v.N, v.row_bytes}, self),
+                              view_of<float>(v.scales, {v.E, v.N, v.groups}, self),
+                              v.zeros ? py::object(view_of<uint8_t>(v.zeros, {v.E, v.N, v.groups}, self)) : py::none());
+      }, "(values, scales, zeros): read-only views of the parts in the kernel layout (what quantized_borrow takes).")
       .def("dequantize", [](const QuantizedWeight& q) {
         const QuantView& v = q.view();
         auto out = output<float>({v.E, v.N, v.K});

@@ -11,7 +11,7 @@ The float expert weights are released (nothing here keeps them), so expert memor
 bytes (`expert_bytes(model)` counts them).
 
 A `QuantizedExpertWeight` is an nn.Module holding a moe_ext.QuantizedWeight's parts as buffers (values
-uint8, scales float32, zeros uint8 or None: the layout of csrc/core/quant.h), so state_dict, `.to("cpu")`
+uint8, scales float32, zeros uint8 or None: the kernel layout of csrc/core/quant.h), so state_dict, `.to("cpu")`
 and memory accounting see them. The kernels read the buffers in place (moe_ext._core.quantized_borrow):
 no copy per call. The buffers are checked once, when they are made; a caller who writes into them owns
 the result.
@@ -51,9 +51,10 @@ class QuantizedExpertWeight(nn.Module):
             check.fail(TypeError, "q", "a moe_ext.QuantizedWeight", type(q).__name__)
         self.scheme, self.shape = q.scheme, tuple(q.shape)
         self.group_size, self.zero_point, self.activations = q.group_size, q.zero_point, q.activations
-        self.register_buffer("values", torch.from_numpy(np.array(q.values)))
-        self.register_buffer("scales", torch.from_numpy(np.array(q.scales)))
-        self.register_buffer("zeros", None if q.zeros is None else torch.from_numpy(np.array(q.zeros)))
+        values, scales, zeros = q.kernel_parts()  # the layout the kernels read (docs/api.md §9)
+        self.register_buffer("values", torch.from_numpy(np.array(values)))
+        self.register_buffer("scales", torch.from_numpy(np.array(scales)))
+        self.register_buffer("zeros", None if zeros is None else torch.from_numpy(np.array(zeros)))
 
     @classmethod
     def from_quantized(cls, q):
