@@ -70,11 +70,21 @@ RowAt row_at(const QuantView& w, int64_t row) {
           panel ? kPanelRows * kQuantBlock / 2 : kQuantBlock / 2, panel ? kPanelRows : 1};
 }
 
-// o[0..32) = s * (q - z) for one int4 block's 16 bytes q (depth j in the low nibble of byte j, j + 16 in
-// the high one). The compiler does not vectorise the nibble split well, so AVX2 spells it out.
-void dequantize_block_u4(const uint8_t* q, float s, int z, float* o) {
 #if defined(__AVX2__)
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)), low = _mm_set1_epi8(15);
+// int4 block b's 16 bytes of a row in exchange order: one load outside a panel, 4 runs of 4 inside (as
+// 4 loads into lanes: a 16-byte load over 4 just-stored runs would miss store forwarding).
+inline __m128i load_block_u4(const RowAt& at, int64_t b) {
+  const uint8_t* bytes = at.values + b * at.block;
+  if (at.run == 4) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+  int32_t r[4];
+  for (int run = 0; run < 4; ++run) memcpy(r + run, bytes + run * at.run, 4);
+  return _mm_setr_epi32(r[0], r[1], r[2], r[3]);
+}
+
+// o[0..32) = s * (q - z) for one int4 block's 16 bytes (depth j in the low nibble of byte j, j + 16 in
+// the high one). The compiler does not vectorise the nibble split well, so AVX2 spells it out.
+void dequantize_block_u4(__m128i bytes, float s, int z, float* o) {
+  const __m128i low = _mm_set1_epi8(15);
   const __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
   const __m256 scale = _mm256_set1_ps(s);
   const __m256i zero = _mm256_set1_epi32(z);
@@ -83,13 +93,15 @@ void dequantize_block_u4(const uint8_t* q, float s, int z, float* o) {
     const __m256i v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(eights[i]), zero);
     _mm256_storeu_ps(o + 8 * i, _mm256_mul_ps(scale, _mm256_cvtepi32_ps(v)));
   }
+}
 #else
+void dequantize_block_u4(const uint8_t* q, float s, int z, float* o) {
   for (int j = 0; j < kQuantBlock / 2; ++j) {
     o[j] = s * static_cast<float>((q[j] & 15) - z);
     o[j + kQuantBlock / 2] = s * static_cast<float>((q[j] >> 4) - z);
   }
-#endif
 }
+#endif
 
 // dst[0..row_depth) = the dequantised weight row `row` (flat e * N + n), from either layout.
 void dequantize_row(const QuantView& w, int64_t row, float* dst) {
@@ -107,9 +119,14 @@ void dequantize_row(const QuantView& w, int64_t row, float* dst) {
     for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
       const uint8_t* bytes = at.values + b * at.block;
       float* o = dst + b * kQuantBlock;
+#if defined(__AVX2__)
+      (void)bytes;
+      dequantize_block_u4(load_block_u4(at, b), s, z, o);
+#else
       uint8_t q[kQuantBlock / 2];  // the block's bytes in exchange order
       for (int run = 0; run < 4; ++run) memcpy(q + 4 * run, bytes + run * at.run, 4);
       dequantize_block_u4(q, s, z, o);
+#endif
     }
   }
 }
@@ -154,6 +171,76 @@ void float_column(const QuantGemmProblem& p, const float* w_row, int64_t a_row, 
       default: break;
     }
   }
+}
+
+// Weight-only with few rows (decode): the weights are dequantised in registers, 32 at a time, exactly
+// as dequantize_row does (s * (q - z), one float32 product), and dotted at once, so no dequantised row
+// goes through memory. c[r * ldc] = dot(a row r, weight row) for r < R; 4 accumulators a row, summed in
+// a fixed order at the end. Rows must be whole 32-depth blocks long (K a multiple of 32).
+constexpr int64_t kFusedRows = 4;
+
+#if defined(__AVX2__)
+template <int R>
+void fused_dot_rows(const QuantView& w, const RowAt& at, const float* a, int64_t lda, float* c, int64_t ldc) {
+  const int64_t blocks = w.group / kQuantBlock;
+  const bool int4 = w.scheme == QuantScheme::int4;
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const __m256 scale = _mm256_set1_ps(at.scales[g * at.group]);
+    const __m256i zero = _mm256_set1_epi32(at.zeros ? at.zeros[g * at.group] : (int4 ? kInt4SymmetricZero : 0));
+    for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
+      __m128i eights[4];  // the block's 32 codes, 8 per vector in depth order
+      if (int4) {
+        const __m128i v = load_block_u4(at, b), low = _mm_set1_epi8(15);
+        const __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+        eights[0] = lo, eights[1] = _mm_srli_si128(lo, 8), eights[2] = hi, eights[3] = _mm_srli_si128(hi, 8);
+      } else {
+        for (int i = 0; i < 4; ++i)
+          eights[i] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(at.values + b * kQuantBlock + 8 * i));
+      }
+      for (int i = 0; i < 4; ++i) {
+        const __m256i q = int4 ? _mm256_cvtepu8_epi32(eights[i]) : _mm256_cvtepi8_epi32(eights[i]);
+        const __m256 wv = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_sub_epi32(q, zero)));
+        for (int r = 0; r < R; ++r)
+          acc[r][i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(a + r * lda + b * kQuantBlock + 8 * i), acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m256 v = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, v);
+    c[r * ldc] = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+  }
+}
+#endif
+
+// Whether fused_dot_rows takes this tile: AVX2, few rows, whole blocks.
+bool fused_weight_only(const QuantView& w, int64_t rows) {
+#if defined(__AVX2__)
+  return rows <= kFusedRows && w.K % kQuantBlock == 0;
+#else
+  (void)w, (void)rows;
+  return false;
+#endif
+}
+
+void fused_column(const QuantGemmProblem& p, int64_t row, int64_t a_row, int64_t rows, float* c, int64_t ldc) {
+#if defined(__AVX2__)
+  const QuantView& w = *p.w;
+  const RowAt at = row_at(w, row);
+  const float* a = p.a + a_row * w.K;
+  switch (rows) {
+    case 1: return fused_dot_rows<1>(w, at, a, w.K, c, ldc);
+    case 2: return fused_dot_rows<2>(w, at, a, w.K, c, ldc);
+    case 3: return fused_dot_rows<3>(w, at, a, w.K, c, ldc);
+    case 4: return fused_dot_rows<4>(w, at, a, w.K, c, ldc);
+    default: break;
+  }
+#endif
+  (void)p, (void)row, (void)a_row, (void)rows, (void)c, (void)ldc;
 }
 
 // The integer products of weight row `row` with the tile's rows, on this tier's best policy.
@@ -230,6 +317,8 @@ struct Columns {
 
   void operator()(int64_t row, float* c) {
     const QuantView& w = *p.w;
+    if (!w.quantize_activations && fused_weight_only(w, t.rows))
+      return fused_column(p, row, t.row_begin, t.rows, c, kLocalCols);
     if (!w.quantize_activations) {
       dequantize_row(w, row, w_row);
       return float_column(p, w_row, t.row_begin, t.rows, c, kLocalCols);
