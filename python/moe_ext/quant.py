@@ -77,8 +77,9 @@ def with_activations(q, activations):
 
 
 def from_parts(scheme, shape, group_size, values, scales, zeros=None, *, activations=None):
-    """A QuantizedWeight from parts already in its layout (docs/api.md §9), copied, never requantised:
-    values uint8 [E, N, row_bytes], scales float32 [E, N, groups], zeros uint8 [E, N, groups] or None."""
+    """A QuantizedWeight from parts in the exchange layout (docs/api.md §9: what q.values/scales/zeros give),
+    copied, never requantised: values uint8 [E, N, row_bytes], scales float32 [E, N, groups], zeros uint8
+    [E, N, groups] or None."""
     scheme = check.choice(scheme, "scheme", SCHEMES)
     E, N, K = (check.integer(s, "shape", 0) for s in shape)
     if scheme == "int4" and K % 2 != 0:
