@@ -63,7 +63,12 @@ template <int Rows>
 static void micro_kernel_bf16(const float* a, int64_t lda, const bf16_t* b, int64_t depth, float* c, int64_t ldc,
                               bool accumulate) {
   const uint32_t* words = reinterpret_cast<const uint32_t*>(b);
-  vec acc[Rows][2] = {};
+  // Odd depths go to their own accumulators (added to the even ones at the end) with 1 or 2 rows, where
+  // otherwise each accumulator would wait on two chained FMAs per pair: decode's few rows would be
+  // bound by FMA latency instead of the weight stream. More rows have enough independent chains (and
+  // not the registers for this).
+  constexpr bool kSplit = Rows <= 2;
+  vec acc[Rows][2] = {}, acc_odd[kSplit ? Rows : 1][2] = {};
   const uvec high_half = (uvec){} + 0xffff0000u;
   int64_t q = 0;
   for (; 2 * q + 1 < depth; ++q) {
@@ -75,10 +80,13 @@ static void micro_kernel_bf16(const float* a, int64_t lda, const bf16_t* b, int6
       const vec a_even = broadcast(a[r * lda + 2 * q]), a_odd = broadcast(a[r * lda + 2 * q + 1]);
       acc[r][0] += a_even * even0;
       acc[r][1] += a_even * even1;
-      acc[r][0] += a_odd * odd0;
-      acc[r][1] += a_odd * odd1;
+      vec (&odd)[2] = kSplit ? acc_odd[kSplit ? r : 0] : acc[r];
+      odd[0] += a_odd * odd0;
+      odd[1] += a_odd * odd1;
     }
   }
+  if constexpr (kSplit)
+    for (int r = 0; r < Rows; ++r) acc[r][0] += acc_odd[r][0], acc[r][1] += acc_odd[r][1];
   if (2 * q < depth) {  // odd depth: the last pair's high half is padding
     const uvec w0 = *reinterpret_cast<const uvec_u*>(words + q * moe_ext::kPanelCols);
     const uvec w1 = *reinterpret_cast<const uvec_u*>(words + q * moe_ext::kPanelCols + kLanes);
