@@ -1,4 +1,5 @@
 """moe_ext.experts and moe_ext.moe against moe_ext.reference in float64. docs/api.md §5."""
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -40,6 +41,26 @@ def check_experts(x, w13, w2, weights, ids, activation, capacity=None):
 def test_experts_matches_reference(rng, T, d, f, E, k, activation, capacity):
     x, w13, w2, weights, ids = random_routing(rng, T, d, E, k, activation, f)
     check_experts(x, w13, w2, weights, ids, activation, capacity)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+def test_experts_rows_at_tile_edges(rng, activation, dtype):
+    """Experts whose row counts round a plain-weight tile past its buffer (a regression: 507 rows once
+    made two tiles of 258 rows for a 256-row buffer, and rows 256-257 of the first came out wrong)."""
+    counts = [253, 255, 256, 257, 505, 507, 512, 761]
+    T, d, f, E = sum(counts), 20, 36, len(counts)
+    x = random_x(rng, T, d)
+    w13, w2 = random_expert_weights(rng, E, d, f, activation)
+    ids = np.repeat(np.arange(E, dtype=np.int32), counts)[rng.permutation(T)][:, None]
+    weights = random_topk_weights(rng, T, 1)
+    if dtype == np.float32:
+        check_experts(x, w13, w2, weights, ids, activation)
+        return
+    x, w13, w2 = (a.astype(dtype) for a in (x, w13, w2))
+    got = moe_ext.experts(x, w13, w2, weights, ids, activation=activation)
+    want = _ref_experts(*(a.astype(np.float32) for a in (x, w13, w2)), weights, ids, activation, None)
+    assert_close(got.astype(np.float32), want, 2.0 ** -7, "bf16 experts")
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -150,6 +150,9 @@ int64_t tile_rows(const GemmProblem& p, int64_t expert_rows, int64_t col_tiles, 
   // Enough tiles overall: about 4 per thread, counting this expert's share of the rows.
   const int64_t wanted = 4 * threads;
   while (target > 4 * kMicroRows && ceil_div(total_rows, target) * col_tiles < wanted) target /= 2;
+  // Whole microkernel blocks, so that rounding the rows up below never passes the target: the tile
+  // buffer holds kMaxTileRows rows (with 6-row blocks, 507 rows once made two tiles of 258).
+  target = target / kMicroRows * kMicroRows;
   const int64_t blocks = ceil_div(expert_rows, target);
   return ceil_div(ceil_div(expert_rows, blocks), kMicroRows) * kMicroRows;
 }
