@@ -2,11 +2,13 @@
 // dequantize(w)[e]^T, with the activation optionally fused into the epilogue, as cpu/grouped_gemm.cpp.
 //
 // Two ways to multiply (chosen by the weight, QuantView::quantize_activations):
-// - weight-only (W8A16 / W4A16): each weight row is dequantised once per tile into a float32 row
-//   (scale * (q - z), the values of QuantizedWeight::dequantize), then dotted with the tile's float32
-//   rows of a as the float kernels do (kLanes-wide partial sums, a fixed tree at the end);
+// - weight-only (W8A16 / W4A16): weights are dequantised to float32 (scale * (q - z), the values of
+//   QuantizedWeight::dequantize) and dotted with the tile's float32 rows of a: for tiles of up to
+//   kFusedRows rows (decode) in registers, 32 at a time (fused_dot_rows); otherwise once per tile into a
+//   float32 row, then as the float kernels do (kLanes-wide partial sums, a fixed tree at the end);
 // - activation-quantised (W8A8 / W4A8): the rows of a are first quantised per token to int8 (below),
-//   then each weight row is multiplied with them in integers (cpu/quant_dot.h), scales in the epilogue.
+//   then multiplied with the weights in integers (cpu/quant_dot.h), scales in the epilogue: int8 rows
+//   one at a time, int4 rows a panel of 8 at a time (one row a lane, core/quant.h's kernel layout).
 // Work is cut into tiles of (expert, block of up to kTileRows rows, block of kTileCols output columns)
 // scheduled dynamically. A tile walks its weight rows once, start to end, each against all its rows of
 // a: with few rows (decode) every quantised byte is read from memory once per call.
