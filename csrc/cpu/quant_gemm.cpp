@@ -4,7 +4,8 @@
 // Two ways to multiply (chosen by the weight, QuantView::quantize_activations):
 // - weight-only (W8A16 / W4A16): weights are dequantised to float32 (scale * (q - z), the values of
 //   QuantizedWeight::dequantize) and dotted with the tile's float32 rows of a: for tiles of up to
-//   kFusedRows rows (decode) in registers, 32 at a time (fused_dot_rows); otherwise once per tile into a
+//   kFusedTileRows rows (decode) in registers, 32 weights by 4 rows at a time (fused_dot_rows); otherwise
+//   once per tile into a
 //   float32 row, then as the float kernels do (kLanes-wide partial sums, a fixed tree at the end);
 // - activation-quantised (W8A8 / W4A8): the rows of a are first quantised per token to int8 (below),
 //   then multiplied with the weights in integers (cpu/quant_dot.h), scales in the epilogue: int8 rows
@@ -219,10 +220,14 @@ void fused_dot_rows(const QuantView& w, const RowAt& at, const float* a, int64_t
 }
 #endif
 
-// Whether fused_dot_rows takes this tile: AVX2, few rows, whole blocks.
+// Whether fused_dot_rows takes this tile (kFusedRows at a time): AVX2, whole blocks, and at most
+// kFusedTileRows rows; with more, dequantising each weight row once into scratch costs less than once
+// per kFusedRows rows in registers.
+constexpr int64_t kFusedTileRows = 16;
+
 bool fused_weight_only(const QuantView& w, int64_t rows) {
 #if defined(__AVX2__)
-  return rows <= kFusedRows && w.K % kQuantBlock == 0;
+  return rows <= kFusedTileRows && w.K % kQuantBlock == 0;
 #else
   (void)w, (void)rows;
   return false;
@@ -233,14 +238,17 @@ void fused_column(const QuantGemmProblem& p, int64_t row, int64_t a_row, int64_t
 #if defined(__AVX2__)
   const QuantView& w = *p.w;
   const RowAt at = row_at(w, row);
-  const float* a = p.a + a_row * w.K;
-  switch (rows) {
-    case 1: return fused_dot_rows<1>(w, at, a, w.K, c, ldc);
-    case 2: return fused_dot_rows<2>(w, at, a, w.K, c, ldc);
-    case 3: return fused_dot_rows<3>(w, at, a, w.K, c, ldc);
-    case 4: return fused_dot_rows<4>(w, at, a, w.K, c, ldc);
-    default: break;
+  for (int64_t m = 0; m < rows; m += kFusedRows) {
+    const float* a = p.a + (a_row + m) * w.K;
+    float* cm = c + m * ldc;
+    switch (min_i64(kFusedRows, rows - m)) {
+      case 1: fused_dot_rows<1>(w, at, a, w.K, cm, ldc); break;
+      case 2: fused_dot_rows<2>(w, at, a, w.K, cm, ldc); break;
+      case 3: fused_dot_rows<3>(w, at, a, w.K, cm, ldc); break;
+      default: fused_dot_rows<4>(w, at, a, w.K, cm, ldc); break;
+    }
   }
+  return;
 #endif
   (void)p, (void)row, (void)a_row, (void)rows, (void)c, (void)ldc;
 }
