@@ -5,8 +5,8 @@
 // - weight-only (W8A16 / W4A16): weights are dequantised to float32 (scale * (q - z), the values of
 //   QuantizedWeight::dequantize) and dotted with the tile's float32 rows of a: for tiles of up to
 //   kFusedTileRows rows (decode) in registers, 32 weights by 4 rows at a time (fused_dot_rows); otherwise
-//   once per tile into a
-//   float32 row, then as the float kernels do (kLanes-wide partial sums, a fixed tree at the end);
+//   once per tile into a float32 row, then as the float kernels do (kLanes-wide partial sums, a fixed
+//   tree at the end);
 // - activation-quantised (W8A8 / W4A8): the rows of a are first quantised per token to int8 (below),
 //   then multiplied with the weights in integers (cpu/quant_dot.h), scales in the epilogue: int8 rows
 //   one at a time, int4 rows a panel of 8 at a time (one row a lane, core/quant.h's kernel layout).
