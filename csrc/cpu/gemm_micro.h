@@ -59,7 +59,12 @@ static void micro_kernel_strided(const float* a, int64_t lda, const P* b, int64_
 
 // bfloat16 pair panels widened in registers: the 32-bit word of column c at pair q holds depth 2q in
 // its low half and 2q+1 in its high half, so a shift and a mask give both as float32.
-template <int Rows>
+// Prefetch (decode, walking a panel): with 3 or more rows the kernel computes long enough per weight line
+// that the hardware prefetchers fall behind the stream; each pair's line of this slice is asked for
+// kPrefetchBytes ahead (one prefetch per line read). With 1 or 2 rows the same prefetch slowed decode.
+constexpr int64_t kPrefetchBytes = 8 * 1024;
+
+template <int Rows, bool Prefetch = false>
 static void micro_kernel_bf16(const float* a, int64_t lda, const bf16_t* b, int64_t depth, float* c, int64_t ldc,
                               bool accumulate) {
   const uint32_t* words = reinterpret_cast<const uint32_t*>(b);
@@ -72,6 +77,7 @@ static void micro_kernel_bf16(const float* a, int64_t lda, const bf16_t* b, int6
   const uvec high_half = (uvec){} + 0xffff0000u;
   int64_t q = 0;
   for (; 2 * q + 1 < depth; ++q) {
+    if constexpr (Prefetch) __builtin_prefetch(words + q * moe_ext::kPanelCols + kPrefetchBytes / 4, 0, 3);
     const uvec w0 = *reinterpret_cast<const uvec_u*>(words + q * moe_ext::kPanelCols);
     const uvec w1 = *reinterpret_cast<const uvec_u*>(words + q * moe_ext::kPanelCols + kLanes);
     const vec even0 = (vec)(w0 << 16), even1 = (vec)(w1 << 16), odd0 = (vec)(w0 & high_half),
