@@ -30,9 +30,13 @@ export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
 if [ "$DRY_RUN" = 1 ]; then export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}; fi
 echo "device_check $(date -u +%FT%TZ) dry_run=$DRY_RUN commit=$(git rev-parse --short HEAD 2>/dev/null || echo '?')" > "$SUMMARY"
 
-# A few GPU tests, one per kernel (route, permute, decode and tiled grouped GEMM, fused layer, dW, unpermute).
+# A few GPU tests, one per kernel (route, permute, decode and tiled grouped GEMM, fused layer, dW, unpermute),
+# then the activation descriptions and expert biases (test_cuda_activations.py): gpt-oss's interleaved,
+# clamped gate with biases through the decode and tiled epilogues, the standalone activation and its
+# backward, bias_grad, the fused layer and its gradients.
 FIRST='(test_grouped_gemm and bfloat16 and swiglu and (decode-k61 or tiled-E300)) or (test_route_matches and bfloat16 and deepseek and 37) or (test_permute_matches and 300-2-4-20) or (test_experts_and_moe and bfloat16 and swiglu and odd) or (test_grouped_gemm_backward and bfloat16 and dW-cp) or (test_unpermute_and_permute_backward and bfloat16 and 41)'
-MEMCHECK='(test_grouped_gemm and bfloat16 and swiglu and decode-k61) or (test_permute_matches and 300-2-4-20) or (test_experts_and_moe and bfloat16 and swiglu and odd) or (test_grouped_gemm_backward and bfloat16 and dW-cp)'
+FIRST+=' or (test_grouped_gemm_epilogue and [bias-gpt_oss and (decode_odd or tiled_odd) and bfloat16) or (test_experts_with_biases and [odd-gpt_oss-bfloat16]) or (test_activate_and_backward and [53-37-gpt_oss-bfloat16]) or (test_bias_grad and 300-90-8-bfloat16) or (test_experts_gradients and [odd-gpt_oss-float32])'
+MEMCHECK='(test_grouped_gemm and bfloat16 and swiglu and decode-k61) or (test_permute_matches and 300-2-4-20) or (test_experts_and_moe and bfloat16 and swiglu and odd) or (test_grouped_gemm_backward and bfloat16 and dW-cp) or (test_grouped_gemm_epilogue and [bias-gpt_oss and (decode_odd or tiled_odd) and bfloat16) or (test_bias_grad and 300-90-8-bfloat16)'
 PYTEST=(-m pytest -q -p no:cacheprovider -rfE)
 
 # step NAME LIMIT_S RESERVE_S COMMAND...: runs COMMAND with timeout min(LIMIT_S, what the budget leaves after
@@ -79,7 +83,7 @@ step info 30 280 bash -c '
 
 # ---- 3. a small group first, every launch synchronous: a fault names its kernel
 CUDA_LAUNCH_BLOCKING=1 MOE_EXT_REQUIRE_GPU=1 step first 60 240 "$PY" "${PYTEST[@]}" --maxfail=3 \
-  tests/cuda/test_cuda_gpu.py -k "$FIRST"
+  tests/cuda/test_cuda_gpu.py tests/cuda/test_cuda_activations.py -k "$FIRST"
 
 # ---- 4. every CUDA test; a missing GPU or module is a failure here, never a skip
 XDIST=()
@@ -89,7 +93,8 @@ MOE_EXT_REQUIRE_GPU=1 step tests 180 150 "$PY" "${PYTEST[@]}" "${XDIST[@]}" test
 # ---- 5. memcheck over a few tests (no caching allocator, so a stray access is not hidden inside a pool)
 if command -v compute-sanitizer > /dev/null; then
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 MOE_EXT_REQUIRE_GPU=1 step memcheck 60 120 compute-sanitizer --tool memcheck \
-    --error-exitcode 3 --target-processes all "$PY" "${PYTEST[@]}" tests/cuda/test_cuda_gpu.py -k "$MEMCHECK"
+    --error-exitcode 3 --target-processes all "$PY" "${PYTEST[@]}" tests/cuda/test_cuda_gpu.py \
+    tests/cuda/test_cuda_activations.py -k "$MEMCHECK"
 else
   step memcheck 10 120 sh -c "echo 'compute-sanitizer: not found on PATH'; exit 127"
 fi

@@ -47,7 +47,7 @@ if(MOE_EXT_CUDA_BUILT)
   target_link_libraries(moe_ext_cuda PUBLIC CUDA::cudart_static)
 
   if(MOE_EXT_PYTHON)
-    pybind11_add_module(_cuda csrc/python/cuda_module.cpp csrc/core/checks.cpp)
+    pybind11_add_module(_cuda csrc/python/cuda_module.cpp csrc/python/activation_arg.cpp csrc/core/checks.cpp)
     target_link_libraries(_cuda PRIVATE moe_ext_cuda)
     target_compile_options(_cuda PRIVATE -Wall -Wextra)
     string(REPLACE ";" " " archs "${CMAKE_CUDA_ARCHITECTURES}")

@@ -90,13 +90,4 @@ __device__ __forceinline__ int block_inclusive_scan(int v, int* shared) {
   return v + before;
 }
 
-// Activations in float32, the same formulas as the CPU kernels (exact-erf GELU via erfc).
-__device__ __forceinline__ float silu(float z) { return z / (1.f + __expf(-z)); }
-__device__ __forceinline__ float gelu(float z) { return 0.5f * z * erfcf(-z * 0.70710678118654752f); }
-__device__ __forceinline__ float relu(float z) { return z > 0.f ? z : (z <= 0.f ? 0.f : z); }  // NaN stays
-
-__device__ __forceinline__ float activate_one(Activation a, float z) {
-  return a == Activation::relu ? relu(z) : (a == Activation::swiglu ? silu(z) : gelu(z));
-}
-
 }  // namespace moe_ext::cuda

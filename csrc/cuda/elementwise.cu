@@ -1,7 +1,8 @@
 // The memory-bound kernels: unpermute (the weighted combine) and its backward, the standalone activation
-// and its backward, and the batched transpose the grouped GEMM's backward reads. Every output element is
-// written by one thread, with sums in a fixed order: no atomics, bit-identical run to run.
-#include "cuda/common.cuh"
+// and its backward (cuda/activation.cuh), the expert bias gradient, and the batched transpose the grouped
+// GEMM's backward reads. Every output element is written by one thread, with sums in a fixed order: no
+// atomics, bit-identical run to run.
+#include "cuda/activation.cuh"
 
 namespace moe_ext::cuda {
 
@@ -49,51 +50,65 @@ __global__ void unpermute_backward_kernel(const T* __restrict__ dy, const T* __r
   }
 }
 
-__device__ __forceinline__ float gelu_derivative(float z) {
-  // d/dz [z Phi(z)] = Phi(z) + z phi(z)
-  return 0.5f * erfcf(-z * 0.70710678118654752f) + z * 0.39894228040143268f * __expf(-0.5f * z * z);
-}
-
+// One thread per output element (m, i): gated rows hold 2f values, gate and up of column i at
+// gate_column / up_column ([gate | up] or interleaved); other rows f values.
 template <typename T>
-__global__ void activate_kernel(const T* __restrict__ h, int64_t M, int64_t f, int activation, T* __restrict__ out) {
+__global__ void activate_kernel(const T* __restrict__ h, int64_t M, int64_t f, Activation a, T* __restrict__ out) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (idx >= M * f) return;
-  const int64_t m = idx / f, i = idx % f;
-  const Activation a = static_cast<Activation>(activation);
-  if ((a == Activation::swiglu || a == Activation::geglu)) {
-    const T* row = h + m * 2 * f;
-    out[idx] = from_float<T>(activate_one(a, to_float(row[i])) * to_float(row[f + i]));
-  } else {
-    out[idx] = from_float<T>(activate_one(a, to_float(h[idx])));
+  if (!a.gated) {
+    out[idx] = from_float<T>(activate_value(a, to_float(h[idx]), 0.f));
+    return;
   }
+  const int64_t m = idx / f, i = idx % f;
+  const bool interleaved = is_interleaved(a);
+  const T* row = h + m * 2 * f;
+  out[idx] = from_float<T>(activate_value(a, to_float(row[gate_column(interleaved, i)]),
+                                          to_float(row[up_column(interleaved, f, i)])));
 }
 
+// dh at the places activate_kernel read h from: every element of dh written exactly once.
 template <typename T>
 __global__ void activation_backward_kernel(const T* __restrict__ h, const T* __restrict__ d_act, int64_t M, int64_t f,
-                                           int activation, T* __restrict__ dh) {
+                                           Activation a, T* __restrict__ dh) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (idx >= M * f) return;
-  const int64_t m = idx / f, i = idx % f;
-  const Activation a = static_cast<Activation>(activation);
   const float grad = to_float(d_act[idx]);
-  if ((a == Activation::swiglu || a == Activation::geglu)) {
-    const float gate = to_float(h[m * 2 * f + i]), up = to_float(h[m * 2 * f + f + i]);
-    float act, slope;
-    if (a == Activation::swiglu) {
-      const float s = 1.f / (1.f + __expf(-gate));
-      act = gate * s;
-      slope = s * (1.f + gate * (1.f - s));
-    } else {
-      act = gelu(gate);
-      slope = gelu_derivative(gate);
-    }
-    dh[m * 2 * f + i] = from_float<T>(grad * up * slope);
-    dh[m * 2 * f + f + i] = from_float<T>(grad * act);
-  } else {
-    const float z = to_float(h[idx]);
-    const float slope = a == Activation::relu ? (z > 0.f ? 1.f : 0.f) : gelu_derivative(z);
-    dh[idx] = from_float<T>(grad * slope);
+  float d_gate, d_up;
+  if (!a.gated) {
+    activation_grad(a, grad, to_float(h[idx]), 0.f, d_gate, d_up);
+    dh[idx] = from_float<T>(d_gate);
+    return;
   }
+  const int64_t m = idx / f, i = idx % f;
+  const bool interleaved = is_interleaved(a);
+  const int64_t gate_at = m * 2 * f + gate_column(interleaved, i), up_at = m * 2 * f + up_column(interleaved, f, i);
+  activation_grad(a, grad, to_float(h[gate_at]), to_float(h[up_at]), d_gate, d_up);
+  dh[gate_at] = from_float<T>(d_gate);
+  dh[up_at] = from_float<T>(d_up);
+}
+
+// grad_bias[e, n] = sum of grad_out[m, n] over expert e's rows m. Block (32 columns, kBiasRowLanes row
+// lanes) per (column block, expert): lane y sums rows begin + y, begin + y + kBiasRowLanes, ... in order
+// (coalesced along n), then row lane 0 adds the lanes' sums in lane order.
+constexpr int kBiasRowLanes = 16;
+
+template <typename T>
+__global__ void bias_grad_kernel(const T* __restrict__ grad_out, const int32_t* __restrict__ offsets, int64_t M,
+                                 int64_t N, float* __restrict__ grad_bias) {
+  __shared__ float partial[kBiasRowLanes][33];
+  const int e = blockIdx.y;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  const int64_t begin = clamp_offset(offsets[e], M), end = begin + rows_of(offsets, e, M);
+  float sum = 0.f;
+  if (n < N)
+    for (int64_t m = begin + threadIdx.y; m < end; m += kBiasRowLanes) sum += to_float(grad_out[m * N + n]);
+  partial[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y != 0 || n >= N) return;
+  float total = 0.f;
+  for (int y = 0; y < kBiasRowLanes; ++y) total += partial[y][threadIdx.x];
+  grad_bias[e * N + n] = total;
 }
 
 // dst[b] = src[b]^T through a padded 32x33 shared tile (coalesced on both sides, no bank conflicts).
@@ -142,28 +157,43 @@ void unpermute_backward(const void* dy, const void* y_perm, const int32_t* perm_
   check_launch("unpermute_backward");
 }
 
-void activate(const void* h, int64_t M, int64_t f, Activation activation, DType dtype, void* out, Stream stream) {
+void activate(const void* h, int64_t M, int64_t f, const Activation& activation, DType dtype, void* out,
+              Stream stream) {
   require_device("moe_ext._cuda.activate");
   if (M * f == 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
     using Elem = typename decltype(tag)::type;
     activate_kernel<Elem><<<blocks_for(M * f, "activate"), kThreads, 0, as_stream(stream)>>>(
-        static_cast<const Elem*>(h), M, f, static_cast<int>(activation), static_cast<Elem*>(out));
+        static_cast<const Elem*>(h), M, f, activation, static_cast<Elem*>(out));
   });
   check_launch("activate");
 }
 
-void activation_backward(const void* h, const void* d_act, int64_t M, int64_t f, Activation activation, DType dtype,
-                         void* dh, Stream stream) {
+void activation_backward(const void* h, const void* d_act, int64_t M, int64_t f, const Activation& activation,
+                         DType dtype, void* dh, Stream stream) {
   require_device("moe_ext._cuda.activation_backward");
   if (M * f == 0) return;
   dispatch_dtype(dtype, [&](auto tag) {
     using Elem = typename decltype(tag)::type;
     activation_backward_kernel<Elem><<<blocks_for(M * f, "activation_backward"), kThreads, 0, as_stream(stream)>>>(
-        static_cast<const Elem*>(h), static_cast<const Elem*>(d_act), M, f, static_cast<int>(activation),
-        static_cast<Elem*>(dh));
+        static_cast<const Elem*>(h), static_cast<const Elem*>(d_act), M, f, activation, static_cast<Elem*>(dh));
   });
   check_launch("activation_backward");
+}
+
+void bias_grad(const void* grad_out, const int32_t* expert_offsets, int64_t E, int64_t M, int64_t N, DType dtype,
+               float* grad_bias, Stream stream) {
+  require_device("moe_ext._cuda.bias_grad");
+  if (E < 1 || E > 65535) throw std::invalid_argument("E: the CUDA bias_grad supports 1..65535 experts");
+  if (M > 0x7fffffffLL) throw std::invalid_argument("bias_grad: M must be < 2^31 on CUDA");
+  if (N == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using Elem = typename decltype(tag)::type;
+    const dim3 grid(grid_size(ceil_div(N, 32), "bias_grad"), static_cast<unsigned>(E));
+    bias_grad_kernel<Elem><<<grid, dim3(32, kBiasRowLanes), 0, as_stream(stream)>>>(
+        static_cast<const Elem*>(grad_out), expert_offsets, M, N, grad_bias);
+  });
+  check_launch("bias_grad");
 }
 
 void transpose(const void* src, int64_t B, int64_t R, int64_t C, DType dtype, void* dst, Stream stream) {

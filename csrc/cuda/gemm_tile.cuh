@@ -4,9 +4,10 @@
 //     tile_schedule.h) and one N-tile: out[rows] = epilogue(a[rows] @ w[e]^T), K the full depth.
 //   depth (dW): a block owns one (N-tile, K-tile) of dw[e] (e = blockIdx.z); the reduction runs over the
 //     expert's rows, read from the transposes d_out^T [N, M] and a^T [K, M]. Deterministic: each output
-//     element is one block's sum in a fixed order, no atomics.
+//     element is one block's sum in a fixed order, no atomics. No epilogue.
+// The rows schedule's epilogue (bias, activation) runs on each float32 product, see epilogue_value().
 #pragma once
-#include "cuda/common.cuh"
+#include "cuda/activation.cuh"
 
 namespace moe_ext::cuda {
 
@@ -20,7 +21,7 @@ struct GemmArgs {
   int E;
   int64_t M, N, K;
   T* out;  // rows: [M, N_out]; depth: dw [E, N, K]
-  int epilogue;  // Epilogue
+  Epilogue epilogue;  // rows only
   int schedule;  // Schedule
 };
 
@@ -33,12 +34,13 @@ struct BlockProblem {
   int m_begin, m_end;
   const T* b;
   int64_t ldb;
-  int n_begin, n_valid;
-  int64_t up_offset;  // gated epilogues: the up projection's rows start here (f); 0 otherwise
+  int n_begin, n_valid;  // n_valid: output columns (f for gated activations)
   int k_begin, k_end;
   T* out;
   int64_t ldo;
-  bool gated, zero;  // zero: a tail tile (rows no expert owns), written as zeros
+  const float* bias;  // the tile's expert's bias row (w's N values), or null
+  bool gated, interleaved;  // gated: output column c reads w rows gate_column(c) and up_column(c)
+  bool zero;  // a tail tile (rows no expert owns), written as zeros
 };
 
 // Which M-tile of the rows schedule this block owns: a parallel walk over the experts in chunks of
@@ -76,11 +78,12 @@ __device__ inline MTile find_m_tile_block(const int32_t* offsets, int E, int64_t
 // The block's problem; false if the block has nothing to do. n_tile_cols: output columns per block.
 template <typename T>
 __device__ inline bool block_problem(const GemmArgs<T>& g, int block_m, int n_tile_cols, BlockProblem<T>& p) {
-  const bool gated = g.epilogue == static_cast<int>(Epilogue::swiglu) ||
-                     g.epilogue == static_cast<int>(Epilogue::geglu);
+  const bool gated = halves_columns(g.epilogue);
   p.n_begin = blockIdx.y * n_tile_cols;
   p.gated = gated;
+  p.interleaved = gated && is_interleaved(g.epilogue.activation);
   p.zero = false;
+  p.bias = nullptr;
   if (g.schedule == static_cast<int>(Schedule::rows)) {
     const MTile tile = find_m_tile_block(g.offsets, g.E, g.M, block_m, blockIdx.x);
     if (tile.expert < 0) return false;
@@ -93,7 +96,7 @@ __device__ inline bool block_problem(const GemmArgs<T>& g, int block_m, int n_ti
     p.b = g.b + (p.zero ? 0 : tile.expert) * g.N * g.K;
     p.ldb = g.K;
     p.n_valid = static_cast<int>(n_out);
-    p.up_offset = gated ? n_out : 0;
+    if (g.epilogue.bias && !p.zero) p.bias = g.epilogue.bias + static_cast<int64_t>(tile.expert) * g.N;
     p.k_begin = 0;
     p.k_end = static_cast<int>(g.K);
     p.out = g.out;
@@ -107,7 +110,6 @@ __device__ inline bool block_problem(const GemmArgs<T>& g, int block_m, int n_ti
     p.b = g.b;
     p.ldb = g.M;
     p.n_valid = static_cast<int>(g.K);
-    p.up_offset = 0;
     p.k_begin = clamp_offset(g.offsets[e], g.M);
     p.k_end = max(p.k_begin, static_cast<int>(clamp_offset(g.offsets[e + 1], g.M)));
     p.out = g.out + static_cast<int64_t>(e) * g.N * g.K;
@@ -117,8 +119,9 @@ __device__ inline bool block_problem(const GemmArgs<T>& g, int block_m, int n_ti
 }
 
 // The B row (of w, or of a^T) that feeds local column j of a block, or -1 past the edge. Gated epilogues
-// interleave: each span of `span` local columns holds span/2 gate rows, then the same span/2 up rows, so
-// that one thread's accumulators hold both factors of an output column.
+// pair them up: each span of `span` local columns holds span/2 gate rows, then the up rows of the same
+// span/2 output columns, so that one thread's accumulators hold both factors of an output column (w's
+// own layout, [gate | up] or interleaved, only decides which rows those are).
 template <typename T>
 __device__ __forceinline__ int64_t b_row(const BlockProblem<T>& p, int j, int span) {
   if (!p.gated) {
@@ -128,15 +131,19 @@ __device__ __forceinline__ int64_t b_row(const BlockProblem<T>& p, int j, int sp
   const int half = span / 2, slot = j / span, within = j % span;
   const int col = p.n_begin + slot * half + within % half;
   if (col >= p.n_valid) return -1;
-  return within >= half ? p.up_offset + col : col;
+  return within >= half ? up_column(p.interleaved, p.n_valid, col) : gate_column(p.interleaved, col);
 }
 
-// The epilogue of one output element pair (gate, up) or value, in float32.
-__device__ __forceinline__ float epilogue_value(int epilogue, float value, float up) {
-  if (epilogue == static_cast<int>(Epilogue::none)) return value;
-  const float activated = activate_one(static_cast<Activation>(epilogue), value);
-  return epilogue == static_cast<int>(Epilogue::swiglu) || epilogue == static_cast<int>(Epilogue::geglu)
-             ? activated * up : activated;
+// The epilogue of output column `col` from its float32 product(s): `value` (the gate's, for gated
+// activations) and `up` (gated only): bias first (w's row order), then the activation.
+template <typename T>
+__device__ __forceinline__ float epilogue_value(const Epilogue& e, const BlockProblem<T>& p, int col, float value,
+                                                float up) {
+  if (p.bias) {
+    value += p.bias[p.gated ? gate_column(p.interleaved, col) : col];
+    if (p.gated) up += p.bias[up_column(p.interleaved, p.n_valid, col)];
+  }
+  return e.activate ? activate_value(e.activation, value, up) : value;
 }
 
 }  // namespace moe_ext::cuda

@@ -78,9 +78,7 @@ __global__ void __launch_bounds__(kMmaThreads) grouped_gemm_mma(GemmArgs<T> g) {
   __shared__ __align__(16) T a_tile[kStages][kBlockM * kRowStride];
   __shared__ __align__(16) T b_tile[kStages][kBlockN * kRowStride];
   BlockProblem<T> p;
-  const bool gated = g.epilogue == static_cast<int>(Epilogue::swiglu) ||
-                     g.epilogue == static_cast<int>(Epilogue::geglu);
-  if (!block_problem(g, kBlockM, gated ? kBlockN / 2 : kBlockN, p)) return;
+  if (!block_problem(g, kBlockM, halves_columns(g.epilogue) ? kBlockN / 2 : kBlockN, p)) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warp_m = warp >> 1, warp_n = warp & 1;
   float acc[2][8][4] = {};
 
@@ -156,7 +154,7 @@ __global__ void __launch_bounds__(kMmaThreads) grouped_gemm_mma(GemmArgs<T> g) {
           const int col = col_base + ni * 8 + 2 * (lane & 3) + i;
           if (col >= p.n_valid) continue;
           const float v = acc[mi][ni][2 * h + i], up = p.gated ? acc[mi][ni + 4][2 * h + i] : 0.f;
-          out_row[col] = from_float<T>(p.zero ? 0.f : epilogue_value(g.epilogue, v, up));
+          out_row[col] = from_float<T>(p.zero ? 0.f : epilogue_value(g.epilogue, p, col, v, up));
         }
       }
     }
@@ -169,9 +167,7 @@ __global__ void __launch_bounds__(kSimtThreads) grouped_gemm_simt(GemmArgs<float
   __shared__ float a_tile[kSimtK][kSimtM + 4];
   __shared__ float b_tile[kSimtK][kSimtN + 4];
   BlockProblem<float> p;
-  const bool gated = g.epilogue == static_cast<int>(Epilogue::swiglu) ||
-                     g.epilogue == static_cast<int>(Epilogue::geglu);
-  if (!block_problem(g, kSimtM, gated ? kSimtN / 2 : kSimtN, p)) return;
+  if (!block_problem(g, kSimtM, halves_columns(g.epilogue) ? kSimtN / 2 : kSimtN, p)) return;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   float acc[4][4] = {};
   // Rows ty + 16i, local columns tx + 16j: in gated mode columns j and j + 2 are the gate and up of one
@@ -206,15 +202,15 @@ __global__ void __launch_bounds__(kSimtThreads) grouped_gemm_simt(GemmArgs<float
     for (int j = 0; j < (p.gated ? 2 : 4); ++j) {
       const int col = p.n_begin + tx + 16 * j;
       if (col >= p.n_valid) continue;
-      p.out[m * p.ldo + col] = p.zero ? 0.f : epilogue_value(g.epilogue, acc[i][j], p.gated ? acc[i][j + 2] : 0.f);
+      const float up = p.gated ? acc[i][j + 2] : 0.f;
+      p.out[m * p.ldo + col] = p.zero ? 0.f : epilogue_value(g.epilogue, p, col, acc[i][j], up);
     }
   }
 }
 
 template <typename T>
 void launch(const GemmArgs<T>& g, int64_t n_cols, cudaStream_t stream) {
-  const bool gated = g.epilogue == static_cast<int>(Epilogue::swiglu) ||
-                     g.epilogue == static_cast<int>(Epilogue::geglu);
+  const bool gated = halves_columns(g.epilogue);
   constexpr bool simt = std::is_same<T, float>::value;
   const int block_m = simt ? kSimtM : kBlockM, block_n = (simt ? kSimtN : kBlockN) / (gated ? 2 : 1);
   const int64_t m_blocks = g.schedule == static_cast<int>(Schedule::rows) ? max_m_tiles(g.M, g.E, block_m)
@@ -239,14 +235,13 @@ void check_sizes(int64_t E, int64_t M, int64_t N, int64_t K) {
 }  // namespace
 
 void grouped_gemm_tiled(const void* a, const void* w, const int32_t* expert_offsets, int64_t E, int64_t M,
-                        int64_t N, int64_t K, DType dtype, Epilogue epilogue, void* out, Stream stream) {
-  const bool gated = epilogue == Epilogue::swiglu || epilogue == Epilogue::geglu;
+                        int64_t N, int64_t K, DType dtype, const Epilogue& epilogue, void* out, Stream stream) {
   dispatch_dtype(dtype, [&](auto tag) {
     using Elem = typename decltype(tag)::type;
     const GemmArgs<Elem> g{static_cast<const Elem*>(a), static_cast<const Elem*>(w), expert_offsets,
-                           static_cast<int>(E), M, N, K, static_cast<Elem*>(out), static_cast<int>(epilogue),
+                           static_cast<int>(E), M, N, K, static_cast<Elem*>(out), epilogue,
                            static_cast<int>(Schedule::rows)};
-    launch(g, gated ? N / 2 : N, as_stream(stream));
+    launch(g, halves_columns(epilogue) ? N / 2 : N, as_stream(stream));
   });
 }
 
@@ -258,7 +253,7 @@ void grouped_gemm_dw(const void* d_out_t, const void* a_t, const int32_t* expert
   dispatch_dtype(dtype, [&](auto tag) {
     using Elem = typename decltype(tag)::type;
     const GemmArgs<Elem> g{static_cast<const Elem*>(d_out_t), static_cast<const Elem*>(a_t), expert_offsets,
-                           static_cast<int>(E), M, N, K, static_cast<Elem*>(dw), static_cast<int>(Epilogue::none),
+                           static_cast<int>(E), M, N, K, static_cast<Elem*>(dw), Epilogue{},
                            static_cast<int>(Schedule::depth)};
     launch(g, K, as_stream(stream));
   });
@@ -266,16 +261,16 @@ void grouped_gemm_dw(const void* d_out_t, const void* a_t, const int32_t* expert
 
 // Defined in grouped_gemm_decode.cu.
 void grouped_gemm_decode(const void* a, const void* w, const int32_t* expert_offsets, int64_t E, int64_t M,
-                         int64_t N, int64_t K, DType dtype, Epilogue epilogue, void* out, Stream stream);
+                         int64_t N, int64_t K, DType dtype, const Epilogue& epilogue, void* out, Stream stream);
 
 bool grouped_gemm_uses_decode(int64_t M) { return M <= 32; }
 
 void grouped_gemm(const void* a, const void* w, const int32_t* expert_offsets, int64_t E, int64_t M, int64_t N,
-                  int64_t K, DType dtype, Epilogue epilogue, void* out, Stream stream) {
+                  int64_t K, DType dtype, const Epilogue& epilogue, void* out, Stream stream) {
   require_device("moe_ext._cuda.grouped_gemm");
   check_sizes(E, M, N, K);
-  const bool gated = epilogue == Epilogue::swiglu || epilogue == Epilogue::geglu;
-  if (gated && N % 2 != 0) throw std::invalid_argument("w: gated epilogues need an even N (2f rows)");
+  if (halves_columns(epilogue) && N % 2 != 0)
+    throw std::invalid_argument("w: gated activations need an even N (2f rows)");
   if (M == 0 || N == 0) return;
   if (grouped_gemm_uses_decode(M))
     grouped_gemm_decode(a, w, expert_offsets, E, M, N, K, dtype, epilogue, out, stream);

@@ -1,9 +1,11 @@
 // The decode path of the grouped GEMM (few rows in all, e.g. T <= 16 tokens at k = 2): memory-bound, so
 // each weight row is read once per pass of up to 8 token rows, with 16-byte loads, and the token rows
 // (tiny) come from L1. Grid: (expert, 16 output columns); a warp owns 4 columns, and for gated
-// epilogues reads the gate and up rows of a column together. Experts with no rows exit at once and
-// touch no weight. Block E (past the experts) zero-fills rows expert_offsets[E]..M-1.
-#include "cuda/common.cuh"
+// activations reads the gate and up rows of a column together ([gate | up] or interleaved rows). Bias
+// and activation are applied to the warp's sums, in the order of the tiled kernels' epilogue. Experts
+// with no rows exit at once and touch no weight. Block E (past the experts) zero-fills rows
+// expert_offsets[E]..M-1.
+#include "cuda/activation.cuh"
 
 namespace moe_ext::cuda {
 
@@ -62,9 +64,10 @@ __device__ __forceinline__ void dot_pass(const T* a, int64_t K, int row_begin, i
 template <typename T>
 __global__ void __launch_bounds__(32 * kDecodeWarps)
 grouped_gemm_decode_kernel(const T* __restrict__ a, const T* __restrict__ w, const int32_t* __restrict__ offsets,
-                           int E, int64_t M, int64_t N, int64_t K, int epilogue, bool vectorised, T* __restrict__ out) {
+                           int E, int64_t M, int64_t N, int64_t K, Epilogue epilogue, bool vectorised,
+                           T* __restrict__ out) {
   const int e = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const bool gated = epilogue == static_cast<int>(Epilogue::swiglu) || epilogue == static_cast<int>(Epilogue::geglu);
+  const bool gated = halves_columns(epilogue), interleaved = gated && is_interleaved(epilogue.activation);
   const int64_t n_out = gated ? N / 2 : N;
   const int col0 = (blockIdx.y * kDecodeWarps + warp) * kColumnsPerWarp;
   if (e == E) {  // the tail: rows no expert owns
@@ -76,27 +79,34 @@ grouped_gemm_decode_kernel(const T* __restrict__ a, const T* __restrict__ w, con
   const int row_begin = clamp_offset(offsets[e], M), row_end = row_begin + rows_of(offsets, e, M);
   if (row_end == row_begin) return;
   const T* expert_w = w + static_cast<int64_t>(e) * N * K;
+  const float* bias = epilogue.bias ? epilogue.bias + static_cast<int64_t>(e) * N : nullptr;
   for (int c = 0; c < kColumnsPerWarp; ++c) {
     const int64_t col = col0 + c;
     if (col >= n_out) break;
-    const T* w_row = expert_w + col * K;
-    const T* w_up = gated ? expert_w + (n_out + col) * K : nullptr;
+    // the w rows (and bias entries) of this output column: the gate's and the up's, or col's own
+    const int64_t gate_row = gated ? gate_column(interleaved, col) : col;
+    const int64_t up_row = gated ? up_column(interleaved, n_out, col) : -1;
+    const T* w_row = expert_w + gate_row * K;
+    const T* w_up = gated ? expert_w + up_row * K : nullptr;
     for (int pass = row_begin; pass < row_end; pass += kRowsPerPass) {
       const int pass_end = min(pass + kRowsPerPass, row_end);
       float gate_sum[kRowsPerPass] = {}, up_sum[kRowsPerPass] = {};
       dot_pass(a, K, pass, pass_end, w_row, w_up, vectorised, gate_sum, up_sum);
+      // Lane r takes row r's totals; the epilogue (bias, activation) then runs once, on lanes 0..rows-1.
+      float gate_total = 0.f, up_total = 0.f;
 #pragma unroll
       for (int r = 0; r < kRowsPerPass; ++r) {
-        if (r >= pass_end - pass) break;
+        if (r >= pass_end - pass) break;  // the same for every lane: the butterflies stay warp-wide
         const float g = warp_sum(gate_sum[r]), u = gated ? warp_sum(up_sum[r]) : 0.f;
-        if (lane == 0) {
-          float v = g;
-          if (epilogue != static_cast<int>(Epilogue::none)) {
-            v = activate_one(static_cast<Activation>(epilogue), g);
-            if (gated) v *= u;
-          }
-          out[(pass + r) * n_out + col] = from_float<T>(v);
+        if (lane == r) gate_total = g, up_total = u;
+      }
+      if (lane < pass_end - pass) {
+        if (bias) {
+          gate_total += bias[gate_row];
+          if (gated) up_total += bias[up_row];
         }
+        const float v = epilogue.activate ? activate_value(epilogue.activation, gate_total, up_total) : gate_total;
+        out[(pass + lane) * n_out + col] = from_float<T>(v);
       }
     }
   }
@@ -105,9 +115,8 @@ grouped_gemm_decode_kernel(const T* __restrict__ a, const T* __restrict__ w, con
 }  // namespace
 
 void grouped_gemm_decode(const void* a, const void* w, const int32_t* expert_offsets, int64_t E, int64_t M,
-                         int64_t N, int64_t K, DType dtype, Epilogue epilogue, void* out, Stream stream) {
-  const bool gated = epilogue == Epilogue::swiglu || epilogue == Epilogue::geglu;
-  const int64_t n_out = gated ? N / 2 : N;
+                         int64_t N, int64_t K, DType dtype, const Epilogue& epilogue, void* out, Stream stream) {
+  const int64_t n_out = halves_columns(epilogue) ? N / 2 : N;
   const int64_t col_blocks = ceil_div(n_out, kDecodeWarps * kColumnsPerWarp);
   if (col_blocks > 65535) throw std::invalid_argument("grouped_gemm: too many output columns for one launch");
   dispatch_dtype(dtype, [&](auto tag) {
@@ -117,7 +126,7 @@ void grouped_gemm_decode(const void* a, const void* w, const int32_t* expert_off
     const dim3 grid(static_cast<unsigned>(E + 1), static_cast<unsigned>(col_blocks));
     grouped_gemm_decode_kernel<Elem><<<grid, 32 * kDecodeWarps, 0, as_stream(stream)>>>(
         static_cast<const Elem*>(a), static_cast<const Elem*>(w), expert_offsets, static_cast<int>(E), M, N, K,
-        static_cast<int>(epilogue), vectorised, static_cast<Elem*>(out));
+        epilogue, vectorised, static_cast<Elem*>(out));
   });
   check_launch("grouped_gemm (decode)");
 }

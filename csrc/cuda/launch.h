@@ -13,13 +13,15 @@ namespace moe_ext::cuda {
 // Element type of activations and weights. Scores, top-k weights and accumulation are always float32.
 enum class DType : int { float32 = 0, bfloat16 = 1, float16 = 2 };
 
-// The four activations the CUDA kernels implement, by code (the CPU side describes activations with
-// core/types.h's moe_ext::Activation, which this name shadows inside moe_ext::cuda).
-enum class Activation : int { swiglu = 0, geglu = 1, relu = 2, gelu = 3 };
-
-// What GEMM1's epilogue applies: nothing, or the expert activation (gated ones read [gate | up] from the
-// two halves of w's N rows and write N/2 columns).
-enum class Epilogue : int { none = -1, swiglu = 0, geglu = 1, relu = 2, gelu = 3 };
+// What a grouped GEMM's epilogue does to each float32 product before it is stored: bias[e] added (w's row
+// order), then, with `activate`, the expert activation (core/types.h's moe_ext::Activation, the CPU
+// kernels' description: gated ones read gate and up from w's N = 2f rows, [gate | up] or interleaved,
+// and write N/2 columns).
+struct Epilogue {
+  const float* bias = nullptr;  // [E, N] float32, or null
+  bool activate = false;
+  Activation activation;
+};
 
 using Stream = void*;  // a cudaStream_t
 
@@ -44,23 +46,29 @@ void permute_plan(const int32_t* topk_ids, int64_t T, int64_t k, int64_t E, int6
 void gather_rows(const void* x, const int32_t* perm_rows, int64_t T, int64_t k, int64_t d, int64_t M,
                  DType dtype, void* x_perm, Stream stream);
 
-// out [M, N_out] = epilogue(a[rows of e] @ w[e]^T); w [E, N, K]; N_out = N/2 for gated epilogues, else N.
-// Rows expert_offsets[E]..M-1 of out are zeros. decode: the GEMV-style path for few rows (M small).
+// out [M, N_out] = epilogue(a[rows of e] @ w[e]^T); w [E, N, K]; N_out = N/2 for gated activations, else N.
+// Rows expert_offsets[E]..M-1 of out are zeros (no bias). decode: the GEMV-style path for few rows.
 void grouped_gemm(const void* a, const void* w, const int32_t* expert_offsets, int64_t E, int64_t M,
-                  int64_t N, int64_t K, DType dtype, Epilogue epilogue, void* out, Stream stream);
+                  int64_t N, int64_t K, DType dtype, const Epilogue& epilogue, void* out, Stream stream);
 bool grouped_gemm_uses_decode(int64_t M);
 
 // y [T, d] = sum_j topk_weights[t, j] * y_perm[perm_rows[t, j]] in slot order (weights null: 1).
 void unpermute(const void* y_perm, const int32_t* perm_rows, const float* topk_weights, int64_t T, int64_t k,
                int64_t d, int64_t M, DType dtype, void* y, Stream stream);
 
-// Standalone activation: h [M, 2f or f] -> out [M, f].
-void activate(const void* h, int64_t M, int64_t f, Activation activation, DType dtype, void* out, Stream stream);
+// Standalone activation: h [M, 2f (gated) or f] -> out [M, f].
+void activate(const void* h, int64_t M, int64_t f, const Activation& activation, DType dtype, void* out,
+              Stream stream);
 
 // ---- backward ----
-// dh [M, 2f or f] from h and d_act [M, f].
-void activation_backward(const void* h, const void* d_act, int64_t M, int64_t f, Activation activation,
+// dh [M, 2f or f] from h and d_act [M, f] (same layout as h; clamped inputs get 0 where the clamp bites).
+void activation_backward(const void* h, const void* d_act, int64_t M, int64_t f, const Activation& activation,
                          DType dtype, void* dh, Stream stream);
+// grad_bias [E, N] float32 = the sums of grad_out's [M, N] rows per expert (the gradient of an expert bias
+// added to those rows); rows past expert_offsets[E] count for nobody, experts with no rows get zeros.
+// One block per (expert, 32 columns), sums in a fixed order: deterministic, no atomics.
+void bias_grad(const void* grad_out, const int32_t* expert_offsets, int64_t E, int64_t M, int64_t N, DType dtype,
+               float* grad_bias, Stream stream);
 // dst [B, C, R] = transpose of src [B, R, C] per batch.
 void transpose(const void* src, int64_t B, int64_t R, int64_t C, DType dtype, void* dst, Stream stream);
 // dw [E, N, K]: dw[e] = d_out[rows of e]^T @ a[rows of e], from the transposes d_out_t [N, M] and

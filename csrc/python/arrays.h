@@ -12,6 +12,7 @@
 #include "core/packed.h"
 #include "core/quant.h"
 #include "core/types.h"
+#include "python/activation_arg.h"
 
 namespace moe_ext::python {
 
@@ -61,10 +62,6 @@ template <typename T>
 py::array_t<T> output(const Shape& shape) {
   return py::array_t<T>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
 }
-
-// An activation description: a moe_ext.Activation or a string moe_ext.activation_from accepts (presets,
-// canonical strings); ValueError / TypeError otherwise.
-Activation activation_from(const py::object& activation);
 
 // An optional float32 bias [E, N] (null when absent).
 const float* optional_bias(const std::optional<py::array>& bias, const char* name, int64_t E, int64_t N);

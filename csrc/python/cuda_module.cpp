@@ -1,6 +1,7 @@
 // The pybind11 module moe_ext._cuda: launchers of the CUDA kernels over raw device pointers (Python ints,
-// e.g. torch's data_ptr()), sizes, a dtype code (0 float32, 1 bfloat16, 2 float16) and a cudaStream_t as
-// an int (torch.cuda.current_stream().cuda_stream). No libtorch: python/moe_ext/cuda.py wraps these with
+// e.g. torch's data_ptr()), sizes, a dtype code (0 float32, 1 bfloat16, 2 float16), activation
+// descriptions (moe_ext.Activation or its strings, parsed as the CPU module parses them) and a cudaStream_t
+// as an int (torch.cuda.current_stream().cuda_stream). No libtorch: python/moe_ext/cuda.py wraps these with
 // torch tensors and checks their arguments. The checks below only keep a direct call from making a kernel
 // index outside the sizes it was given (pointers themselves cannot be checked). Launches are
 // asynchronous; no function here synchronises.
@@ -15,6 +16,7 @@
 #include "core/checks.h"
 #include "cuda/launch.h"
 #include "cuda/tile_schedule.h"
+#include "python/activation_arg.h"
 
 namespace py = pybind11;
 using namespace moe_ext;  // NOLINT
@@ -34,18 +36,9 @@ cuda::DType dtype_from(int code) {
   return static_cast<cuda::DType>(code);
 }
 
-cuda::Activation activation_from(int code) {
-  if (code < 0 || code > 3)
-    throw std::invalid_argument("activation: expected 0 (swiglu), 1 (geglu), 2 (relu) or 3 (gelu); got " +
-                                std::to_string(code));
-  return static_cast<cuda::Activation>(code);
-}
-
-cuda::Epilogue epilogue_from(int code) {
-  if (code < -1 || code > 3)
-    throw std::invalid_argument("epilogue: expected -1 (none) or an activation code 0..3; got " + std::to_string(code));
-  return static_cast<cuda::Epilogue>(code);
-}
+// The activation: a description (moe_ext.Activation, preset name or canonical string) parsed as the CPU
+// bindings parse it. Needs the GIL.
+Activation activation_from(const py::object& activation) { return python::activation_from(activation); }
 
 void non_negative(std::initializer_list<std::pair<const char*, int64_t>> sizes) {
   for (const auto& [name, value] : sizes)
@@ -87,10 +80,16 @@ void py_gather_rows(Ptr x, Ptr perm_rows, int64_t T, int64_t k, int64_t d, int64
   cuda::gather_rows(ptr(x), ptr<const int32_t>(perm_rows), T, k, d, M, dtype_from(dtype), ptr(x_perm), ptr(stream));
 }
 
+// activation None: no activation; bias 0: none, else float32 [E, N] in w's row order.
 void py_grouped_gemm(Ptr a, Ptr w, Ptr expert_offsets, int64_t E, int64_t M, int64_t N, int64_t K, int dtype,
-                     int epilogue, Ptr out, Ptr stream) {
+                     const py::object& activation, Ptr bias, Ptr out, Ptr stream) {
   non_negative({{"M", M}, {"N", N}, {"K", K}});
-  const cuda::Epilogue epi = epilogue_from(epilogue);
+  cuda::Epilogue epi;
+  epi.bias = ptr<const float>(bias);
+  epi.activate = !activation.is_none();
+  if (epi.activate) epi.activation = activation_from(activation);
+  if (epi.activate && epi.activation.gated && N % 2 != 0)
+    throw std::invalid_argument("N: a gated activation needs an even N (2f rows); got " + std::to_string(N));
   const cuda::DType dt = dtype_from(dtype);
   py::gil_scoped_release release;
   cuda::grouped_gemm(ptr(a), ptr(w), ptr<const int32_t>(expert_offsets), E, M, N, K, dt, epi, ptr(out), ptr(stream));
@@ -129,20 +128,30 @@ void py_unpermute_backward(Ptr dy, Ptr y_perm, Ptr perm_rows, Ptr topk_weights, 
                            d, M, dt, ptr(d_y_perm), ptr<float>(d_weights), ptr(stream));
 }
 
-void py_activate(Ptr h, int64_t M, int64_t f, int activation, int dtype, Ptr out, Ptr stream) {
+void py_activate(Ptr h, int64_t M, int64_t f, const py::object& activation, int dtype, Ptr out, Ptr stream) {
   non_negative({{"M", M}, {"f", f}});
-  const cuda::Activation act = activation_from(activation);
+  const Activation act = activation_from(activation);
   const cuda::DType dt = dtype_from(dtype);
   py::gil_scoped_release release;
   cuda::activate(ptr(h), M, f, act, dt, ptr(out), ptr(stream));
 }
 
-void py_activation_backward(Ptr h, Ptr d_act, int64_t M, int64_t f, int activation, int dtype, Ptr dh, Ptr stream) {
+void py_activation_backward(Ptr h, Ptr d_act, int64_t M, int64_t f, const py::object& activation, int dtype, Ptr dh,
+                            Ptr stream) {
   non_negative({{"M", M}, {"f", f}});
-  const cuda::Activation act = activation_from(activation);
+  const Activation act = activation_from(activation);
   const cuda::DType dt = dtype_from(dtype);
   py::gil_scoped_release release;
   cuda::activation_backward(ptr(h), ptr(d_act), M, f, act, dt, ptr(dh), ptr(stream));
+}
+
+void py_bias_grad(Ptr grad_out, Ptr expert_offsets, int64_t E, int64_t M, int64_t N, int dtype, Ptr grad_bias,
+                  Ptr stream) {
+  non_negative({{"M", M}, {"N", N}});
+  if (E < 1) throw std::invalid_argument("E: expected at least one expert; got " + std::to_string(E));
+  const cuda::DType dt = dtype_from(dtype);
+  py::gil_scoped_release release;
+  cuda::bias_grad(ptr(grad_out), ptr<const int32_t>(expert_offsets), E, M, N, dt, ptr<float>(grad_bias), ptr(stream));
 }
 
 // The rows schedule's tiles for given offsets (host walk of tile_schedule.h): [(expert, row_begin, row_end)],
@@ -201,7 +210,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("gather_rows", &py_gather_rows, arg("x"), arg("perm_rows"), arg("T"), arg("k"), arg("d"), arg("M"),
         arg("dtype"), arg("x_perm"), arg("stream"));
   m.def("grouped_gemm", &py_grouped_gemm, arg("a"), arg("w"), arg("expert_offsets"), arg("E"), arg("M"), arg("N"),
-        arg("K"), arg("dtype"), arg("epilogue"), arg("out"), arg("stream"));
+        arg("K"), arg("dtype"), arg("activation").none(true), arg("bias"), arg("out"), arg("stream"));
   m.def("grouped_gemm_dw", &py_grouped_gemm_dw, arg("d_out_t"), arg("a_t"), arg("expert_offsets"), arg("E"), arg("M"),
         arg("N"), arg("K"), arg("dtype"), arg("dw"), arg("stream"));
   m.def("transpose", &py_transpose, arg("src"), arg("B"), arg("R"), arg("C"), arg("dtype"), arg("dst"), arg("stream"));
@@ -213,4 +222,6 @@ PYBIND11_MODULE(_cuda, m) {
         arg("stream"));
   m.def("activation_backward", &py_activation_backward, arg("h"), arg("d_act"), arg("M"), arg("f"), arg("activation"),
         arg("dtype"), arg("dh"), arg("stream"));
+  m.def("bias_grad", &py_bias_grad, arg("grad_out"), arg("expert_offsets"), arg("E"), arg("M"), arg("N"),
+        arg("dtype"), arg("grad_bias"), arg("stream"));
 }

@@ -20,15 +20,18 @@ Signatures (T tokens, d hidden, f intermediate, E experts, k top-k; M rows of th
           -> (x_perm [M,d], expert_offsets [E+1] i32, perm_rows [T,k] i32)
           M = T*k; with capacity C, M = min(T*k, E*C) and rows expert_offsets[E]..M-1 are zeros
           (the kept count is only known on the device; no host synchronisation).
-    grouped_gemm(a [M,K], w [E,N,K], expert_offsets [E+1], *, activation=None, check_offsets=True)
-          -> out [M,N]; with activation="swiglu"/"geglu" -> act(gate) * up [M, N/2] (w = w13);
-             "relu"/"gelu" -> act(out) [M,N]. Rows expert_offsets[E]..M-1 are zeros.
+    grouped_gemm(a [M,K], w [E,N,K], expert_offsets [E+1], *, activation=None, bias=None [E,N] f32,
+                 check_offsets=True)
+          -> out [M,N] = a @ w[e]^T (+ bias[e]); with a gated activation -> [M, N/2] (w = w13: gate and up
+             rows [gate | up] or interleaved, as the description says), else act(out) [M,N].
+             Rows expert_offsets[E]..M-1 are zeros (no bias).
     activate(h [M,2f or f], activation) -> [M,f]
     unpermute(y_perm [M,d], perm_rows [T,k], topk_weights [T,k] f32) -> y [T,d]
     experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None,
-            check_ids=True) -> y [T,d]      # permute -> GEMM1 + fused activation -> GEMM2 -> unpermute
-    moe(x, w_router, w13_or_w1, w2, top_k, *, activation="swiglu", <route keywords>, capacity=None)
-          -> y [T,d]
+            check_ids=True, b13_or_b1=None, b2=None) -> y [T,d]
+          # permute -> GEMM1 (+ b13_or_b1) + fused activation -> GEMM2 (+ b2) -> unpermute
+    moe(x, w_router, w13_or_w1, w2, top_k, *, activation="swiglu", <route keywords>, capacity=None,
+        b13_or_b1=None, b2=None) -> y [T,d]
     # backward
     grouped_gemm_backward(d_out [M,N], a [M,K], w [E,N,K], expert_offsets, *, need_a=True, need_w=True)
           -> (d_a [M,K] or None, d_w [E,N,K] or None)   # d_a = d_out @ w[e]; d_w[e] = d_out[rows]^T a[rows]
@@ -36,6 +39,13 @@ Signatures (T tokens, d hidden, f intermediate, E experts, k top-k; M rows of th
     unpermute_backward(dy [T,d], y_perm [M,d], perm_rows, topk_weights)
           -> (d_y_perm [M,d], d_topk_weights [T,k] f32)
     permute_backward(d_x_perm [M,d], perm_rows [T,k]) -> d_x [T,d]
+    bias_grad(d_out [M,N], expert_offsets [E+1]) -> d_bias [E,N] f32  # d_out's rows summed per expert
+
+Activations: `activation` is a description, as everywhere in moe_ext (SPEC §3.6): a preset name
+("swiglu", "geglu", "geglu_tanh", "relu", "gelu", "gelu_tanh", "relu2"), a canonical string such as
+"swiglu(alpha=1.702,limit=7.0,up_offset=1.0,interleaved)" or a moe_ext.Activation; the kernels compute
+the CPU kernels' formulas in float32. Expert biases b13_or_b1 [E, 2f or f] (w13_or_w1's row order) and
+b2 [E, d] are float32, added to the float32 products before the activation and before the combine.
 
 Dtypes: x, weights and every activation tensor share one dtype, float32, bfloat16 or float16
 (float32 is exact float32 math: no TF32); accumulation is float32; scores and top-k weights are float32;
@@ -48,6 +58,8 @@ import importlib.util
 import warnings
 
 import torch
+
+from moe_ext._activation import activation_from
 
 
 def _load_extension():
@@ -70,14 +82,12 @@ _cuda = _load_extension()
 __all__ = [
     "available", "device_count", "raise_capture_errors", "route", "permute", "grouped_gemm", "activate",
     "unpermute", "experts", "moe", "grouped_gemm_backward", "activation_backward", "unpermute_backward",
-    "permute_backward",
+    "permute_backward", "bias_grad",
 ]
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FLOATS = tuple(_DTYPE_CODES)
 _INDEX = (torch.int32,)
-_ACTIVATIONS = {"swiglu": 0, "geglu": 1, "relu": 2, "gelu": 3}
-_GATED = ("swiglu", "geglu")
 _SCORINGS = {"softmax": 0, "sigmoid": 1}
 
 
@@ -159,6 +169,16 @@ def _stream(device):
 
 def _ptr(t):
     return 0 if t is None else t.data_ptr()
+
+
+def _activation(activation):
+    """The moe_ext.Activation of a description (ValueError / TypeError naming `activation` otherwise)."""
+    return activation_from(activation)
+
+
+def _bias(bias, name, E, N):
+    """None, or a contiguous float32 [E, N] tensor."""
+    return None if bias is None else _tensor(bias, name, 2, (torch.float32,), (E, N))
 
 
 def _ids(topk_ids, T, name="topk_ids"):
@@ -325,11 +345,7 @@ def permute(x, topk_ids, num_experts, *, capacity=None, check_ids=True):
     return x_perm, offsets, perm_rows
 
 
-def _epilogue(activation):
-    return -1 if activation is None else _ACTIVATIONS[_choice(activation, "activation", tuple(_ACTIVATIONS))]
-
-
-def grouped_gemm(a, w, expert_offsets, *, activation=None, check_offsets=True):
+def grouped_gemm(a, w, expert_offsets, *, activation=None, bias=None, check_offsets=True):
     a = _tensor(a, "a", 2)
     w = _tensor(w, "w", 3, shape=(None, None, a.shape[1]))
     _same_dtype([("a", a), ("w", w)])
@@ -337,31 +353,38 @@ def grouped_gemm(a, w, expert_offsets, *, activation=None, check_offsets=True):
     if E < 1:
         _fail(ValueError, "w", "at least one expert (E >= 1)", f"shape {tuple(w.shape)}")
     expert_offsets = _tensor(expert_offsets, "expert_offsets", 1, _INDEX, (E + 1,))
-    epilogue = _epilogue(activation)
-    if activation in _GATED and N % 2:
-        _fail(ValueError, "w", f"an even number of rows N = 2f for activation {activation!r}", f"N = {N}")
-    device = _device("grouped_gemm", a=a, w=w, expert_offsets=expert_offsets)
+    act = None if activation is None else _activation(activation)
+    gated = act is not None and act.gated
+    if gated and N % 2:
+        _fail(ValueError, "w", f"an even number of rows N = 2f for the gated activation {act.spec!r}", f"N = {N}")
+    bias = _bias(bias, "bias", E, N)
+    device = _device("grouped_gemm", a=a, w=w, expert_offsets=expert_offsets, bias=bias)
     M = a.shape[0]
     if check_offsets:
         _check_offset_values(expert_offsets, M, device)
-    out = _new((M, N // 2 if activation in _GATED else N), dtype=a.dtype, device=device)
+    out = _new((M, N // 2 if gated else N), dtype=a.dtype, device=device)
     with torch.cuda.device(device):
         _cuda.grouped_gemm(a.data_ptr(), w.data_ptr(), expert_offsets.data_ptr(), E, M, N, K, _DTYPE_CODES[a.dtype],
-                           epilogue, out.data_ptr(), _stream(device))
+                           act, _ptr(bias), out.data_ptr(), _stream(device))
     return out
+
+
+def _activation_columns(h, act):
+    """f of h [M, 2f] (gated) or [M, f]."""
+    if act.gated and h.shape[1] % 2:
+        _fail(ValueError, "h", f"an even number of columns 2f for the gated activation {act.spec!r}",
+              f"shape {tuple(h.shape)}")
+    return h.shape[1] // 2 if act.gated else h.shape[1]
 
 
 def activate(h, activation):
     h = _tensor(h, "h", 2)
-    activation = _choice(activation, "activation", tuple(_ACTIVATIONS))
-    if activation in _GATED and h.shape[1] % 2:
-        _fail(ValueError, "h", f"an even number of columns 2f for {activation!r}", f"shape {tuple(h.shape)}")
+    act = _activation(activation)
+    M, f = h.shape[0], _activation_columns(h, act)
     device = _device("activate", h=h)
-    M, f = h.shape[0], h.shape[1] // 2 if activation in _GATED else h.shape[1]
     out = _new((M, f), dtype=h.dtype, device=device)
     with torch.cuda.device(device):
-        _cuda.activate(h.data_ptr(), M, f, _ACTIVATIONS[activation], _DTYPE_CODES[h.dtype], out.data_ptr(),
-                       _stream(device))
+        _cuda.activate(h.data_ptr(), M, f, act, _DTYPE_CODES[h.dtype], out.data_ptr(), _stream(device))
     return out
 
 
@@ -378,19 +401,20 @@ def unpermute(y_perm, perm_rows, topk_weights):
     return y
 
 
-def _expert_weights(x, w13_or_w1, w2, activation):
-    activation = _choice(activation, "activation", tuple(_ACTIVATIONS))
+def _expert_weights(x, w13_or_w1, w2, activation, b13_or_b1=None, b2=None):
+    """(w13_or_w1, w2, Activation, b13_or_b1, b2), checked."""
+    act = _activation(activation)
     w2 = _tensor(w2, "w2", 3, shape=(None, x.shape[1], None))
     E, d, f = w2.shape
-    rows = 2 * f if activation in _GATED else f
+    rows = 2 * f if act.gated else f
     w13_or_w1 = _tensor(w13_or_w1, "w13_or_w1", 3, shape=(E, rows, d))
     _same_dtype([("x", x), ("w13_or_w1", w13_or_w1), ("w2", w2)])
     if E < 1:
         _fail(ValueError, "w2", "at least one expert (E >= 1)", f"shape {tuple(w2.shape)}")
-    return w13_or_w1, w2, activation
+    return w13_or_w1, w2, act, _bias(b13_or_b1, "b13_or_b1", E, rows), _bias(b2, "b2", E, d)
 
 
-def _experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity, check_ids, device):
+def _experts(x, w13_or_w1, w2, topk_weights, topk_ids, act, capacity, check_ids, device, b13_or_b1, b2):
     E, d, f = w2.shape
     T, k = topk_ids.shape
     x_perm, offsets, perm_rows = permute(x, topk_ids, E, capacity=capacity, check_ids=check_ids)
@@ -400,9 +424,9 @@ def _experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity, che
     with torch.cuda.device(device):
         hidden = _new((M, f), dtype=x.dtype, device=device)
         _cuda.grouped_gemm(x_perm.data_ptr(), w13_or_w1.data_ptr(), offsets.data_ptr(), E, M, w13_or_w1.shape[1], d,
-                           code, _ACTIVATIONS[activation], hidden.data_ptr(), stream)
+                           code, act, _ptr(b13_or_b1), hidden.data_ptr(), stream)
         y_perm = _new((M, d), dtype=x.dtype, device=device)
-        _cuda.grouped_gemm(hidden.data_ptr(), w2.data_ptr(), offsets.data_ptr(), E, M, d, f, code, -1,
+        _cuda.grouped_gemm(hidden.data_ptr(), w2.data_ptr(), offsets.data_ptr(), E, M, d, f, code, None, _ptr(b2),
                            y_perm.data_ptr(), stream)
         y = _new((T, d), dtype=x.dtype, device=device)
         _cuda.unpermute(y_perm.data_ptr(), perm_rows.data_ptr(), topk_weights.data_ptr(), T, k, d, M, code,
@@ -410,30 +434,33 @@ def _experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity, che
     return y
 
 
-def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None, check_ids=True):
+def experts(x, w13_or_w1, w2, topk_weights, topk_ids, *, activation="swiglu", capacity=None, check_ids=True,
+            b13_or_b1=None, b2=None):
     x = _tensor(x, "x", 2)
-    w13_or_w1, w2, activation = _expert_weights(x, w13_or_w1, w2, activation)
+    w13_or_w1, w2, act, b13_or_b1, b2 = _expert_weights(x, w13_or_w1, w2, activation, b13_or_b1, b2)
     topk_ids = _ids(topk_ids, x.shape[0])
     topk_weights = _tensor(topk_weights, "topk_weights", 2, (torch.float32,), tuple(topk_ids.shape))
     if capacity is not None:
         capacity = _integer(capacity, "capacity", 0)
-    device = _device("experts", x=x, w13_or_w1=w13_or_w1, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
-    return _experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation, capacity, check_ids, device)
+    device = _device("experts", x=x, w13_or_w1=w13_or_w1, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
+                     b13_or_b1=b13_or_b1, b2=b2)
+    return _experts(x, w13_or_w1, w2, topk_weights, topk_ids, act, capacity, check_ids, device, b13_or_b1, b2)
 
 
 def moe(x, w_router, w13_or_w1, w2, top_k, *, activation="swiglu", scoring="softmax", renormalize=True,
-        scale=1.0, bias=None, correction_bias=None, n_group=None, topk_group=None, capacity=None):
+        scale=1.0, bias=None, correction_bias=None, n_group=None, topk_group=None, capacity=None, b13_or_b1=None,
+        b2=None):
     x = _tensor(x, "x", 2)
-    w13_or_w1, w2, activation = _expert_weights(x, w13_or_w1, w2, activation)
+    w13_or_w1, w2, act, b13_or_b1, b2 = _expert_weights(x, w13_or_w1, w2, activation, b13_or_b1, b2)
     if capacity is not None:
         capacity = _integer(capacity, "capacity", 0)
     weights, ids = route(x, w_router, top_k, scoring=scoring, renormalize=renormalize, scale=scale, bias=bias,
                          correction_bias=correction_bias, n_group=n_group, topk_group=topk_group)
     if w_router.shape[0] != w2.shape[0]:
         _fail(ValueError, "w_router", f"{w2.shape[0]} experts (w2.shape[0])", f"shape {tuple(w_router.shape)}")
-    device = _device("moe", x=x, w13_or_w1=w13_or_w1, w2=w2)
+    device = _device("moe", x=x, w13_or_w1=w13_or_w1, w2=w2, b13_or_b1=b13_or_b1, b2=b2)
     # The router's ids are in range by construction: no host round trip to check them.
-    return _experts(x, w13_or_w1, w2, weights, ids, activation, capacity, False, device)
+    return _experts(x, w13_or_w1, w2, weights, ids, act, capacity, False, device, b13_or_b1, b2)
 
 
 # ------------------------------------------------------------------------------------------ backward
@@ -453,8 +480,8 @@ def grouped_gemm_backward(d_out, a, w, expert_offsets, *, need_a=True, need_w=Tr
             w_t = _new((E, K, N), dtype=w.dtype, device=device)
             _cuda.transpose(w.data_ptr(), E, N, K, code, w_t.data_ptr(), stream)
             d_a = _new((M, K), dtype=a.dtype, device=device)
-            _cuda.grouped_gemm(d_out.data_ptr(), w_t.data_ptr(), expert_offsets.data_ptr(), E, M, K, N, code, -1,
-                               d_a.data_ptr(), stream)
+            _cuda.grouped_gemm(d_out.data_ptr(), w_t.data_ptr(), expert_offsets.data_ptr(), E, M, K, N, code, None,
+                               0, d_a.data_ptr(), stream)
         if need_w:  # d_w[e] = d_out[rows]^T @ a[rows], reduced over the rows from the transposes
             d_out_t = _new((N, M), dtype=a.dtype, device=device)
             a_t = _new((K, M), dtype=a.dtype, device=device)
@@ -468,19 +495,36 @@ def grouped_gemm_backward(d_out, a, w, expert_offsets, *, need_a=True, need_w=Tr
 
 def activation_backward(h, d_act, activation):
     h = _tensor(h, "h", 2)
-    activation = _choice(activation, "activation", tuple(_ACTIVATIONS))
-    gated = activation in _GATED
-    if gated and h.shape[1] % 2:
-        _fail(ValueError, "h", f"an even number of columns 2f for {activation!r}", f"shape {tuple(h.shape)}")
-    M, f = h.shape[0], h.shape[1] // 2 if gated else h.shape[1]
+    act = _activation(activation)
+    M, f = h.shape[0], _activation_columns(h, act)
     d_act = _tensor(d_act, "d_act", 2, shape=(M, f))
     _same_dtype([("h", h), ("d_act", d_act)])
     device = _device("activation_backward", h=h, d_act=d_act)
     d_h = _new(h.shape, h.dtype, device)
     with torch.cuda.device(device):
-        _cuda.activation_backward(h.data_ptr(), d_act.data_ptr(), M, f, _ACTIVATIONS[activation],
-                                  _DTYPE_CODES[h.dtype], d_h.data_ptr(), _stream(device))
+        _cuda.activation_backward(h.data_ptr(), d_act.data_ptr(), M, f, act, _DTYPE_CODES[h.dtype], d_h.data_ptr(),
+                                  _stream(device))
     return d_h
+
+
+def bias_grad(d_out, expert_offsets, *, check_offsets=True):
+    """d_bias [E, N] float32: d_out's rows of each expert summed (E = len(expert_offsets) - 1); the gradient of
+    grouped_gemm's bias. Rows past expert_offsets[E] belong to no expert."""
+    d_out = _tensor(d_out, "d_out", 2)
+    expert_offsets = _tensor(expert_offsets, "expert_offsets", 1, _INDEX)
+    E = expert_offsets.shape[0] - 1
+    if E < 1:
+        _fail(ValueError, "expert_offsets", "E + 1 >= 2 values (at least one expert)",
+              f"shape {tuple(expert_offsets.shape)}")
+    device = _device("bias_grad", d_out=d_out, expert_offsets=expert_offsets)
+    M, N = d_out.shape
+    if check_offsets:
+        _check_offset_values(expert_offsets, M, device, fn="bias_grad")
+    d_bias = _new((E, N), torch.float32, device)
+    with torch.cuda.device(device):
+        _cuda.bias_grad(d_out.data_ptr(), expert_offsets.data_ptr(), E, M, N, _DTYPE_CODES[d_out.dtype],
+                        d_bias.data_ptr(), _stream(device))
+    return d_bias
 
 
 def unpermute_backward(dy, y_perm, perm_rows, topk_weights):

@@ -74,13 +74,18 @@ LAUNCHES = {
     "route": lambda c: c.route(0, 0, 4, 8, 4, 0, 2, 0, True, 1.0, 0, 0, 0, 0, 0, 0, 0, 0),
     "permute_plan": lambda c: c.permute_plan(0, 4, 2, 4, -1, 0, 0, 0, 0),
     "gather_rows": lambda c: c.gather_rows(0, 0, 4, 2, 8, 8, 1, 0, 0),
-    "grouped_gemm": lambda c: c.grouped_gemm(0, 0, 0, 4, 8, 16, 8, 1, 0, 0, 0),
+    "grouped_gemm": lambda c: c.grouped_gemm(0, 0, 0, 4, 8, 16, 8, 1, "swiglu", 0, 0, 0),
+    "grouped_gemm_bias": lambda c: c.grouped_gemm(0, 0, 0, 4, 8, 16, 8, 0, None, 0, 0, 0),
+    "grouped_gemm_description": lambda c: c.grouped_gemm(
+        0, 0, 0, 4, 8, 16, 8, 2, moe_ext.Activation("silu", True, interleaved=True, alpha=1.702, limit=7.0,
+                                                     up_offset=1.0), 0, 0, 0),
     "grouped_gemm_dw": lambda c: c.grouped_gemm_dw(0, 0, 0, 4, 8, 16, 8, 2, 0, 0),
     "transpose": lambda c: c.transpose(0, 2, 3, 4, 0, 0, 0),
     "unpermute": lambda c: c.unpermute(0, 0, 0, 4, 2, 8, 8, 0, 0, 0),
     "unpermute_backward": lambda c: c.unpermute_backward(0, 0, 0, 0, 4, 2, 8, 8, 0, 0, 0, 0),
-    "activate": lambda c: c.activate(0, 8, 4, 0, 1, 0, 0),
-    "activation_backward": lambda c: c.activation_backward(0, 0, 8, 4, 3, 2, 0, 0),
+    "activate": lambda c: c.activate(0, 8, 4, "swiglu(gate_softcap=4.0,up_softcap=25.0)", 1, 0, 0),
+    "activation_backward": lambda c: c.activation_backward(0, 0, 8, 4, "silu(gated=False,alpha=1.702)", 2, 0, 0),
+    "bias_grad": lambda c: c.bias_grad(0, 0, 4, 8, 16, 1, 0, 0),
 }
 
 
@@ -96,20 +101,33 @@ def test_launcher_without_device_raises_runtime_error(name):
 
 @needs_cuda_build
 @pytest.mark.parametrize("call, match", [
-    (lambda c: c.grouped_gemm(0, 0, 0, 4, 8, 16, 8, 7, -1, 0, 0), "dtype"),
-    (lambda c: c.grouped_gemm(0, 0, 0, 4, 8, 16, 8, 0, 9, 0, 0), "epilogue"),
-    (lambda c: c.grouped_gemm(0, 0, 0, 4, -1, 16, 8, 0, -1, 0, 0), "M"),
+    (lambda c: c.grouped_gemm(0, 0, 0, 4, 8, 16, 8, 7, None, 0, 0, 0), "dtype"),
+    (lambda c: c.grouped_gemm(0, 0, 0, 4, 8, 16, 8, 0, "tanh", 0, 0, 0), "activation"),
+    (lambda c: c.grouped_gemm(0, 0, 0, 4, 8, 16, 8, 0, "swiglu(limit=-1.0)", 0, 0, 0), "limit"),
+    (lambda c: c.grouped_gemm(0, 0, 0, 4, 8, 15, 8, 0, "geglu(interleaved)", 0, 0, 0), "even N"),
+    (lambda c: c.grouped_gemm(0, 0, 0, 4, -1, 16, 8, 0, None, 0, 0, 0), "M"),
+    (lambda c: c.bias_grad(0, 0, 0, 8, 16, 1, 0, 0), "E"),
+    (lambda c: c.bias_grad(0, 0, 4, 8, -16, 1, 0, 0), "N"),
+    (lambda c: c.bias_grad(0, 0, 4, 8, 16, 3, 0, 0), "dtype"),
     (lambda c: c.route(0, 0, 4, 8, 4, 0, 5, 0, True, 1.0, 0, 0, 0, 0, 0, 0, 0, 0), "top_k"),
     (lambda c: c.route(0, 0, 4, 8, 4, 0, 2, 3, True, 1.0, 0, 0, 0, 0, 0, 0, 0, 0), "scoring"),
     (lambda c: c.route(0, 0, 4, 8, 6, 0, 2, 0, True, 1.0, 0, 0, 4, 1, 0, 0, 0, 0), "n_group"),
     (lambda c: c.permute_plan(0, 4, 2, 4, -5, 0, 0, 0, 0), "capacity"),
-    (lambda c: c.activate(0, 8, 4, 4, 1, 0, 0), "activation"),
+    (lambda c: c.activate(0, 8, 4, "relu(interleaved)", 1, 0, 0), "interleaved only with a gated"),
+    (lambda c: c.activation_backward(0, 0, 8, 4, "gelu(alpha=2.0)", 1, 0, 0), "alpha only with fn 'silu'"),
     (lambda c: c.transpose(0, 2, -3, 4, 0, 0, 0), "R"),
 ])
 def test_launcher_argument_checks(call, match):
     from moe_ext import _cuda
     with pytest.raises(ValueError, match=match):
         call(_cuda)
+
+
+@needs_cuda_build
+def test_launcher_activation_must_be_a_description():
+    from moe_ext import _cuda
+    with pytest.raises(TypeError, match="activation"):
+        _cuda.activate(0, 8, 4, 3, 1, 0, 0)  # the old integer codes are gone
 
 
 # ------------------------------------------------------------------------------ tile schedule
@@ -212,6 +230,30 @@ def cpu_case():
     (lambda m, c: m.grouped_gemm(c["x"], c["w13"], c["offsets"][:3]), ValueError, "expert_offsets: expected shape"),
     (lambda m, c: m.grouped_gemm(c["x"], c["w13"], c["offsets"].long()), TypeError, "expert_offsets: expected dtype"),
     (lambda m, c: m.grouped_gemm(c["x"], c["w13"], c["offsets"], activation="tanh"), ValueError, "activation"),
+    (lambda m, c: m.grouped_gemm(c["x"], c["w13"], c["offsets"], activation=2), TypeError, "activation"),
+    (lambda m, c: m.grouped_gemm(c["x"], c["w13"], c["offsets"], activation="swiglu(limit=0.0)"), ValueError,
+     "limit > 0"),
+    (lambda m, c: m.grouped_gemm(c["x"], c["w13"][:, :11].contiguous(), c["offsets"], activation="swiglu(interleaved)"),
+     ValueError, "w: expected an even number of rows"),
+    (lambda m, c: m.grouped_gemm(c["x"], c["w13"], c["offsets"], bias=torch.zeros(4, 11)), ValueError,
+     r"bias: expected shape \(4, 12\)"),
+    (lambda m, c: m.grouped_gemm(c["x"], c["w13"], c["offsets"], bias=torch.zeros(4, 12, dtype=torch.bfloat16)),
+     TypeError, "bias: expected dtype torch.float32"),
+    (lambda m, c: m.experts(c["x"], c["w13"], c["w2"], c["weights"], c["ids"], b13_or_b1=torch.zeros(4, 6)),
+     ValueError, r"b13_or_b1: expected shape \(4, 12\)"),
+    (lambda m, c: m.experts(c["x"], c["w13"][:, :6].contiguous(), c["w2"], c["weights"], c["ids"], activation="relu2",
+                            b13_or_b1=torch.zeros(4, 6), b2=torch.zeros(4, 6)), ValueError,
+     r"b2: expected shape \(4, 8\)"),
+    (lambda m, c: m.moe(c["x"], c["w_router"], c["w13"], c["w2"], 2, b2=torch.zeros(4, 8).t()), ValueError,
+     "b2: expected"),
+    (lambda m, c: m.experts(c["x"], c["w13"], c["w2"], c["weights"], c["ids"], activation="gelu_tanh"), ValueError,
+     "w13_or_w1"),
+    (lambda m, c: m.activate(c["x"][:, :7].contiguous(), "geglu_tanh(limit=3.0,interleaved)"), ValueError,
+     "h: expected an even number of columns"),
+    (lambda m, c: m.activation_backward(c["x"], c["x"], "swiglu(interleaved)"), ValueError, "d_act"),
+    (lambda m, c: m.bias_grad(c["x"], c["offsets"][:1]), ValueError, "expert_offsets: expected E \\+ 1 >= 2"),
+    (lambda m, c: m.bias_grad(c["x"], c["offsets"].long()), TypeError, "expert_offsets: expected dtype"),
+    (lambda m, c: m.bias_grad(c["x"][None], c["offsets"]), ValueError, "d_out: expected a 2-D tensor"),
     (lambda m, c: m.grouped_gemm(c["x"].t(), c["w13"], c["offsets"]), ValueError, "x|a"),
     (lambda m, c: m.route(c["x"], c["w_router"], 9), ValueError, "top_k"),
     (lambda m, c: m.route(c["x"], c["w_router"], 2, scoring="max"), ValueError, "scoring"),
@@ -234,7 +276,8 @@ def test_argument_validation(mcuda, call, exc, match):
 
 @pytest.mark.parametrize("name", ["route", "permute", "grouped_gemm", "unpermute", "experts", "moe", "activate",
                                   "grouped_gemm_backward", "activation_backward", "unpermute_backward",
-                                  "permute_backward"])
+                                  "permute_backward", "bias_grad", "grouped_gemm_bias", "experts_gpt_oss",
+                                  "moe_biases"])
 def test_valid_cpu_call_without_device_is_runtime_error(mcuda, name):
     if mcuda.device_count() > 0:
         pytest.skip("a CUDA device is present (CPU tensors are a ValueError there)")
@@ -253,6 +296,14 @@ def test_valid_cpu_call_without_device_is_runtime_error(mcuda, name):
         "activation_backward": lambda: mcuda.activation_backward(c["x"], c["x"][:, :4].contiguous(), "swiglu"),
         "unpermute_backward": lambda: mcuda.unpermute_backward(c["x"], c["x"].repeat(2, 1), perm_rows, c["weights"]),
         "permute_backward": lambda: mcuda.permute_backward(c["x"].repeat(2, 1), perm_rows),
+        "bias_grad": lambda: mcuda.bias_grad(c["x"].repeat(2, 1), c["offsets"]),
+        "grouped_gemm_bias": lambda: mcuda.grouped_gemm(c["x"].repeat(2, 1), c["w13"], c["offsets"],
+                                                        activation="swiglu(limit=7.0)", bias=torch.zeros(4, 12)),
+        "experts_gpt_oss": lambda: mcuda.experts(
+            c["x"], c["w13"], c["w2"], c["weights"], c["ids"], b13_or_b1=torch.zeros(4, 12), b2=torch.zeros(4, 8),
+            activation=moe_ext.Activation("silu", True, interleaved=True, alpha=1.702, limit=7.0, up_offset=1.0)),
+        "moe_biases": lambda: mcuda.moe(c["x"], c["w_router"], c["w13"], c["w2"], 2, activation="geglu_tanh",
+                                        b13_or_b1=torch.zeros(4, 12), b2=torch.zeros(4, 8)),
     }
     with pytest.raises(RuntimeError, match="no CUDA device|built without CUDA"):
         calls[name]()

@@ -42,7 +42,8 @@ def _device_present():
 
 needs_gpu = pytest.mark.usefixtures("gpu", "poisoned")
 OPS = ("route", "permute", "grouped_gemm", "activation", "unpermute", "experts", "moe", "activation_backward",
-       "grouped_gemm_backward", "unpermute_backward", "permute_backward")
+       "grouped_gemm_backward", "unpermute_backward", "permute_backward", "bias_grad")
+GPT_OSS = "swiglu(alpha=1.702,limit=7.0,up_offset=1.0,interleaved)"  # biases, clamps, interleaved gate/up
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RTOL = {torch.float32: ROW_RTOL["float32"], torch.float16: ROW_RTOL["float16"], torch.bfloat16: ROW_RTOL["bfloat16"]}
 T, d, f, E, k, C = 37, 24, 20, 6, 2, 9  # odd sizes; C < T*k/E so that capacity drops copies
@@ -56,7 +57,8 @@ def inputs(dtype, device="cpu", seed=0):
 
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32).to(device)
     return dict(x=r(T, d), w_router=r(E, d, scale=0.5), w13=r(E, 2 * f, d, scale=0.3), w2=r(E, d, f, scale=0.3),
-                tw=torch.rand(T, k, generator=g).to(device), ids=ids, bias=r(E, scale=0.1).float())
+                tw=torch.rand(T, k, generator=g).to(device), ids=ids, bias=r(E, scale=0.1).float(),
+                b13=r(E, 2 * f, scale=0.5), b2=r(E, d, scale=0.5))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,6 +114,13 @@ def test_adapters_pass_moe_ext_cuda_argument_checks():
         ("grouped_gemm_backward", (torch.randn(T * k, 2 * f), x_perm, w13, offs64, True, False)),
         ("unpermute_backward", (torch.randn(T, d), x_perm, i["ids"].long(), tw16)),
         ("permute_backward", (x_perm, i["ids"].long())),
+        ("bias_grad", (torch.randn(T * k, 2 * f).to(torch.bfloat16), offs64)),
+        ("grouped_gemm", (x_perm, w13, offs64, i["b13"])),
+        ("experts", (x, w13, w2, tw16, ids64, GPT_OSS, None, i["b13"], i["b2"].half())),
+        ("moe", (x, i["w_router"], w13, w2, k, "swiglu(gate_softcap=4.0,up_softcap=25.0)", "softmax", True, 1.0, None,
+                 None, None, None, None, i["b13"].float(), i["b2"])),
+        ("activation", (h, "geglu_tanh(limit=3.0,interleaved)")),
+        ("activation_backward", (torch.randn(T * k, 2 * f), h, "relu2")),
     ]
     assert {name for name, _ in calls} == set(OPS)
     for name, args in calls:
@@ -126,7 +135,8 @@ class CpuStandIns:
 
     def __init__(self, monkeypatch):
         for name in ("route", "permute", "grouped_gemm", "activate", "unpermute", "experts", "moe",
-                     "activation_backward", "grouped_gemm_backward", "unpermute_backward", "permute_backward"):
+                     "activation_backward", "grouped_gemm_backward", "unpermute_backward", "permute_backward",
+                     "bias_grad"):
             monkeypatch.setattr(_cuda._k, name, getattr(self, name))
 
     @staticmethod
@@ -147,10 +157,15 @@ class CpuStandIns:
             x_perm = torch.cat([x_perm, x_perm.new_zeros((M - x_perm.shape[0], x_perm.shape[1]))])
         return x_perm, offsets, rows
 
-    def grouped_gemm(self, a, w, offsets):
+    @staticmethod
+    def biases(*bs):
+        assert all(b is None or (b.dtype == torch.float32 and b.is_contiguous()) for b in bs)
+
+    def grouped_gemm(self, a, w, offsets, *, bias):
         self.same(a, w)
+        self.biases(bias)
         assert offsets.dtype == torch.int32
-        return _ops.grouped_gemm(a, w, offsets)
+        return _ops.grouped_gemm(a, w, offsets, bias)
 
     def activate(self, h, activation):
         self.same(h)
@@ -160,16 +175,18 @@ class CpuStandIns:
         assert rows.dtype == torch.int32 and tw.dtype == torch.float32
         return _ops.unpermute(y_perm, rows, tw)
 
-    def experts(self, x, w13, w2, tw, ids, *, activation, capacity):
+    def experts(self, x, w13, w2, tw, ids, *, activation, capacity, b13_or_b1, b2):
         self.same(x, w13, w2)
+        self.biases(b13_or_b1, b2)
         assert tw.dtype == torch.float32
-        return _ops.experts(x, w13, w2, tw, ids, activation, capacity)
+        return _ops.experts(x, w13, w2, tw, ids, activation, capacity, b13_or_b1, b2)
 
     def moe(self, x, wr, w13, w2, top_k, *, activation, scoring, renormalize, scale, bias, correction_bias,
-            n_group, topk_group, capacity):
+            n_group, topk_group, capacity, b13_or_b1, b2):
         self.same(x, wr, w13, w2)
+        self.biases(b13_or_b1, b2)
         return _ops.moe(x, wr, w13, w2, top_k, activation, scoring, renormalize, scale, bias, correction_bias,
-                        n_group, topk_group, capacity)
+                        n_group, topk_group, capacity, b13_or_b1, b2)
 
     def activation_backward(self, h, d_act, activation):
         self.same(h, d_act)
@@ -187,6 +204,10 @@ class CpuStandIns:
 
     def permute_backward(self, g, rows):
         return _ops.permute_backward(g, rows)
+
+    def bias_grad(self, g, offsets):
+        assert g.is_contiguous() and offsets.dtype == torch.int32
+        return _ops.bias_grad(g, offsets)
 
 
 def assert_same(got, want):
@@ -230,6 +251,17 @@ def test_adapters_return_the_cpu_contract(dtype, monkeypatch):
         ("grouped_gemm_backward", (torch.randn(T * k, d), a, i["w2"], offsets, True, False)),
         ("unpermute_backward", (torch.randn(T, d).to(dtype), g_perm, rows, i["tw"].to(dtype))),
         ("permute_backward", (g_perm, rows)),
+        ("bias_grad", (torch.randn(T * k, 2 * f).to(dtype), offsets)),
+        ("bias_grad", (torch.randn(T * k, d), offsets.long())),
+        ("grouped_gemm", (x_perm, i["w13"], offsets, i["b13"])),
+        ("grouped_gemm", (x_perm, i["w13"], offsets, i["b13"].half())),
+        ("activation", (h, GPT_OSS)), ("activation", (h, "silu(gated=False,alpha=1.702)")),
+        ("activation_backward", (torch.randn(T * k, f).to(dtype), h, "swiglu(gate_softcap=4.0,up_softcap=25.0)")),
+        ("experts", (i["x"], i["w13"], i["w2"], i["tw"], i["ids"], GPT_OSS, None, i["b13"], i["b2"])),
+        ("experts", (i["x"], i["w13"][:, :f].contiguous(), i["w2"], i["tw"], i["ids"], "relu2", C,
+                     i["b13"][:, :f].contiguous().float(), None)),
+        ("moe", (i["x"], i["w_router"], i["w13"], i["w2"], k, "geglu_tanh(limit=3.0,interleaved)", "softmax", True,
+                 1.0, None, None, None, None, None, None, i["b2"])),
     ]
     assert {name for name, _ in calls} == set(OPS)
     for name, args in calls:
@@ -285,6 +317,13 @@ def test_every_op_on_cuda_matches_cpu(dtype):
         ("grouped_gemm_backward", (torch.randn(T * k, d).to(dtype), a, i["w2"], offsets, False, True), False),
         ("unpermute_backward", (torch.randn(T, d).to(dtype), g_perm, rows, i["tw"]), False),
         ("permute_backward", (g_perm, rows), False),
+        ("bias_grad", (torch.randn(T * k, 2 * f).to(dtype), offsets), False),
+        ("grouped_gemm", (x_perm, i["w13"], offsets, i["b13"]), False),
+        ("activation", (h, GPT_OSS), False), ("activation", (h, "relu2"), False),
+        ("activation_backward", (torch.randn(T * k, f).to(dtype), h, GPT_OSS), False),
+        ("experts", (i["x"], i["w13"], i["w2"], i["tw"], i["ids"], GPT_OSS, None, i["b13"], i["b2"]), False),
+        ("moe", (i["x"], i["w_router"], i["w13"], i["w2"], k, "swiglu(gate_softcap=4.0,up_softcap=25.0)", "softmax",
+                 True, 1.0, None, None, None, None, C, i["b13"], i["b2"]), False),
     ]
     assert {name for name, _, _ in cases} == set(OPS)
     for name, args, exact in cases:
@@ -319,6 +358,22 @@ def test_autograd_on_cuda_matches_cpu(dtype, capacity):
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("activation", ["swiglu", GPT_OSS, "swiglu(gate_softcap=4.0,up_softcap=25.0)"])
+def test_autograd_with_biases_on_cuda_matches_cpu(dtype, activation):
+    """Gradients of x, weights, routing weights and both expert biases: CUDA against the CPU ops."""
+    from moe_ext import torch as mt
+    results = []
+    for device in ("cpu", "cuda"):
+        i = {n: v.requires_grad_(v.is_floating_point() and n != "bias") for n, v in inputs(dtype, device).items()}
+        results.append(_grads(lambda: mt.experts(i["x"], i["w13"], i["w2"], i["tw"], i["ids"], activation=activation,
+                                                 b13_or_b1=i["b13"], b2=i["b2"]),
+                              [i["x"], i["w13"], i["w2"], i["tw"], i["b13"], i["b2"]]))
+    for got, want in zip(results[1], results[0]):
+        assert_rows_close(got, want, 2 * RTOL[dtype], floor=1e-2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_opcheck_on_cuda(dtype):
     i = {n: v.requires_grad_(v.is_floating_point()) for n, v in inputs(dtype, "cuda").items()}
     ops = torch.ops.moe_ext
@@ -334,6 +389,8 @@ def test_opcheck_on_cuda(dtype):
     check(ops.experts, (i["x"], i["w13"], i["w2"], i["tw"], i["ids"], "swiglu", None))
     check(ops.moe, (i["x"], i["w_router"], i["w13"], i["w2"], k, "swiglu", "softmax", True, 1.0, None, None, None,
                     None, None))
+    check(ops.experts, (i["x"], i["w13"], i["w2"], i["tw"], i["ids"], GPT_OSS, None, i["b13"], i["b2"]))
+    check(ops.bias_grad, (torch.randn(T * k, 2 * f, device="cuda").to(dtype), offsets))
 
 
 @needs_gpu
@@ -374,5 +431,37 @@ def test_tiny_mixtral_on_cuda_matches_eager():
     from moe_ext.torch import hf
     experts = [m for m in model.modules() if hasattr(m, "gate_up_proj")]
     assert experts and all(hf.fallback_reason(m) is None for m in experts)  # ran on moe_ext, not eager
+    for got, want in zip(results["moe_ext"], results["eager"]):
+        assert_rows_close(got, want, 2 * RTOL[torch.float32], floor=1e-2)
+
+
+@needs_gpu
+def test_tiny_gpt_oss_on_cuda_matches_eager():
+    """gpt-oss experts on CUDA (biases, interleaved gate/up, alpha, clamps, +1; transposed weights) run on
+    moe_ext, not eager, and match eager: logits and every gradient."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, vocab_size=128, intermediate_size=48, head_dim=16,
+                                       num_local_experts=4, num_experts_per_tok=2, swiglu_limit=1.0)
+    model = transformers.AutoModelForCausalLM.from_config(config).cuda().eval()
+    experts = [m for m in model.modules() if hasattr(m, "gate_up_proj")]
+    with torch.no_grad():
+        for m in experts:
+            m.gate_up_proj.normal_(0.0, 64 ** -0.5)
+            m.down_proj.normal_(0.0, 48 ** -0.5)
+            m.gate_up_proj_bias.normal_(0.0, 0.5)
+            m.down_proj_bias.normal_(0.0, 0.5)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1)).cuda()
+    results = {}
+    for impl in ("eager", "moe_ext"):
+        model.set_experts_implementation(impl)
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results[impl] = [out.logits.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    from moe_ext.torch import hf
+    assert experts and all(hf.fallback_reason(m) is None for m in experts)  # ran on moe_ext, not eager
+    assert {hf.activation_of(m) for m in experts} == {"swiglu(alpha=1.702,limit=1.0,up_offset=1.0,interleaved)"}
     for got, want in zip(results["moe_ext"], results["eager"]):
         assert_rows_close(got, want, 2 * RTOL[torch.float32], floor=1e-2)

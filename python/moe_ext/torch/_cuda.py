@@ -13,9 +13,9 @@ Adaptations, all so that a CUDA call returns what the CPU kernel returns on the 
   on the device); the op's contract is the kept rows only (M = T*k - dropped), so the kept count is read
   back (one host synchronisation, capacity only) and the padding cut off;
 * backward ops return [0, ...] tensors for gradients not asked for (moe_ext.cuda returns None);
-* the CUDA kernels take the preset activations without expert biases: a bias is a ValueError here (the
-  transformers backend sends such experts to their eager forward on CUDA), another description is
-  moe_ext.cuda's ValueError; defaults as the ops' schemas (torch leaves trailing defaults out);
+* activations are descriptions (the ops' canonical strings), which moe_ext.cuda takes as they are; expert
+  biases of any float dtype become float32 (the CPU kernels add them in float32 too); defaults as the
+  ops' schemas (torch leaves trailing defaults out);
 * value checks of moe_ext.cuda stay on (check_ids, check_offsets): a bad id or offset is a ValueError,
   as on CPU, never an out-of-bounds access on the device (the price: a small read-back per call).
   Under CUDA graph capture (serving engines capture decode) the read-back is impossible: the checks
@@ -70,17 +70,9 @@ def permute(x, topk_ids, num_experts, capacity=None):
     return x_perm, offsets, perm_rows
 
 
-def _no_biases(**biases):
-    """The CUDA kernels take no expert biases yet (moe_ext.torch.hf runs such experts eagerly on CUDA)."""
-    for name, bias in biases.items():
-        if bias is not None:
-            raise ValueError(f"{name}: expert biases are not supported by the CUDA kernels; got a tensor")
-
-
 def grouped_gemm(a, w, expert_offsets, bias=None):
-    _no_biases(bias=bias)
     a2, w2 = _common(a, w)
-    return _k.grouped_gemm(a2, w2, _i32(expert_offsets)).to(a.dtype)
+    return _k.grouped_gemm(a2, w2, _i32(expert_offsets), bias=_f32(bias)).to(a.dtype)
 
 
 def activation(h, activation="swiglu"):
@@ -92,19 +84,17 @@ def unpermute(y_perm, perm_rows, topk_weights):
 
 
 def experts(x, w13_or_w1, w2, topk_weights, topk_ids, activation="swiglu", capacity=None, b13_or_b1=None, b2=None):
-    _no_biases(b13_or_b1=b13_or_b1, b2=b2)
     x2, w13, w2 = _common(x, w13_or_w1, w2)
-    return _k.experts(x2, w13, w2, _f32(topk_weights), _c(topk_ids), activation=activation,
-                      capacity=capacity).to(x.dtype)
+    return _k.experts(x2, w13, w2, _f32(topk_weights), _c(topk_ids), activation=activation, capacity=capacity,
+                      b13_or_b1=_f32(b13_or_b1), b2=_f32(b2)).to(x.dtype)
 
 
 def moe(x, w_router, w13_or_w1, w2, top_k, activation="swiglu", scoring="softmax", renormalize=True, scale=1.0,
         bias=None, correction_bias=None, n_group=None, topk_group=None, capacity=None, b13_or_b1=None, b2=None):
-    _no_biases(b13_or_b1=b13_or_b1, b2=b2)
     x2, w_router, w13, w2 = _common(x, w_router, w13_or_w1, w2)
     return _k.moe(x2, w_router, w13, w2, top_k, activation=activation, scoring=scoring, renormalize=renormalize,
                   scale=scale, bias=_f32(bias), correction_bias=_f32(correction_bias), n_group=n_group,
-                  topk_group=topk_group, capacity=capacity).to(x.dtype)
+                  topk_group=topk_group, capacity=capacity, b13_or_b1=_f32(b13_or_b1), b2=_f32(b2)).to(x.dtype)
 
 
 def activation_backward(grad_act, h, activation="swiglu"):
@@ -130,9 +120,13 @@ def permute_backward(grad_x_perm, perm_rows):
     return _k.permute_backward(_c(grad_x_perm), _i32(perm_rows))
 
 
+def bias_grad(grad_out, expert_offsets):
+    return _k.bias_grad(_c(grad_out), _i32(expert_offsets))
+
+
 KERNELS = {name: globals()[name] for name in (
     "route", "permute", "grouped_gemm", "activation", "unpermute", "experts", "moe", "activation_backward",
-    "grouped_gemm_backward", "unpermute_backward", "permute_backward")}
+    "grouped_gemm_backward", "unpermute_backward", "permute_backward", "bias_grad")}
 
 if _k._cuda is not None:  # a build with the CUDA kernels (moe_ext._cuda imported); no device needed here
     for _name, _fn in KERNELS.items():

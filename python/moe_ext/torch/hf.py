@@ -38,9 +38,9 @@ How an experts module is mapped (transformers' `use_experts_implementation` flag
   decision is cached on the module (recomputed when the attributes it was made from change); the probe
   never runs inside torch.compile (an undecided custom gate falls back there: run one forward eagerly
   first). The default gate with an act_fn of a known type is decided without a probe.
-* dtypes float32, bfloat16, float16 (the module's, hidden states of the same dtype); CPU tensors (or CUDA
-  tensors in a build with the CUDA kernels, moe_ext.torch._cuda.REGISTERED, for preset activations
-  without biases).
+* dtypes float32, bfloat16, float16 (the module's, hidden states of the same dtype); CPU tensors, or CUDA
+  tensors in a build with the CUDA kernels (moe_ext.torch._cuda.REGISTERED), which take the same
+  activation descriptions and expert biases.
 * has_post_expert_norm (MuseSpark): the stage ops with autograd instead of the fused experts op, the
   module's own `post_expert_norm` applied to the [M, d] expert output rows before the weighted combine
   (_experts_with_post_norm).
@@ -67,7 +67,6 @@ import moe_ext
 NAME = "moe_ext"
 _INTERFACE_MODULE = "transformers.integrations.moe"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_PRESETS_CUDA = ("swiglu", "geglu", "relu", "gelu")  # what moe_ext.cuda's kernels take
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,8 +150,6 @@ def _plan(self, hidden_states):
     activation = _activation(self, gated)
     if activation.startswith("!"):
         return activation[1:]
-    if w_in.device.type == "cuda" and (b_in is not None or activation not in _PRESETS_CUDA):
-        return f"activation {activation} or expert biases on CUDA (its kernels take {', '.join(_PRESETS_CUDA)})"
     return activation, w_in, w2, b_in, b2
 
 
