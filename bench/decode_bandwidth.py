@@ -7,7 +7,7 @@ fraction of a ceiling measured at another moment says as much about the neighbou
 kernel. Here every moe_ext call has a read right next to it; the figure is the median over the pairs
 of read seconds / moe_ext seconds (1.0 = as fast as a plain read of the same bytes).
 
-    python bench/decode_bandwidth.py [--tokens 1] [--dtype fp32|bf16] [--weights packed|plain] [--pairs 15]
+    python bench/decode_bandwidth.py [--tokens 1] [--dtype fp32|bf16|fp16] [--weights packed|plain] [--pairs 15]
 """
 import argparse
 import time
@@ -28,7 +28,7 @@ def _reader(nbytes, dtype):
         buf = np.ones(nbytes // 4, dtype=np.float32)
         return "numpy.sum (one thread)", buf.sum
     torch.set_num_threads(moe_ext.get_num_threads())
-    tdt = torch.float32 if dtype == "fp32" else torch.bfloat16
+    tdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     buf = torch.ones(nbytes // (4 if dtype == "fp32" else 2), dtype=tdt)
     return f"torch.sum, {torch.get_num_threads()} threads", buf.sum
 
@@ -36,18 +36,18 @@ def _reader(nbytes, dtype):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--weights", choices=["packed", "plain"], default="packed",
                         help="moe_ext.prepack'd weights (default) or the plain arrays")
     parser.add_argument("--pairs", type=int, default=15, help="timed (moe_ext, read) pairs")
     args = parser.parse_args()
 
     x, w_router, w13, w2 = workload.make_inputs(args.tokens, D, F, E, K)
-    if args.dtype == "bf16":
+    if args.dtype != "fp32":
         import ml_dtypes
 
-        x = x.astype(ml_dtypes.bfloat16)
-        w13, w2 = w13.astype(ml_dtypes.bfloat16), w2.astype(ml_dtypes.bfloat16)
+        half = ml_dtypes.bfloat16 if args.dtype == "bf16" else np.float16
+        x, w13, w2 = x.astype(half), w13.astype(half), w2.astype(half)
     if args.weights == "packed":
         w13, w2 = moe_ext.prepack(w13), moe_ext.prepack(w2)
     touched = len(np.unique(moe_ext.route(np.asarray(x, np.float32), w_router, K)[1]))
