@@ -4,7 +4,8 @@
 // Two ways to multiply (chosen by the weight, QuantView::quantize_activations):
 // - weight-only (W8A16 / W4A16): weights are dequantised to float32 (scale * (q - z), the values of
 //   QuantizedWeight::dequantize) and dotted with the tile's float32 rows of a: for tiles of up to
-//   kFusedTileRows rows (decode) in registers, 32 weights by 4 rows at a time (fused_dot_rows); otherwise
+//   kFusedTileRows rows (decode) in registers, 32 weights by 4 rows at a time (fused_dot_rows; int4 rows
+//   in panels: the panel's 8 rows at once, the scale applied per group, float_panel_rows); otherwise
 //   once per tile into a float32 row, then as the float kernels do (kLanes-wide partial sums, a fixed
 //   tree at the end);
 // - activation-quantised (W8A8 / W4A8): the rows of a are first quantised per token to int8 (below),
@@ -220,6 +221,90 @@ void fused_dot_rows(const QuantView& w, const RowAt& at, const float* a, int64_t
 }
 #endif
 
+#if defined(__AVX2__)
+// Weight-only int4 panels with few rows (decode): the panel's 8 rows at once, one row a lane, as the
+// integer path does (core/quant.h's kernel layout), so one 32-byte load feeds 8 rows x 8 depths instead
+// of each row gathering its 4-byte runs. Per group, lane i sums (q - z) x over the group's depths
+// (exact small integers times x, FMA), then adds scale_i times that sum: the scale is applied once per
+// group, not once per weight, which moves float32 rounding within the accumulation bound of
+// docs/api.md §9 (dequantize-then-dot rounds s (q - z) first). kAcc accumulators a row keep the FMA
+// latency chains from bounding decode's 1-2 rows.
+template <int R>
+void float_panel_rows(const QuantView& w, int64_t first, const float* a, int64_t lda, float* c) {
+  constexpr int kAcc = R <= 2 ? 4 : 2;
+  const uint8_t* values = w.values + first * w.row_bytes;
+  const float* scales = w.scales + first * w.groups;
+  const uint8_t* zeros = w.zeros ? w.zeros + first * w.groups : nullptr;
+  const int64_t blocks = w.group / kQuantBlock;
+  const __m256i low = _mm256_set1_epi32(15);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < w.groups; ++g) {
+    const __m256i zero = zeros ? _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g * kPanelRows)))
+                               : _mm256_set1_epi32(kInt4SymmetricZero);
+    __m256 sum[R][kAcc];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < kAcc; ++i) sum[r][i] = _mm256_setzero_ps();
+    for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
+      const uint8_t* block = values + b * kPanelRows * (kQuantBlock / 2);
+      prefetch_ahead(block);
+      prefetch_ahead(block + 64);
+      const float* ab = a + b * kQuantBlock;
+      for (int chunk = 0; chunk < 4; ++chunk) {  // lane i: bytes 4 chunk .. 4 chunk + 3 of row i's block
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * chunk));
+        for (int k = 0; k < 4; ++k) {  // byte 4 chunk + k: depth 4 chunk + k (low nibble), + 16 (high)
+          const __m256 lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(v, 8 * k), low), zero));
+          const __m256 hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(v, 8 * k + 4), low), zero));
+          const int j = (2 * k) % kAcc;
+          for (int r = 0; r < R; ++r) {
+            const float* ar = ab + r * lda + 4 * chunk + k;
+            sum[r][j] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(ar), sum[r][j]);
+            sum[r][j + 1] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(ar + 16), sum[r][j + 1]);
+          }
+        }
+      }
+    }
+    const __m256 scale = _mm256_loadu_ps(scales + g * kPanelRows);
+    for (int r = 0; r < R; ++r) {
+      __m256 total = sum[r][0];
+      for (int i = 1; i < kAcc; ++i) total = _mm256_add_ps(total, sum[r][i]);
+      acc[r] = _mm256_fmadd_ps(scale, total, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(c + r * kPanelRows, acc[r]);
+}
+#endif
+
+// Whether weight-only products of an int4 panel row take float_panel_rows: AVX2 (whole blocks always:
+// K is a multiple of the group size).
+bool float_panel_ok(const QuantView& w, int64_t row) {
+#if defined(__AVX2__)
+  return w.scheme == QuantScheme::int4 && in_panel(w, row);
+#else
+  (void)w, (void)row;
+  return false;
+#endif
+}
+
+// c [rows][8] = the panel at flat row `first` (weight-only) times the tile's rows, kFusedRows at a time.
+void float_panel(const QuantGemmProblem& p, int64_t first, int64_t a_row, int64_t rows, float* c) {
+#if defined(__AVX2__)
+  const QuantView& w = *p.w;
+  for (int64_t m = 0; m < rows; m += kFusedRows) {
+    const float* a = p.a + (a_row + m) * w.K;
+    float* cm = c + m * kPanelRows;
+    switch (min_i64(kFusedRows, rows - m)) {
+      case 1: float_panel_rows<1>(w, first, a, w.K, cm); break;
+      case 2: float_panel_rows<2>(w, first, a, w.K, cm); break;
+      case 3: float_panel_rows<3>(w, first, a, w.K, cm); break;
+      default: float_panel_rows<4>(w, first, a, w.K, cm); break;
+    }
+  }
+#else
+  (void)p, (void)first, (void)a_row, (void)rows, (void)c;
+#endif
+}
+
 // Whether fused_dot_rows takes this tile (kFusedRows at a time): AVX2, whole blocks, and at most
 // kFusedTileRows rows; with more, dequantising each weight row once into scratch costs less than once
 // per kFusedRows rows in registers.
@@ -316,7 +401,7 @@ bool find_tile(const QuantGemmProblem& p, int64_t index, int64_t col_tiles, int6
 }
 
 // Column c[r * kLocalCols] (r < t.rows) of the tile's results = weight row `row` times the tile's rows.
-// A row in an int4 panel (integer path) takes its lane of the whole panel's products, computed once per
+// A row in an int4 panel (integer path, or weight-only decode) takes its lane of the whole panel's products, computed once per
 // panel and kept in `panel` ([rows][8]) while the tile walks the panel's rows.
 struct Columns {
   const QuantGemmProblem& p;
@@ -327,17 +412,20 @@ struct Columns {
 
   void operator()(int64_t row, float* c) {
     const QuantView& w = *p.w;
-    if (!w.quantize_activations && fused_weight_only(w, t.rows))
-      return fused_column(p, row, t.row_begin, t.rows, c, kLocalCols);
-    if (!w.quantize_activations) {
+    const bool decode = !w.quantize_activations && fused_weight_only(w, t.rows);
+    if (decode && !float_panel_ok(w, row)) return fused_column(p, row, t.row_begin, t.rows, c, kLocalCols);
+    if (!w.quantize_activations && !decode) {
       dequantize_row(w, row, w_row);
       return float_column(p, w_row, t.row_begin, t.rows, c, kLocalCols);
     }
-    if (!in_panel(w, row)) return int_column_best(p, row, t.row_begin, t.rows, c, kLocalCols);
+    if (!decode && !in_panel(w, row)) return int_column_best(p, row, t.row_begin, t.rows, c, kLocalCols);
     const int64_t lane = row % w.N % kPanelRows;
     if (row - lane != panel_first) {
       panel_first = row - lane;
-      int_panel_best(p, panel_first, t.row_begin, t.rows, panel);
+      if (decode)
+        float_panel(p, panel_first, t.row_begin, t.rows, panel);
+      else
+        int_panel_best(p, panel_first, t.row_begin, t.rows, panel);
     }
     for (int64_t r = 0; r < t.rows; ++r) c[r * kLocalCols] = panel[r * kPanelRows + lane];
   }
