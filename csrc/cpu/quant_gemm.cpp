@@ -195,6 +195,7 @@ void fused_dot_rows(const QuantView& w, const RowAt& at, const float* a, int64_t
     const __m256 scale = _mm256_set1_ps(at.scales[g * at.group]);
     const __m256i zero = _mm256_set1_epi32(at.zeros ? at.zeros[g * at.group] : (int4 ? kInt4SymmetricZero : 0));
     for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
+      prefetch_ahead(at.values + b * (int4 ? at.block : kQuantBlock));
       __m128i eights[4];  // the block's 32 codes, 8 per vector in depth order
       if (int4) {
         const __m128i v = load_block_u4(at, b), low = _mm_set1_epi8(15);
