@@ -17,7 +17,8 @@ constexpr int kMicroRows = kLanes == 16 ? 8 : 6;
 static_assert(moe_ext::kPanelCols % kMicroCols == 0, "a panel holds whole microkernel slices");
 
 template <int Rows>
-static inline void store_tile(vec (&acc)[Rows][2], float* c, int64_t ldc, bool accumulate) {
+static inline __attribute__((always_inline)) void store_tile(vec (&acc)[Rows][2], float* c, int64_t ldc,
+                                                              bool accumulate) {
   for (int r = 0; r < Rows; ++r) {
     float* dst = c + r * ldc;
     store(dst, accumulate ? load(dst) + acc[r][0] : acc[r][0]);
@@ -31,7 +32,8 @@ template <int Rows, typename P>
 static inline __attribute__((always_inline)) void micro_kernel_rows(const float* a, int64_t lda, const P* b,
                                                                    int64_t ldb, int64_t depth, float* c,
                                                                    int64_t ldc, bool accumulate) {
-  vec acc[Rows][2] = {};
+  vec acc[Rows][2];
+  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = vec{};  // not `= {}`: GCC then zeroed a stack copy
   for (int64_t p = 0; p < depth; ++p) {
     const vec b0 = load_f32(b + p * ldb), b1 = load_f32(b + p * ldb + kLanes);
     for (int r = 0; r < Rows; ++r) {
@@ -73,7 +75,8 @@ static void micro_kernel_bf16(const float* a, int64_t lda, const bf16_t* b, int6
   // bound by FMA latency instead of the weight stream. More rows have enough independent chains (and
   // not the registers for this).
   constexpr bool kSplit = Rows <= 2;
-  vec acc[Rows][2] = {}, acc_odd[kSplit ? Rows : 1][2] = {};
+  vec acc[Rows][2], acc_odd[kSplit ? Rows : 1][2];
+  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = acc_odd[kSplit ? r : 0][0] = acc_odd[kSplit ? r : 0][1] = vec{};
   const uvec high_half = (uvec){} + 0xffff0000u;
   int64_t q = 0;
   for (; 2 * q + 1 < depth; ++q) {
