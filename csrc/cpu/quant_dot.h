@@ -96,6 +96,11 @@ struct DotVnni {
 constexpr int64_t kQuantPrefetchBytes = 4096;
 
 inline void prefetch_ahead(const uint8_t* p) { __builtin_prefetch(p + kQuantPrefetchBytes, 0, 3); }
+// The same for an int4 panel block (kPanelRows rows of 16 bytes: two lines).
+inline void prefetch_panel_block(const uint8_t* block) {
+  prefetch_ahead(block);
+  prefetch_ahead(block + 64);
+}
 
 // Rows r < R of c (stride ldc) = weight row `row` (flat index e * N + n) times activation rows
 // aq[r * lda ...], with their group sums (stride w.groups) and scales.
@@ -208,8 +213,7 @@ void panel_dot_rows(const QuantView& w, int64_t first, const int8_t* aq, int64_t
   for (int64_t g = 0; g < w.groups; ++g) {
     i32x8 s[R] = {};
     for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
-      prefetch_ahead(values + b * kPanelRows * (kQuantBlock / 2));  // a block is two lines
-      prefetch_ahead(values + b * kPanelRows * (kQuantBlock / 2) + 64);
+      prefetch_panel_block(values + b * kPanelRows * (kQuantBlock / 2));
       Panel::template block<R>(values + b * kPanelRows * (kQuantBlock / 2), a, b * kQuantBlock, s);
     }
     i32x8 zero = {};

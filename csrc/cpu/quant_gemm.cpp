@@ -248,8 +248,7 @@ void float_panel_rows(const QuantView& w, int64_t first, const float* a, int64_t
       for (int i = 0; i < kAcc; ++i) sum[r][i] = _mm256_setzero_ps();
     for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
       const uint8_t* block = values + b * kPanelRows * (kQuantBlock / 2);
-      prefetch_ahead(block);
-      prefetch_ahead(block + 64);
+      prefetch_panel_block(block);
       const float* ab = a + b * kQuantBlock;
       for (int chunk = 0; chunk < 4; ++chunk) {  // lane i: bytes 4 chunk .. 4 chunk + 3 of row i's block
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * chunk));
@@ -276,16 +275,14 @@ void float_panel_rows(const QuantView& w, int64_t first, const float* a, int64_t
 }
 #endif
 
-// Whether weight-only products of an int4 panel row take float_panel_rows: AVX2 (whole blocks always:
-// K is a multiple of the group size).
-bool float_panel_ok(const QuantView& w, int64_t row) {
+// Whether weight-only decode takes int4 panels whole (float_panel_rows): AVX2 (whole blocks always: K is
+// a multiple of the group size).
+constexpr bool kFloatPanels =
 #if defined(__AVX2__)
-  return w.scheme == QuantScheme::int4 && in_panel(w, row);
+    true;
 #else
-  (void)w, (void)row;
-  return false;
+    false;
 #endif
-}
 
 // c [rows][8] = the panel at flat row `first` (weight-only) times the tile's rows, kFusedRows at a time.
 void float_panel(const QuantGemmProblem& p, int64_t first, int64_t a_row, int64_t rows, float* c) {
@@ -402,8 +399,8 @@ bool find_tile(const QuantGemmProblem& p, int64_t index, int64_t col_tiles, int6
 }
 
 // Column c[r * kLocalCols] (r < t.rows) of the tile's results = weight row `row` times the tile's rows.
-// A row in an int4 panel (integer path, or weight-only decode) takes its lane of the whole panel's products, computed once per
-// panel and kept in `panel` ([rows][8]) while the tile walks the panel's rows.
+// A row in an int4 panel (integer path, or weight-only decode) takes its lane of the whole panel's
+// products, computed once per panel and kept in `panel` ([rows][8]) while the tile walks the panel's rows.
 struct Columns {
   const QuantGemmProblem& p;
   const Tile& t;
@@ -413,17 +410,18 @@ struct Columns {
 
   void operator()(int64_t row, float* c) {
     const QuantView& w = *p.w;
-    const bool decode = !w.quantize_activations && fused_weight_only(w, t.rows);
-    if (decode && !float_panel_ok(w, row)) return fused_column(p, row, t.row_begin, t.rows, c, kLocalCols);
-    if (!w.quantize_activations && !decode) {
+    const bool weight_only = !w.quantize_activations, decode = weight_only && fused_weight_only(w, t.rows);
+    const bool by_panel = in_panel(w, row) && (!weight_only || (decode && kFloatPanels));
+    if (!by_panel) {
+      if (decode) return fused_column(p, row, t.row_begin, t.rows, c, kLocalCols);
+      if (!weight_only) return int_column_best(p, row, t.row_begin, t.rows, c, kLocalCols);
       dequantize_row(w, row, w_row);
       return float_column(p, w_row, t.row_begin, t.rows, c, kLocalCols);
     }
-    if (!decode && !in_panel(w, row)) return int_column_best(p, row, t.row_begin, t.rows, c, kLocalCols);
     const int64_t lane = row % w.N % kPanelRows;
     if (row - lane != panel_first) {
       panel_first = row - lane;
-      if (decode)
+      if (weight_only)
         float_panel(p, panel_first, t.row_begin, t.rows, panel);
       else
         int_panel_best(p, panel_first, t.row_begin, t.rows, panel);

@@ -41,6 +41,21 @@ def import_torch():
     return pytest.importorskip("torch")
 
 
+def on_gpu(array, dtype):
+    """A NumPy array as a CUDA tensor of `dtype` (through float32)."""
+    return import_torch().from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to("cuda", dtype)
+
+
+def f64(t):
+    """A tensor as a float64 NumPy array."""
+    return t.detach().double().cpu().numpy()
+
+
+def ids_on_gpu(ids):
+    """Expert ids or offsets as an int32 CUDA tensor."""
+    return import_torch().from_numpy(np.ascontiguousarray(ids, dtype=np.int32)).cuda()
+
+
 @functools.lru_cache(maxsize=None)
 def _status():
     try:

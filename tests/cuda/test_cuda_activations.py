@@ -23,7 +23,7 @@ Without a GPU every test here is skipped with the reason (failed under MOE_EXT_R
 import numpy as np
 import pytest
 
-from gpu_support import RTOL, assert_rows_close, gpu, import_torch, poisoned  # noqa: F401
+from gpu_support import RTOL, assert_rows_close, f64, gpu, ids_on_gpu, import_torch, on_gpu, poisoned  # noqa: F401
 
 torch = import_torch()
 
@@ -52,18 +52,6 @@ GEMM_DESCRIPTIONS = ("swiglu", "relu2", "quick_gelu", "swiglu_interleaved", "gpt
 
 def gated(description):
     return moe_ext.activation_from(description).gated
-
-
-def on_gpu(array, dtype):
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to("cuda", dtype)
-
-
-def f64(t):
-    return t.detach().double().cpu().numpy()
-
-
-def ids_on_gpu(ids):
-    return torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int32)).cuda()
 
 
 def random_offsets(rng, E, M):

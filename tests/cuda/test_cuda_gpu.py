@@ -19,8 +19,8 @@ stream is ordered on that stream.
 import numpy as np
 import pytest
 
-from gpu_support import (RTOL, ROUTE_WEIGHT_RTOL, assert_equal, assert_rows_close, gpu, import_torch,  # noqa: F401
-                         poisoned)
+from gpu_support import (RTOL, ROUTE_WEIGHT_RTOL, assert_equal, assert_rows_close, f64, gpu,  # noqa: F401
+                         ids_on_gpu, import_torch, on_gpu, poisoned)
 
 torch = import_torch()
 
@@ -33,18 +33,6 @@ pytestmark = pytest.mark.usefixtures("gpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACTIVATIONS = ("swiglu", "geglu", "relu", "gelu")
 GATED = ("swiglu", "geglu")
-
-
-def on_gpu(array, dtype):
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to("cuda", dtype)
-
-
-def f64(t):
-    return t.detach().double().cpu().numpy()
-
-
-def ids_on_gpu(ids):
-    return torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int32)).cuda()
 
 
 def random_offsets(rng, E, M, empty_fraction=0.3, multiple=1):

@@ -412,6 +412,15 @@ def test_moe_module_forward_backward_on_cuda():
         assert_rows_close(got, want, 2 * RTOL[torch.float32], floor=1e-2)
 
 
+def _logits_and_grads(model, ids, impl):
+    """One forward + backward of the LM loss with experts_implementation=impl: logits and every gradient."""
+    model.set_experts_implementation(impl)
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return [out.logits.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
 @needs_gpu
 def test_tiny_mixtral_on_cuda_matches_eager():
     transformers = pytest.importorskip("transformers")
@@ -421,13 +430,7 @@ def test_tiny_mixtral_on_cuda_matches_eager():
                                         num_local_experts=4, num_experts_per_tok=2)
     model = transformers.AutoModelForCausalLM.from_config(config).cuda().eval()
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1)).cuda()
-    results = {}
-    for impl in ("eager", "moe_ext"):
-        model.set_experts_implementation(impl)
-        model.zero_grad(set_to_none=True)
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        results[impl] = [out.logits.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    results = {impl: _logits_and_grads(model, ids, impl) for impl in ("eager", "moe_ext")}
     from moe_ext.torch import hf
     experts = [m for m in model.modules() if hasattr(m, "gate_up_proj")]
     assert experts and all(hf.fallback_reason(m) is None for m in experts)  # ran on moe_ext, not eager
@@ -453,13 +456,7 @@ def test_tiny_gpt_oss_on_cuda_matches_eager():
             m.gate_up_proj_bias.normal_(0.0, 0.5)
             m.down_proj_bias.normal_(0.0, 0.5)
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1)).cuda()
-    results = {}
-    for impl in ("eager", "moe_ext"):
-        model.set_experts_implementation(impl)
-        model.zero_grad(set_to_none=True)
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        results[impl] = [out.logits.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    results = {impl: _logits_and_grads(model, ids, impl) for impl in ("eager", "moe_ext")}
     from moe_ext.torch import hf
     assert experts and all(hf.fallback_reason(m) is None for m in experts)  # ran on moe_ext, not eager
     assert {hf.activation_of(m) for m in experts} == {"swiglu(alpha=1.702,limit=1.0,up_offset=1.0,interleaved)"}
