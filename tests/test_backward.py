@@ -1,5 +1,6 @@
 """The backward ops (moe_ext.grouped_gemm_backward, activation, activation_backward, unpermute_backward,
 permute_backward) against moe_ext.reference in float64, on every ISA tier. docs/api.md "Backward"."""
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -45,6 +46,37 @@ def test_grouped_gemm_backward(rng, case):
     assert none_w is None and np.array_equal(only_a, grad_a)
     again_a, again_w = moe_ext.grouped_gemm_backward(g, a, w, offsets)
     assert np.array_equal(again_a, grad_a) and np.array_equal(again_w, grad_w), "deterministic"
+
+
+# 16-bit operands are read as they are (w in place, never widened or transposed): results equal the float64
+# reference on the same (rounded) values to float32 accumulation. Shapes: rows past the few-row paths with
+# whole 32-column panels of w^T (the packed transposed copy), an odd N (bfloat16 rows with a padded pair),
+# few rows, and an expert without rows.
+HALF_CASES = {"panels": ([40, 0, 25], 64, 96), "odd-N": ([20, 3, 30], 33, 40), "few-rows": ([2, 5], 48, 64)}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", HALF_CASES.values(), ids=HALF_CASES.keys())
+def test_grouped_gemm_backward_16_bit(rng, case, dtype, layout):
+    dt = np.dtype(getattr(ml_dtypes, dtype) if dtype == "bfloat16" else np.float16)
+    counts, N, K = case
+    E = len(counts)
+    offsets = random_offsets(rng, E, counts)
+    M = int(offsets[-1])
+    a, g = random_x(rng, M, K).astype(dt), random_x(rng, M, N).astype(dt)
+    w = random_weights(rng, (E, N, K), K).astype(dt)
+    w_arg = np.ascontiguousarray(w.transpose(0, 2, 1)).transpose(0, 2, 1) if layout == "transposed" else w
+    with unchanged(a, w_arg, g, offsets):
+        grad_a, grad_w = moe_ext.grouped_gemm_backward(g, a, w_arg, offsets)
+    want_a, want_w = ref.grouped_gemm_backward(f64(g), f64(a), f64(w), offsets)
+    assert grad_a.dtype == grad_w.dtype == np.float32
+    assert_close(grad_a, want_a, GEMM_RTOL, "grad_a")
+    assert_close(grad_w, want_w, GEMM_RTOL, "grad_w")
+    # grad_out and a of different dtypes are both taken as float32: the same numbers
+    mixed = moe_ext.grouped_gemm_backward(g.astype(np.float32), a, w_arg, offsets)
+    assert_close(mixed[0], want_a, GEMM_RTOL, "grad_a, float32 grad_out")
+    assert_close(mixed[1], want_w, GEMM_RTOL, "grad_w, float32 grad_out")
 
 
 # The second shape spans several grad_w tiles (N, K > 128) and depth blocks of rows (> 256), and an

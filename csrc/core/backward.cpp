@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
 
 #include "core/checks.h"
+#include "core/gemm_call.h"
 #include "core/kernels.h"
 #include "core/threads.h"
 #include "core/workspace.h"
@@ -21,40 +23,35 @@ void activation_backward(const float* grad_act, const float* h, int64_t M, int64
   kernels().activation_backward(grad_act, h, M, f, act, grad_h);
 }
 
-void grouped_gemm_backward(const float* grad_out, const float* a, const float* w, const int32_t* expert_offsets,
-                           int64_t E, int64_t M, int64_t N, int64_t K, float* grad_a, float* grad_w,
-                           bool w_transposed) {
-  check_expert_offsets(expert_offsets, E, M, "expert_offsets");
-  const Kernels& kern = kernels();
-  Workspace& ws = thread_workspace();
-  const int threads = num_threads();  // read once: the scratch is sized for exactly this many
-  void* scratch = ws.get(Scratch::gemm_panels, static_cast<std::size_t>(threads) * kGemmScratchBytes);
-  if (grad_a && K > 0) {
-    if (N == 0) {
-      std::memset(grad_a, 0, sizeof(float) * M * K);
-    } else if (M > 0) {
-      // grad_a[rows of e] = grad_out[rows of e] @ w[e] = grad_out[rows] @ (w[e]^T [K, N])^T: every expert
-      // with rows transposed once (a transposed w already is w^T in memory), then one grouped GEMM call
-      // over all experts (the forward's tiling).
-      const float* w_t = w;
-      if (!w_transposed) {
-        float* copy = ws.get<float>(Scratch::backward_lhs, E * N * K);
-        for (int64_t e = 0; e < E; ++e)
-          if (expert_offsets[e + 1] > expert_offsets[e]) kern.transpose(w + e * N * K, N, K, K, copy + e * N * K);
-        w_t = copy;
-      }
-      GemmProblem problem;
-      problem.a = grad_out;
-      problem.w.data = w_t;
-      problem.w.E = E;
-      problem.w.N = K;
-      problem.w.K = N;
-      problem.offsets = expert_offsets;
-      problem.out = grad_a;
-      kern.grouped_gemm(problem, threads, scratch);
-    }
+void grouped_gemm_backward(const void* grad_out, const void* a, DType dtype, const WeightView& w,
+                           const int32_t* expert_offsets, int64_t M, float* grad_a, float* grad_w) {
+  if (w.packed || w.quant != nullptr)
+    throw std::invalid_argument("w: expected plain weights (an array [E, N, K]); got packed or quantised weights");
+  check_expert_offsets(expert_offsets, w.E, M, "expert_offsets");
+  const int64_t E = w.E, N = w.N, K = w.K;
+  if (K == 0) return;
+  if (N == 0 || M == 0) {
+    if (grad_a) std::memset(grad_a, 0, sizeof(float) * M * K);
+    if (grad_w) std::memset(grad_w, 0, sizeof(float) * E * N * K);
+    return;
   }
-  if (grad_w && N > 0 && K > 0) kern.grouped_gemm_grad_w(grad_out, a, expert_offsets, E, N, K, threads, scratch, grad_w);
+  const float* grad_out32 = detail::as_f32(grad_out, dtype, M * N, Scratch::converted_in);
+  if (grad_a) {
+    // grad_a[rows of e] = grad_out[rows of e] @ w[e]: the forward GEMM with w^T [K, N] as the weight. That
+    // is w's own memory read the other way (a transposed view of a row-major w, a row-major view of a
+    // transposed one), which the forward's packing and few-row paths take in place.
+    WeightView w_t = w;
+    w_t.N = K, w_t.K = N, w_t.transposed = !w.transposed;
+    // bfloat16 gradients with an even N already are the rows vdpbf16ps takes (where it is used).
+    const auto* rows_bf16 = dtype == DType::bf16 && N % 2 == 0 ? static_cast<const uint16_t*>(grad_out) : nullptr;
+    detail::run_gemm(grad_out32, dtype, w_t, expert_offsets, false, Activation::swiglu(), nullptr, grad_a, rows_bf16);
+  }
+  if (grad_w) {
+    const float* a32 = detail::as_f32(a, dtype, M * K, Scratch::converted_in2);
+    const int threads = num_threads();  // read once: the scratch is sized for exactly this many
+    kernels().grouped_gemm_grad_w(grad_out32, a32, expert_offsets, E, N, K, threads, detail::gemm_scratch(threads),
+                                  grad_w);
+  }
 }
 
 void bias_grad(const float* grad_out, const int32_t* expert_offsets, int64_t E, int64_t M, int64_t N,

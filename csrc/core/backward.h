@@ -1,5 +1,5 @@
 // The C++ API of the backward pass (what autograd of the PyTorch ops runs), on raw row-major float32
-// arrays, plus the activation forward the backward needs to recompute. Names and semantics: docs/api.md
+// arrays (the grouped GEMM's backward also on 16-bit ones), plus the activation forward the backward needs to recompute. Names and semantics: docs/api.md
 // "Backward". Each call is deterministic: no atomics, every sum in an order fixed by the data.
 #pragma once
 #include <cstdint>
@@ -15,12 +15,13 @@ void activation_backward(const float* grad_act, const float* h, int64_t M, int64
                          float* grad_h);
 
 // Of out = grouped_gemm(a [M, K], w [E, N, K], offsets): grad_a [M, K] = grad_out[rows of e] @ w[e] and
-// grad_w [E, N, K] = grad_out[rows of e]^T @ a[rows of e] (0 for experts without rows). Either output may
-// be null (not wanted). w_transposed: w is the transposed view of w_t [E, K, N] (WeightView::transposed);
-// grad_w keeps the logical [E, N, K] shape either way.
-void grouped_gemm_backward(const float* grad_out, const float* a, const float* w, const int32_t* expert_offsets,
-                           int64_t E, int64_t M, int64_t N, int64_t K, float* grad_a, float* grad_w,
-                           bool w_transposed = false);
+// grad_w [E, N, K] = grad_out[rows of e]^T @ a[rows of e] (0 for experts without rows), both float32.
+// Either output may be null (not wanted). grad_out [M, N] and a [M, K] come in `dtype` (float32, bfloat16
+// or float16); w is a plain weight (WeightView: any of those dtypes, transposed or not, not packed or
+// quantised), read where it lies: grad_a is the forward grouped GEMM on w seen as its transpose, so no
+// copy of the weights (widened or transposed) is made.
+void grouped_gemm_backward(const void* grad_out, const void* a, DType dtype, const WeightView& w,
+                           const int32_t* expert_offsets, int64_t M, float* grad_a, float* grad_w);
 
 // Of out = grouped_gemm(a, w, offsets, bias): grad_bias [E, N] = the sums of grad_out's rows per expert
 // (rows in order; 0 for experts without rows).

@@ -77,8 +77,6 @@ struct Kernels {
                     int64_t k, int64_t d, float* y);
 
   // Backward kernels (csrc/cpu/*_backward.cpp; the C++ API is core/backward.h).
-  // dst [cols, rows] = src [rows, cols]^T, src rows `ld` floats apart.
-  void (*transpose)(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst);
   // grad_h [M, 2f] (gated) or [M, f] from grad_act [M, f] and the activation's input h.
   void (*activation_backward)(const float* grad_act, const float* h, int64_t M, int64_t f, const Activation& activation,
                               float* grad_h);

@@ -1,6 +1,7 @@
 #include "core/ops.h"
 
 #include "core/checks.h"
+#include "core/gemm_call.h"
 #include "core/isa.h"
 #include "core/kernels.h"
 #include "core/quant.h"
@@ -9,9 +10,8 @@
 
 namespace moe_ext {
 
-namespace {
+namespace detail {  // declared in core/gemm_call.h
 
-// `data` as float32: itself, or a widened copy in the workspace slot.
 const float* as_f32(const void* data, DType dtype, int64_t n, Scratch slot) {
   if (dtype == DType::f32) return static_cast<const float*>(data);
   float* copy = thread_workspace().get<float>(slot, n);
@@ -19,7 +19,6 @@ const float* as_f32(const void* data, DType dtype, int64_t n, Scratch slot) {
   return copy;
 }
 
-// Where a float32 result goes: the output itself, or a workspace buffer that finish_f32 narrows.
 float* f32_target(void* out, DType dtype, int64_t n) {
   return dtype == DType::f32 ? static_cast<float*>(out) : thread_workspace().get<float>(Scratch::converted_out, n);
 }
@@ -32,13 +31,11 @@ void* gemm_scratch(int threads) {
   return thread_workspace().get(Scratch::gemm_panels, static_cast<std::size_t>(threads) * kGemmScratchBytes);
 }
 
-// vdpbf16ps only where the caller already works in bfloat16 (see GemmProblem::bf16_dot).
 bool use_bf16_dot(DType activations, const WeightView& w) {
   return activations == DType::bf16 && w.dtype == DType::bf16 && current_isa() == Isa::avx512 &&
          bf16_dot_enabled();
 }
 
-// a [M, K] rounded to bfloat16 once, rows padded to even K (see GemmProblem::a_bf16).
 const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K) {
   const int64_t stride = (K + 1) / 2 * 2;
   uint16_t* rows = thread_workspace().get<uint16_t>(Scratch::gemm_a_bf16, M * stride);
@@ -54,10 +51,8 @@ const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K) {
   return rows;
 }
 
-// a_bf16: with vdpbf16ps, a's rows already rounded (then a itself may be null: packed weights never read
-// the float32 rows under vdpbf16ps); null to round them here.
 void run_gemm(const float* a, DType caller_dtype, const WeightView& w, const int32_t* offsets, bool fuse,
-              const Activation& activation, const float* bias, float* out, const uint16_t* a_bf16 = nullptr) {
+              const Activation& activation, const float* bias, float* out, const uint16_t* a_bf16) {
   if (w.quant != nullptr) return run_quant_gemm(a, *w.quant, offsets, fuse, activation, bias, out);
   GemmProblem problem;
   problem.a = a, problem.w = w, problem.offsets = offsets, problem.out = out, problem.bias = bias;
@@ -68,7 +63,9 @@ void run_gemm(const float* a, DType caller_dtype, const WeightView& w, const int
   kernels().grouped_gemm(problem, threads, gemm_scratch(threads));
 }
 
-}  // namespace
+}  // namespace detail
+
+using namespace detail;
 
 void route(const void* x, DType x_dtype, const void* w_router, DType w_router_dtype, int64_t T, int64_t d,
            int64_t E, const RouteConfig& config, float* topk_weights, int32_t* topk_ids, float* probs) {

@@ -18,11 +18,9 @@ enum class Scratch : int {
   activated,       // activation output [M, f]
   gemm_panels,     // per-OpenMP-thread tile buffers of the grouped GEMM
   converted_in,    // a float32 copy of a 16-bit input (x, a, y_perm)
-  converted_in2,   // a second one (w_router)
+  converted_in2,   // a second one (w_router; the backward GEMM's a)
   converted_out,   // a float32 result before it is rounded to the caller's dtype
   gemm_a_bf16,     // a GEMM's rows rounded to bfloat16 for vdpbf16ps
-  backward_lhs,    // backward: a transposed GEMM operand (core/backward.cpp)
-  backward_rhs,    // backward: the other transposed GEMM operand
   backward_marks,  // backward: rows seen (repeat detection) or ones (permute_backward's weights)
   quant_rows,      // quantised GEMM: the int8 activation rows, their scales and group sums
   count

@@ -236,6 +236,36 @@ int64_t pack_blocks(const W* src, int64_t ld, int64_t cols, int64_t depth, W* ds
 #endif
 }
 
+// The transposed bfloat16 case of pack_panel below for a whole panel: each pair of depth rows (kPanelCols
+// contiguous values each) interleaved into the pair layout's words, 16 columns per step. Returns the depths
+// done (whole pairs; none for other dtypes, partial panels or without AVX2); the caller packs the rest
+// element by element. A transposed weight (gpt-oss's experts; every weight in the backward's grad_a) is
+// packed once per tile, so this copy is on the critical path: element by element it cost a quarter of the
+// bfloat16 backward's grad_a GEMM.
+template <typename W>
+int64_t pack_transposed_pairs(const W* src, int64_t ld, int64_t cols, int64_t depth, W* dst) {
+#if defined(__AVX2__)
+  if constexpr (kIsBf16<W>) {
+    if (cols != kPanelCols) return 0;
+    const int64_t pairs = depth / 2;
+    for (int64_t q = 0; q < pairs; ++q) {
+      const W* even = src + 2 * q * ld;
+      W* to = dst + q * 2 * kPanelCols;
+      for (int64_t c = 0; c < kPanelCols; c += 16) {
+        const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + c));
+        const __m256i o = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + ld + c));
+        const __m256i lo = _mm256_unpacklo_epi16(e, o), hi = _mm256_unpackhi_epi16(e, o);  // per 128-bit lane
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + 2 * c), _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + 2 * c + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
+      }
+    }
+    return 2 * pairs;
+  }
+#endif
+  (void)src, (void)ld, (void)cols, (void)depth, (void)dst;
+  return 0;
+}
+
 // Panel `panel` of one expert's w [N, K] (row-major, or transposed: element (n, k) at k * N + n), depths
 // [k0, k0 + depth), into dst (core/packed.h's layout with `depth` in place of K). Columns past N and the
 // bfloat16 pair padding are zero. Each layout is read along its contiguous direction.
@@ -245,7 +275,8 @@ void pack_panel(const W* w_expert, int64_t N, int64_t K, bool transposed, int64_
   const int64_t padded = kIsBf16<W> ? (depth + 1) / 2 * 2 : depth;
   const int64_t n0 = panel * kPanelCols, cols = min_i64(kPanelCols, N - n0);
   if (transposed) {
-    for (int64_t p = 0; p < depth; ++p) {
+    const int64_t done = pack_transposed_pairs(w_expert + k0 * N + n0, N, cols, depth, dst);
+    for (int64_t p = done; p < depth; ++p) {
       const W* src = w_expert + (k0 + p) * N + n0;
       for (int64_t c = 0; c < cols; ++c) dst[panel_at<W>(p, c)] = src[c];
     }

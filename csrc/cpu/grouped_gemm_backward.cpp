@@ -1,35 +1,10 @@
-// Building blocks of the grouped GEMM's backward (csrc/core/backward.cpp).
-// - transpose: a blocked, multithreaded transpose. dA = dOut @ w[e] runs the forward grouped GEMM (packed
-//   panels, register-blocked microkernel) for all experts in one call on w transposed once per call, so
-//   it gets the forward's speed and fixed summation order for the price of moving E * N * K floats.
-// - grouped_gemm_grad_w: dW[e] = dOut[rows]^T @ a[rows] with the same microkernel shape, reading both
-//   operands in place (see below).
+// The grouped GEMM's weight gradient (csrc/core/backward.cpp; its grad_a is the forward grouped GEMM on
+// the weights read as their transpose): dW[e] = dOut[rows]^T @ a[rows] with the forward's microkernel
+// shape, reading both operands in place (see below).
 #include "cpu/common.h"
 #include "cpu/gemm_micro.h"
 #include "cpu/kernels.h"
 #include "core/threads.h"
-
-namespace moe_ext::cpu::MOE_EXT_CPU_NS {
-
-namespace {
-constexpr int64_t kTransposeBlock = 32;  // 32 x 32 floats = 4 KiB read and written per block: in L1
-}  // namespace
-
-void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
-  const int64_t row_blocks = ceil_div(rows, kTransposeBlock);
-  const int threads = num_threads();
-  MOE_EXT_PARALLEL_FOR(threads)
-  for (int64_t rb = 0; rb < row_blocks; ++rb) {
-    const int64_t r0 = rb * kTransposeBlock, r1 = min_i64(rows, r0 + kTransposeBlock);
-    for (int64_t c0 = 0; c0 < cols; c0 += kTransposeBlock) {
-      const int64_t c1 = min_i64(cols, c0 + kTransposeBlock);
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * ld + c];
-    }
-  }
-}
-
-}  // namespace moe_ext::cpu::MOE_EXT_CPU_NS
 
 // --- grad_w of the grouped GEMM, all experts in one parallel loop -----------------------------------
 // grad_w[e] [N, K] = grad_out[rows of e]^T @ a[rows of e], with the rows as the depth. Work is cut into
@@ -48,14 +23,17 @@ constexpr int64_t kWeightTileK = 128;  // columns of grad_w per tile: 4 panels
 constexpr int64_t kWeightDepth = 256;  // rows of the expert per depth block (packed block: 128 KiB)
 constexpr int64_t kWeightPanels = kWeightTileK / kPanelCols;
 constexpr int64_t kWeightLocalBytes = kWeightTileN * kWeightTileK * 4;
-static_assert(kWeightLocalBytes + kWeightTileK * kWeightDepth * 4 <= kGemmScratchBytes, "tile buffers fit");
+constexpr int64_t kWeightPackBytes = kWeightTileK * kWeightDepth * 4;
+static_assert(kWeightLocalBytes + kWeightPackBytes + kWeightTileN * kWeightDepth * 4 <= kGemmScratchBytes,
+              "tile buffers fit");
 static_assert(kWeightTileK % kPanelCols == 0, "a tile holds whole panels");
 
 // c[r][0..kMicroCols) (+)= sum_p g[p * ldg + r] * b[p * kPanelCols + ...]: g's rows are depths.
 template <int Rows>
 void micro_kernel_lhs_t(const float* g, int64_t ldg, const float* b, int64_t depth, float* c, int64_t ldc,
                         bool accumulate) {
-  vec acc[Rows][2] = {};
+  vec acc[Rows][2];
+  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = vec{};  // not `= {}`: GCC then zeroed a stack copy
   for (int64_t p = 0; p < depth; ++p) {
     const vec b0 = load(b + p * kPanelCols), b1 = load(b + p * kPanelCols + kLanes);
     const float* gp = g + p * ldg;
@@ -80,8 +58,23 @@ void micro_lhs_t(int rows, const float* g, int64_t ldg, const float* b, int64_t 
   }
 }
 
+// grad_out's columns [n0, n0 + n_rows) at depths [0, depth) (rows ldg apart), copied into blocks of
+// kMicroRows columns, each [depth][kMicroRows]: the microkernel's broadcasts then walk one contiguous run.
+// Read in place they came from `depth` rows N floats apart, which for a power-of-two N all fall in one L1
+// set (N = 4096: 16 KiB apart), so every broadcast missed L1.
+void pack_grad_rows(const float* g, int64_t ldg, int64_t n_rows, int64_t depth, float* dst) {
+  for (int64_t p = 0; p < depth; ++p) {
+    const float* src = g + p * ldg;
+    for (int64_t m = 0; m < n_rows; m += kMicroRows) {
+      float* to = dst + m * depth + p * kMicroRows;
+      const int64_t take = min_i64(kMicroRows, n_rows - m);
+      for (int64_t r = 0; r < take; ++r) to[r] = src[m + r];
+    }
+  }
+}
+
 void grad_w_tile(const float* grad_out, const float* a, int64_t r0, int64_t rows, int64_t N, int64_t K, int64_t n0,
-                 int64_t n_rows, int64_t k0, int64_t k_cols, float* local, float* pack, float* dst) {
+                 int64_t n_rows, int64_t k0, int64_t k_cols, float* local, float* pack, float* g_pack, float* dst) {
   const int64_t panels = ceil_div(k_cols, kPanelCols);
   for (int64_t d0 = 0; d0 < rows; d0 += kWeightDepth) {
     const int64_t depth = min_i64(kWeightDepth, rows - d0);
@@ -93,11 +86,11 @@ void grad_w_tile(const float* grad_out, const float* a, int64_t r0, int64_t rows
         if (cols < kPanelCols) memset(panel + p * kPanelCols + cols, 0, (kPanelCols - cols) * sizeof(float));
       }
     }
-    const float* g = grad_out + (r0 + d0) * N + n0;
+    pack_grad_rows(grad_out + (r0 + d0) * N + n0, N, n_rows, depth, g_pack);
     for (int64_t j = 0; j < panels; ++j)
       for (int64_t slice = 0; slice < kPanelCols && j * kPanelCols + slice < k_cols; slice += kMicroCols)
         for (int64_t m = 0; m < n_rows; m += kMicroRows)
-          micro_lhs_t(static_cast<int>(min_i64(kMicroRows, n_rows - m)), g + m, N,
+          micro_lhs_t(static_cast<int>(min_i64(kMicroRows, n_rows - m)), g_pack + m * depth, kMicroRows,
                       pack + j * kWeightDepth * kPanelCols + slice, depth,
                       local + m * kWeightTileK + j * kPanelCols + slice, kWeightTileK, d0 > 0);
   }
@@ -123,10 +116,11 @@ void grouped_gemm_grad_w(const float* grad_out, const float* a, const int32_t* o
     char* mine = static_cast<char*>(scratch) + thread_index() * kGemmScratchBytes;
     float* local = reinterpret_cast<float*>(mine);
     float* pack = reinterpret_cast<float*>(mine + kWeightLocalBytes);
+    float* g_pack = reinterpret_cast<float*>(mine + kWeightLocalBytes + kWeightPackBytes);
     const int64_t e = index / per_expert, nb = index % per_expert / k_tiles, kb = index % k_tiles;
     const int64_t n0 = nb * kWeightTileN, k0 = kb * kWeightTileK;
     grad_w_tile(grad_out, a, offsets[e], offsets[e + 1] - offsets[e], N, K, n0, min_i64(kWeightTileN, N - n0), k0,
-                min_i64(kWeightTileK, K - k0), local, pack, grad_w + e * N * K);
+                min_i64(kWeightTileK, K - k0), local, pack, g_pack, grad_w + e * N * K);
   }
 }
 

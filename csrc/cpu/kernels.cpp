@@ -4,7 +4,7 @@ namespace moe_ext::cpu::MOE_EXT_CPU_NS {
 
 const Kernels& kernels() {
   static const Kernels table{route, gather_rows, grouped_gemm, pack_weight, widen, narrow, activate, unpermute,
-                               transpose, activation_backward, unpermute_backward,
+                               activation_backward, unpermute_backward,
                                grouped_gemm_grad_w, quant_gemm};
   return table;
 }

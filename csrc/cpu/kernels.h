@@ -16,7 +16,6 @@ void narrow(const float* src, int64_t n, DType dtype, int threads, void* dst);
 void activate(const float* h, int64_t M, int64_t f, const Activation& activation, float* out);
 void unpermute(const float* y_perm, const int32_t* perm_rows, const float* weights, int64_t T,
                int64_t k, int64_t d, float* y);
-void transpose(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst);
 void activation_backward(const float* grad_act, const float* h, int64_t M, int64_t f, const Activation& activation,
                          float* grad_h);
 void unpermute_backward(const float* grad_y, const float* y_perm, const int32_t* perm_rows, const float* weights,

@@ -54,13 +54,12 @@ py::array py_activation_backward(const py::array& grad_act, const py::array& h, 
 
 py::tuple py_grouped_gemm_backward(const py::array& grad_out, const py::array& a, const py::array& w,
                                    const py::array& expert_offsets, bool need_a, bool need_w) {
-  const float* a_ptr = data_of<float>(a, "a", {kAny, kAny});
+  const moe_ext::python::DataArg a_arg = moe_ext::python::data_of(a, "a", {kAny, kAny});
   const int64_t M = a.shape(0), K = a.shape(1);
   const moe_ext::WeightView w_view = moe_ext::python::weight_array_of(w, "w", {kAny, kAny, K});
-  if (w_view.dtype != moe_ext::DType::f32) throw py::type_error("w: expected dtype float32");
-  const float* w_ptr = static_cast<const float*>(w_view.data);
-  const int64_t E = w.shape(0), N = w.shape(1);
-  const float* g_ptr = data_of<float>(grad_out, "grad_out", {M, N});
+  const int64_t E = w_view.E, N = w_view.N;
+  const moe_ext::python::DataArg g_arg = moe_ext::python::data_of(grad_out, "grad_out", {M, N});
+  if (g_arg.dtype != a_arg.dtype) throw py::type_error("grad_out: expected the dtype of a");
   const int32_t* offsets_ptr = data_of<int32_t>(expert_offsets, "expert_offsets", {E + 1});
   auto grad_a = output<float>({need_a ? M : 0, K});
   auto grad_w = output<float>({need_w ? E : 0, N, K});
@@ -68,7 +67,7 @@ py::tuple py_grouped_gemm_backward(const py::array& grad_out, const py::array& a
   float* gw = need_w ? grad_w.mutable_data() : nullptr;
   {
     py::gil_scoped_release release;
-    moe_ext::grouped_gemm_backward(g_ptr, a_ptr, w_ptr, offsets_ptr, E, M, N, K, ga, gw, w_view.transposed);
+    moe_ext::grouped_gemm_backward(g_arg.data, a_arg.data, a_arg.dtype, w_view, offsets_ptr, M, ga, gw);
   }
   return py::make_tuple(need_a ? py::object(grad_a) : py::none(), need_w ? py::object(grad_w) : py::none());
 }

@@ -1,6 +1,8 @@
 """The backward pass on NumPy arrays (what autograd of moe_ext.torch runs): check the arguments, then call
 the C++ core (csrc/core/backward.h). Semantics: docs/api.md "Backward"; ground truth: the functions of
 the same names in moe_ext.reference."""
+import numpy as np
+
 from . import _checks as check
 from . import _core
 from ._activation import activation_from
@@ -33,19 +35,22 @@ def activation_backward(grad_act, h, activation="swiglu"):
 
 
 def grouped_gemm_backward(grad_out, a, w, expert_offsets, *, need_a=True, need_w=True):
-    """Of out = grouped_gemm(a, w, expert_offsets): (grad_a [M, K], grad_w [E, N, K]) with
+    """Of out = grouped_gemm(a, w, expert_offsets): (grad_a [M, K], grad_w [E, N, K]), both float32, with
     grad_a[rows of e] = grad_out[rows of e] @ w[e] and grad_w[e] = grad_out[rows of e].T @ a[rows of e]
     (zeros for experts without rows). grad_w is summed in an order fixed by the data (deterministic).
-    w may be the transposed view w_t.transpose(0, 2, 1) of a C-contiguous w_t; grad_w has w's logical
-    shape [E, N, K] (C-contiguous) either way.
-    need_a / need_w = False skip one of them (None returned in its place)."""
-    a = check.float_array(a, "a", 2)
-    w = check.weight_array(w, "w", check.FLOAT_DTYPES)
+    grad_out, a and w may each be float32, bfloat16 or float16 (grad_out and a of different dtypes are
+    both taken as float32); w is read in place, never copied or widened, and may be the transposed view
+    w_t.transpose(0, 2, 1) of a C-contiguous w_t; grad_w has w's logical shape [E, N, K] (C-contiguous)
+    either way. need_a / need_w = False skip one of them (None returned in its place)."""
+    a = check.data_array(a, "a", 2)
+    w = check.weight_array(w, "w")
     check.expect_shape(w, "w", (None, None, a.shape[1]), " (E, N, K) with K = a.shape[1]")
     if w.shape[0] < 1:
         check.fail(ValueError, "w", "at least one expert (E >= 1)", f"shape {w.shape}")
-    grad_out = check.float_array(grad_out, "grad_out", 2)
+    grad_out = check.data_array(grad_out, "grad_out", 2)
     check.expect_shape(grad_out, "grad_out", (a.shape[0], w.shape[1]), " (M, N)")
+    if grad_out.dtype != a.dtype:
+        grad_out, a = grad_out.astype(np.float32), a.astype(np.float32)
     expert_offsets = check.index_array(expert_offsets, "expert_offsets", 1)
     check.expect_shape(expert_offsets, "expert_offsets", (w.shape[0] + 1,), " (E + 1,)")
     return tuple(_core.grouped_gemm_backward(grad_out, a, w, expert_offsets, check.boolean(need_a, "need_a"),

@@ -37,7 +37,8 @@ ROUTE_DEFAULTS = ("softmax", True, 1.0, None, None, None, None)  # scoring .. to
 def _np(t: Optional[Tensor], half: bool = False):
     """A NumPy view of a tensor's memory (a copy only to make it contiguous). With `half`, bfloat16 and
     float16 tensors are passed as they are (bfloat16 as an ml_dtypes view: the forward kernels take 16-bit
-    data); otherwise (the backward kernels, biases) they are widened to float32."""
+    data, as grouped_gemm_backward does); otherwise (the other backward kernels, biases) they are widened
+    to float32."""
     if t is None:
         return None
     if t.dtype not in FLOAT_DTYPES + (torch.int32, torch.int64):
@@ -133,8 +134,9 @@ def _(grad_act, h, activation="swiglu"):
 def grouped_gemm_backward(grad_out: Tensor, a: Tensor, w: Tensor, expert_offsets: Tensor, need_a: bool = True,
                           need_w: bool = True) -> Tuple[Tensor, Tensor]:
     """(grad_a [M, K] or [0, K] when not needed, grad_w [E, N, K] or [0, N, K])."""
-    grad_a, grad_w = _bwd.grouped_gemm_backward(_np(grad_out), _np(a), _np_weight(w), _np(expert_offsets),
-                                                need_a=need_a, need_w=need_w)
+    # 16-bit tensors go in as they are: the weights are read in place (never widened or transposed).
+    grad_a, grad_w = _bwd.grouped_gemm_backward(_np(grad_out, True), _np(a, True), _np_weight(w, True),
+                                                _np(expert_offsets), need_a=need_a, need_w=need_w)
     M, K = a.shape
     E, N, _ = w.shape
     grad_a = _out(grad_a, a.dtype) if need_a else a.new_empty((0, K))
