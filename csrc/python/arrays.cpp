@@ -1,6 +1,8 @@
 #include "python/arrays.h"
 
 #include <cstdint>
+#include <cstdlib>
+#include <new>
 
 namespace moe_ext::python {
 
@@ -94,8 +96,16 @@ WeightView weight_of(const py::object& w, const char* name, const Shape& shape) 
   return weight_array_of(w.cast<py::array>(), name, shape);
 }
 
-py::array new_array(DType dtype, const Shape& shape) {
-  return py::array(numpy_dtype(dtype), std::vector<py::ssize_t>(shape.begin(), shape.end()));
+py::array owned_array(const py::dtype& dtype, const Shape& shape) {
+  constexpr std::size_t kAlign = 64;
+  std::size_t bytes = static_cast<std::size_t>(dtype.itemsize());
+  for (const int64_t n : shape) bytes *= static_cast<std::size_t>(n);
+  void* data = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign + kAlign);  // never size 0
+  if (data == nullptr) throw std::bad_alloc();
+  py::capsule owner(data, [](void* p) { std::free(p); });
+  return py::array(dtype, std::vector<py::ssize_t>(shape.begin(), shape.end()), data, owner);
 }
+
+py::array new_array(DType dtype, const Shape& shape) { return owned_array(numpy_dtype(dtype), shape); }
 
 }  // namespace moe_ext::python

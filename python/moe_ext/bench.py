@@ -74,8 +74,9 @@ def run_args(args, argv=None):
     if args.mode == "train":
         from ._bench import train
         train_shapes = [s.name for s in workload.expand(list(args.shape or []) + (QUICK if args.quick else []))]
+        impls = [i for i in args.impl or train.IMPLS if i in train.IMPLS]  # --impl picks among train's
         train.run(shapes=train_shapes + list(args.shape_spec) or list(train.TRAIN_SHAPES),
-                  dtypes=args.dtype or ["fp32", "bf16"], warmup=args.warmup, repeats=args.repeats,
+                  dtypes=args.dtype or ["fp32", "bf16"], impls=impls, warmup=args.warmup, repeats=args.repeats,
                   json_path=args.json or None)
         return 0
     if args.mode == "hf":
