@@ -24,7 +24,7 @@ void activation_backward(const float* grad_act, const float* h, int64_t M, int64
 }
 
 void grouped_gemm_backward(const void* grad_out, const void* a, DType dtype, const WeightView& w,
-                           const int32_t* expert_offsets, int64_t M, float* grad_a, float* grad_w) {
+                           const int32_t* expert_offsets, int64_t M, float* grad_a, void* grad_w) {
   if (w.packed || w.quant != nullptr)
     throw std::invalid_argument("w: expected plain weights (an array [E, N, K]); got packed or quantised weights");
   check_expert_offsets(expert_offsets, w.E, M, "expert_offsets");
@@ -32,7 +32,7 @@ void grouped_gemm_backward(const void* grad_out, const void* a, DType dtype, con
   if (K == 0) return;
   if (N == 0 || M == 0) {
     if (grad_a) std::memset(grad_a, 0, sizeof(float) * M * K);
-    if (grad_w) std::memset(grad_w, 0, sizeof(float) * E * N * K);
+    if (grad_w) std::memset(grad_w, 0, dtype_size(w.dtype) * E * N * K);
     return;
   }
   const float* grad_out32 = detail::as_f32(grad_out, dtype, M * N, Scratch::converted_in);
@@ -50,7 +50,7 @@ void grouped_gemm_backward(const void* grad_out, const void* a, DType dtype, con
     const float* a32 = detail::as_f32(a, dtype, M * K, Scratch::converted_in2);
     const int threads = num_threads();  // read once: the scratch is sized for exactly this many
     kernels().grouped_gemm_grad_w(grad_out32, a32, expert_offsets, E, N, K, threads, detail::gemm_scratch(threads),
-                                  grad_w);
+                                  grad_w, w.dtype);
   }
 }
 

@@ -86,9 +86,10 @@ struct Kernels {
                              const float* weights, int64_t T, int64_t k, int64_t d, int threads,
                              float* grad_y_perm, float* grad_weights);
   // grad_w[e] [N, K] = grad_out[rows of e]^T @ a[rows of e] (zeros for experts without rows), grad_out
-  // [M, N], a [M, K]. `scratch` holds kGemmScratchBytes bytes per thread.
+  // [M, N], a [M, K]; summed in float32, stored in grad_w_dtype. `scratch` holds kGemmScratchBytes bytes per
+  // thread.
   void (*grouped_gemm_grad_w)(const float* grad_out, const float* a, const int32_t* offsets, int64_t E, int64_t N,
-                              int64_t K, int threads, void* scratch, float* grad_w);
+                              int64_t K, int threads, void* scratch, void* grad_w, DType grad_w_dtype);
 
   // See QuantGemmProblem. `scratch` holds quant_gemm_scratch_bytes(w.row_depth) bytes per thread.
   void (*quant_gemm)(const QuantGemmProblem& problem, int threads, void* scratch);

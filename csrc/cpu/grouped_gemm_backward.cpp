@@ -74,7 +74,8 @@ void pack_grad_rows(const float* g, int64_t ldg, int64_t n_rows, int64_t depth, 
 }
 
 void grad_w_tile(const float* grad_out, const float* a, int64_t r0, int64_t rows, int64_t N, int64_t K, int64_t n0,
-                 int64_t n_rows, int64_t k0, int64_t k_cols, float* local, float* pack, float* g_pack, float* dst) {
+                 int64_t n_rows, int64_t k0, int64_t k_cols, float* local, float* pack, float* g_pack, void* dst,
+                 DType dst_dtype) {
   const int64_t panels = ceil_div(k_cols, kPanelCols);
   for (int64_t d0 = 0; d0 < rows; d0 += kWeightDepth) {
     const int64_t depth = min_i64(kWeightDepth, rows - d0);
@@ -94,19 +95,24 @@ void grad_w_tile(const float* grad_out, const float* a, int64_t r0, int64_t rows
                       pack + j * kWeightDepth * kPanelCols + slice, depth,
                       local + m * kWeightTileK + j * kPanelCols + slice, kWeightTileK, d0 > 0);
   }
+  const int64_t size = dtype_size(dst_dtype);
   for (int64_t r = 0; r < n_rows; ++r) {
-    float* out = dst + (n0 + r) * K + k0;
+    char* out = static_cast<char*>(dst) + ((n0 + r) * K + k0) * size;
     if (rows == 0)
-      memset(out, 0, k_cols * sizeof(float));
-    else
+      memset(out, 0, k_cols * size);  // all-zero bits are +0 in every dtype
+    else if (dst_dtype == DType::f32)
       memcpy(out, local + r * kWeightTileK, k_cols * sizeof(float));
+    else if (dst_dtype == DType::bf16)
+      narrow_row(local + r * kWeightTileK, k_cols, reinterpret_cast<bf16_t*>(out));
+    else
+      narrow_row(local + r * kWeightTileK, k_cols, reinterpret_cast<f16_t*>(out));
   }
 }
 
 }  // namespace
 
 void grouped_gemm_grad_w(const float* grad_out, const float* a, const int32_t* offsets, int64_t E, int64_t N,
-                         int64_t K, int threads, void* scratch, float* grad_w) {
+                         int64_t K, int threads, void* scratch, void* grad_w, DType grad_w_dtype) {
   const int64_t n_tiles = ceil_div(N, kWeightTileN), k_tiles = ceil_div(K, kWeightTileK);
   const int64_t per_expert = n_tiles * k_tiles;
 #ifdef _OPENMP
@@ -120,7 +126,8 @@ void grouped_gemm_grad_w(const float* grad_out, const float* a, const int32_t* o
     const int64_t e = index / per_expert, nb = index % per_expert / k_tiles, kb = index % k_tiles;
     const int64_t n0 = nb * kWeightTileN, k0 = kb * kWeightTileK;
     grad_w_tile(grad_out, a, offsets[e], offsets[e + 1] - offsets[e], N, K, n0, min_i64(kWeightTileN, N - n0), k0,
-                min_i64(kWeightTileK, K - k0), local, pack, g_pack, grad_w + e * N * K);
+                min_i64(kWeightTileK, K - k0), local, pack, g_pack,
+                static_cast<char*>(grad_w) + e * N * K * dtype_size(grad_w_dtype), grad_w_dtype);
   }
 }
 

@@ -62,9 +62,9 @@ py::tuple py_grouped_gemm_backward(const py::array& grad_out, const py::array& a
   if (g_arg.dtype != a_arg.dtype) throw py::type_error("grad_out: expected the dtype of a");
   const int32_t* offsets_ptr = data_of<int32_t>(expert_offsets, "expert_offsets", {E + 1});
   auto grad_a = output<float>({need_a ? M : 0, K});
-  auto grad_w = output<float>({need_w ? E : 0, N, K});
+  py::array grad_w = moe_ext::python::new_array(w_view.dtype, {need_w ? E : 0, N, K});
   float* ga = need_a ? grad_a.mutable_data() : nullptr;
-  float* gw = need_w ? grad_w.mutable_data() : nullptr;
+  void* gw = need_w ? grad_w.mutable_data() : nullptr;
   {
     py::gil_scoped_release release;
     moe_ext::grouped_gemm_backward(g_arg.data, a_arg.data, a_arg.dtype, w_view, offsets_ptr, M, ga, gw);

@@ -35,9 +35,10 @@ def activation_backward(grad_act, h, activation="swiglu"):
 
 
 def grouped_gemm_backward(grad_out, a, w, expert_offsets, *, need_a=True, need_w=True):
-    """Of out = grouped_gemm(a, w, expert_offsets): (grad_a [M, K], grad_w [E, N, K]), both float32, with
-    grad_a[rows of e] = grad_out[rows of e] @ w[e] and grad_w[e] = grad_out[rows of e].T @ a[rows of e]
-    (zeros for experts without rows). grad_w is summed in an order fixed by the data (deterministic).
+    """Of out = grouped_gemm(a, w, expert_offsets): (grad_a [M, K] float32, grad_w [E, N, K] in w's dtype),
+    with grad_a[rows of e] = grad_out[rows of e] @ w[e] and grad_w[e] = grad_out[rows of e].T @ a[rows of e]
+    (zeros for experts without rows), summed in float32 in an order fixed by the data (deterministic); a
+    16-bit w's gradient is rounded once to w's dtype.
     grad_out, a and w may each be float32, bfloat16 or float16 (grad_out and a of different dtypes are
     both taken as float32); w is read in place, never copied or widened, and may be the transposed view
     w_t.transpose(0, 2, 1) of a C-contiguous w_t; grad_w has w's logical shape [E, N, K] (C-contiguous)
