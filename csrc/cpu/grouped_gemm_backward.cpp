@@ -9,9 +9,10 @@
 // --- grad_w of the grouped GEMM, all experts in one parallel loop -----------------------------------
 // grad_w[e] [N, K] = grad_out[rows of e]^T @ a[rows of e], with the rows as the depth. Work is cut into
 // tiles of (expert, kWeightTileN output rows n, kWeightTileK output columns k), scheduled dynamically
-// so small experts never leave a core idle. No operand is transposed: per depth block of rows, a tile
-// packs its columns of a (contiguous reads) into panels, and the microkernel below broadcasts
-// grad_out[row, n] from the row of grad_out (the operand read "transposed"). Each element is summed
+// so small experts never leave a core idle. No operand is transposed whole: per depth block of rows, a
+// tile packs its columns of a (contiguous reads) into panels and copies its columns of grad_out into
+// blocks of kMicroRows (pack_grad_rows), from which the microkernel below broadcasts grad_out[row, n]
+// (the operand read "transposed"). The tile's float32 sums are stored in grad_w's dtype. Each element is summed
 // over the expert's rows in order, per depth block of kWeightDepth (the forward GEMM's order), so the
 // result does not depend on the thread count or the schedule.
 namespace moe_ext::cpu::MOE_EXT_CPU_NS {
