@@ -210,12 +210,12 @@ class CpuStandIns:
         return _ops.bias_grad(g, offsets)
 
 
-def assert_same(got, want):
+def assert_same(got, want, exact=True):
     got, want = (got,) if isinstance(got, torch.Tensor) else got, (want,) if isinstance(want, torch.Tensor) else want
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
+        torch.testing.assert_close(g, w, **({"rtol": 0, "atol": 0} if exact else {}))
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
@@ -265,7 +265,11 @@ def test_adapters_return_the_cpu_contract(dtype, monkeypatch):
     ]
     assert {name for name, _ in calls} == set(OPS)
     for name, args in calls:
-        assert_same(_cuda.KERNELS[name](*args), getattr(_ops, name)(*args))
+        # grad_out and a of different dtypes: the adapter hands moe_ext.cuda one dtype (float32, w too), while
+        # the CPU op reads a 16-bit w as it is, so the float32 sums run in another order (last-bit differences
+        # once rounded to the dtype): equal to the dtype's tolerance there, bit for bit everywhere else.
+        mixed = name == "grouped_gemm_backward" and args[0].dtype != args[1].dtype
+        assert_same(_cuda.KERNELS[name](*args), getattr(_ops, name)(*args), exact=not mixed)
 
 
 # --------------------------------------------------------------------------------------------------
