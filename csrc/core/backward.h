@@ -1,6 +1,7 @@
 // The C++ API of the backward pass (what autograd of the PyTorch ops runs), on raw row-major float32
-// arrays (the grouped GEMM's backward also on 16-bit ones), plus the activation forward the backward needs to recompute. Names and semantics: docs/api.md
-// "Backward". Each call is deterministic: no atomics, every sum in an order fixed by the data.
+// arrays (the grouped GEMM's backward also on 16-bit ones), plus the activation forward the backward needs
+// to recompute. Names and semantics: docs/api.md "Backward". Each call is deterministic: no atomics, every
+// sum in an order fixed by the data.
 #pragma once
 #include <cstdint>
 
@@ -17,10 +18,11 @@ void activation_backward(const float* grad_act, const float* h, int64_t M, int64
 // Of out = grouped_gemm(a [M, K], w [E, N, K], offsets): grad_a [M, K] = grad_out[rows of e] @ w[e] and
 // grad_w [E, N, K] = grad_out[rows of e]^T @ a[rows of e] (0 for experts without rows). grad_a is float32;
 // grad_w has w's dtype (summed in float32, then rounded: a 16-bit weight's gradient is stored as the
-// weight is, and is never written out in float32). Either output may be null (not wanted). grad_out [M, N] and a [M, K] come in `dtype` (float32, bfloat16
-// or float16); w is a plain weight (WeightView: any of those dtypes, transposed or not, not packed or
-// quantised), read where it lies: grad_a is the forward grouped GEMM on w seen as its transpose, so no
-// copy of the weights (widened or transposed) is made.
+// weight is, and is never written out in float32). Either output may be null (not wanted). grad_out
+// [M, N] and a [M, K] come in `dtype` (float32, bfloat16 or float16); w is a plain weight (WeightView:
+// any of those dtypes, transposed or not, not packed or quantised), read where it lies: grad_a is the
+// forward grouped GEMM on w seen as its transpose, so no copy of the weights (widened or transposed) is
+// made.
 void grouped_gemm_backward(const void* grad_out, const void* a, DType dtype, const WeightView& w,
                            const int32_t* expert_offsets, int64_t M, float* grad_a, void* grad_w);
 

@@ -1,5 +1,5 @@
-// Internal to core: the steps every op that runs a grouped GEMM shares (ops.cpp, backward.cpp): float32
-// views of 16-bit inputs, the vdpbf16ps decision and the call itself. Not part of the C++ API.
+// Internal to core: what ops.cpp and backward.cpp share to run a grouped GEMM (defined in ops.cpp): float32
+// views of 16-bit inputs, the kernels' scratch and the call itself. Not part of the C++ API.
 #pragma once
 #include <cstdint>
 
@@ -10,15 +10,8 @@ namespace moe_ext::detail {
 
 // `data` as float32: itself, or a widened copy in the workspace slot.
 const float* as_f32(const void* data, DType dtype, int64_t n, Scratch slot);
-// Where a float32 result goes: the output itself, or a workspace buffer that finish_f32 narrows.
-float* f32_target(void* out, DType dtype, int64_t n);
-void finish_f32(const float* result, int64_t n, DType dtype, void* out);
 // The grouped GEMM kernels' per-thread scratch (kGemmScratchBytes each) for `threads` threads.
 void* gemm_scratch(int threads);
-// vdpbf16ps only where the caller already works in bfloat16 (see GemmProblem::bf16_dot).
-bool use_bf16_dot(DType activations, const WeightView& w);
-// a [M, K] rounded to bfloat16 once, rows padded to even K (see GemmProblem::a_bf16).
-const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K);
 // out [M, N] (or the activation's [M, f]) = a [M, K] @ w[e]^T per expert, on the current tier. caller_dtype:
 // the dtype the caller's activations came in (decides vdpbf16ps). a_bf16: with vdpbf16ps, a's rows already
 // rounded (then a itself may be null: packed weights never read the float32 rows under vdpbf16ps); null to

@@ -10,15 +10,9 @@
 
 namespace moe_ext {
 
-namespace detail {  // declared in core/gemm_call.h
+namespace {
 
-const float* as_f32(const void* data, DType dtype, int64_t n, Scratch slot) {
-  if (dtype == DType::f32) return static_cast<const float*>(data);
-  float* copy = thread_workspace().get<float>(slot, n);
-  kernels().widen(data, dtype, n, num_threads(), copy);
-  return copy;
-}
-
+// Where a float32 result goes: the output itself, or a workspace buffer that finish_f32 narrows.
 float* f32_target(void* out, DType dtype, int64_t n) {
   return dtype == DType::f32 ? static_cast<float*>(out) : thread_workspace().get<float>(Scratch::converted_out, n);
 }
@@ -27,15 +21,13 @@ void finish_f32(const float* result, int64_t n, DType dtype, void* out) {
   if (dtype != DType::f32) kernels().narrow(result, n, dtype, num_threads(), out);
 }
 
-void* gemm_scratch(int threads) {
-  return thread_workspace().get(Scratch::gemm_panels, static_cast<std::size_t>(threads) * kGemmScratchBytes);
-}
-
+// vdpbf16ps only where the caller already works in bfloat16 (see GemmProblem::bf16_dot).
 bool use_bf16_dot(DType activations, const WeightView& w) {
   return activations == DType::bf16 && w.dtype == DType::bf16 && current_isa() == Isa::avx512 &&
          bf16_dot_enabled();
 }
 
+// a [M, K] rounded to bfloat16 once, rows padded to even K (see GemmProblem::a_bf16).
 const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K) {
   const int64_t stride = (K + 1) / 2 * 2;
   uint16_t* rows = thread_workspace().get<uint16_t>(Scratch::gemm_a_bf16, M * stride);
@@ -49,6 +41,21 @@ const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K) {
     if (stride != K) rows[m * stride + K] = 0;
   }
   return rows;
+}
+
+}  // namespace
+
+namespace detail {  // declared in core/gemm_call.h
+
+const float* as_f32(const void* data, DType dtype, int64_t n, Scratch slot) {
+  if (dtype == DType::f32) return static_cast<const float*>(data);
+  float* copy = thread_workspace().get<float>(slot, n);
+  kernels().widen(data, dtype, n, num_threads(), copy);
+  return copy;
+}
+
+void* gemm_scratch(int threads) {
+  return thread_workspace().get(Scratch::gemm_panels, static_cast<std::size_t>(threads) * kGemmScratchBytes);
 }
 
 void run_gemm(const float* a, DType caller_dtype, const WeightView& w, const int32_t* offsets, bool fuse,

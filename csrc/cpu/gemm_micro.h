@@ -16,6 +16,13 @@ constexpr int64_t kMicroCols = 2 * kLanes;
 constexpr int kMicroRows = kLanes == 16 ? 8 : 6;
 static_assert(moe_ext::kPanelCols % kMicroCols == 0, "a panel holds whole microkernel slices");
 
+// Zeroes a tile's accumulators in registers. Not `vec acc[Rows][2] = {}`: GCC then zeroed a stack copy of
+// the tile (rep stos) and spilled through it before the store.
+template <int Rows>
+static inline __attribute__((always_inline)) void zero_acc(vec (&acc)[Rows][2]) {
+  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = vec{};
+}
+
 template <int Rows>
 static inline __attribute__((always_inline)) void store_tile(vec (&acc)[Rows][2], float* c, int64_t ldc,
                                                               bool accumulate) {
@@ -33,7 +40,7 @@ static inline __attribute__((always_inline)) void micro_kernel_rows(const float*
                                                                    int64_t ldb, int64_t depth, float* c,
                                                                    int64_t ldc, bool accumulate) {
   vec acc[Rows][2];
-  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = vec{};  // not `= {}`: GCC then zeroed a stack copy
+  zero_acc(acc);
   for (int64_t p = 0; p < depth; ++p) {
     const vec b0 = load_f32(b + p * ldb), b1 = load_f32(b + p * ldb + kLanes);
     for (int r = 0; r < Rows; ++r) {
@@ -76,7 +83,8 @@ static void micro_kernel_bf16(const float* a, int64_t lda, const bf16_t* b, int6
   // not the registers for this).
   constexpr bool kSplit = Rows <= 2;
   vec acc[Rows][2], acc_odd[kSplit ? Rows : 1][2];
-  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = acc_odd[kSplit ? r : 0][0] = acc_odd[kSplit ? r : 0][1] = vec{};
+  zero_acc(acc);
+  zero_acc(acc_odd);
   const uvec high_half = (uvec){} + 0xffff0000u;
   int64_t q = 0;
   for (; 2 * q + 1 < depth; ++q) {

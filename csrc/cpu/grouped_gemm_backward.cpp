@@ -34,7 +34,7 @@ template <int Rows>
 void micro_kernel_lhs_t(const float* g, int64_t ldg, const float* b, int64_t depth, float* c, int64_t ldc,
                         bool accumulate) {
   vec acc[Rows][2];
-  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = vec{};  // not `= {}`: GCC then zeroed a stack copy
+  zero_acc(acc);
   for (int64_t p = 0; p < depth; ++p) {
     const vec b0 = load(b + p * kPanelCols), b1 = load(b + p * kPanelCols + kLanes);
     const float* gp = g + p * ldg;

@@ -1,5 +1,6 @@
 #include "python/arrays.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <new>
@@ -100,7 +101,8 @@ py::array owned_array(const py::dtype& dtype, const Shape& shape) {
   constexpr std::size_t kAlign = 64;
   std::size_t bytes = static_cast<std::size_t>(dtype.itemsize());
   for (const int64_t n : shape) bytes *= static_cast<std::size_t>(n);
-  void* data = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign + kAlign);  // never size 0
+  // aligned_alloc wants a multiple of the alignment; an empty array still gets a block of its own
+  void* data = std::aligned_alloc(kAlign, (std::max<std::size_t>(bytes, 1) + kAlign - 1) / kAlign * kAlign);
   if (data == nullptr) throw std::bad_alloc();
   py::capsule owner(data, [](void* p) { std::free(p); });
   return py::array(dtype, std::vector<py::ssize_t>(shape.begin(), shape.end()), data, owner);
