@@ -76,6 +76,19 @@ def isa(request):
         moe_ext.set_isa(previous)
 
 
+@pytest.fixture(params=[True, False], ids=["dpbf16", "widen"])
+def bf16_dot(request):
+    """Both bfloat16 paths where the CPU has vdpbf16ps; only the widening one elsewhere."""
+    available = moe_ext._core.bf16_dot_enabled()
+    if request.param and not available:
+        pytest.skip("this CPU has no AVX512_BF16 (the widen path is the one tested)")
+    moe_ext._core._set_bf16_dot_enabled(request.param)
+    try:
+        yield request.param
+    finally:
+        moe_ext._core._set_bf16_dot_enabled(available)
+
+
 @pytest.fixture
 def rng(request):
     """A Generator seeded from the node id: fresh data per test (and per tier), reproducible run to run."""

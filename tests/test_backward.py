@@ -52,13 +52,18 @@ def test_grouped_gemm_backward(rng, case):
 # reference on the same (rounded) values to float32 accumulation. Shapes: rows past the few-row paths with
 # whole 32-column panels of w^T (the packed transposed copy), an odd N (bfloat16 rows with a padded pair),
 # few rows, and an expert without rows.
-HALF_CASES = {"panels": ([40, 0, 25], 64, 96), "odd-N": ([20, 3, 30], 33, 40), "few-rows": ([2, 5], 48, 64)}
+# "deep": an expert with more rows than a depth block of grad_w's bfloat16 pairs (512), odd, and N, K off
+# the 16-column steps of its packing.
+HALF_CASES = {"panels": ([40, 0, 25], 64, 96), "odd-N": ([20, 3, 30], 33, 40), "few-rows": ([2, 5], 48, 64),
+              "deep": ([531, 6], 40, 50)}
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("case", HALF_CASES.values(), ids=HALF_CASES.keys())
-def test_grouped_gemm_backward_16_bit(rng, case, dtype, layout):
+def test_grouped_gemm_backward_16_bit(rng, case, dtype, layout, bf16_dot):
+    if dtype != "bfloat16" and not bf16_dot:
+        pytest.skip("the bf16_dot switch only matters for bfloat16")
     dt = np.dtype(getattr(ml_dtypes, dtype) if dtype == "bfloat16" else np.float16)
     counts, N, K = case
     E = len(counts)
@@ -72,14 +77,16 @@ def test_grouped_gemm_backward_16_bit(rng, case, dtype, layout):
     want_a, want_w = ref.grouped_gemm_backward(f64(g), f64(a), f64(w), offsets)
     assert grad_a.dtype == np.float32 and grad_w.dtype == dt and grad_w.flags.c_contiguous
     assert_close(grad_a, want_a, GEMM_RTOL, "grad_a")
-    # grad_w: float32 sums rounded once to w's dtype, so exactly the float32 result rounded
+    # grad_w: float32 sums rounded once to w's dtype; without vdpbf16ps exactly the float32 path's result
+    # rounded (with it, the pairs' products are added in another order)
     assert_close(grad_w, want_w, 2.0 ** -8 if dtype == "bfloat16" else 2.0 ** -11, "grad_w")
     wide_w = moe_ext.grouped_gemm_backward(g, a, w_arg.astype(np.float32), offsets, need_a=False)[1]
-    np.testing.assert_array_equal(grad_w, wide_w.astype(dt))
-    # grad_out and a of different dtypes are both taken as float32: the same numbers
+    if dtype == "float16" or not bf16_dot:
+        np.testing.assert_array_equal(grad_w, wide_w.astype(dt))
+    # grad_out and a of different dtypes are both taken as float32: the float32 path's numbers
     mixed = moe_ext.grouped_gemm_backward(g.astype(np.float32), a, w_arg, offsets)
     assert_close(mixed[0], want_a, GEMM_RTOL, "grad_a, float32 grad_out")
-    np.testing.assert_array_equal(mixed[1], grad_w)
+    np.testing.assert_array_equal(mixed[1], wide_w.astype(dt))
 
 
 # The second shape spans several grad_w tiles (N, K > 128) and depth blocks of rows (> 256), and an

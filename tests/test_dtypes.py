@@ -26,19 +26,6 @@ TWO_ROUNDINGS = {np.dtype(np.float32): GEMM_RTOL, BF16: 4 * 2.0 ** -9, np.dtype(
 IDS = [d.name for d in DTYPES]
 
 
-@pytest.fixture(params=[True, False], ids=["dpbf16", "widen"])
-def bf16_dot(request):
-    """Both bfloat16 paths where the CPU has vdpbf16ps; only the widening one elsewhere."""
-    available = moe_ext._core.bf16_dot_enabled()
-    if request.param and not available:
-        pytest.skip("this CPU has no AVX512_BF16 (the widen path is the one tested)")
-    moe_ext._core._set_bf16_dot_enabled(request.param)
-    try:
-        yield request.param
-    finally:
-        moe_ext._core._set_bf16_dot_enabled(available)
-
-
 def as_(dtype, *arrays):
     return tuple(a.astype(dtype) for a in arrays)
 

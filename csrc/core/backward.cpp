@@ -35,22 +35,29 @@ void grouped_gemm_backward(const void* grad_out, const void* a, DType dtype, con
     if (grad_w) std::memset(grad_w, 0, dtype_size(w.dtype) * E * N * K);
     return;
   }
-  const float* grad_out32 = detail::as_f32(grad_out, dtype, M * N, Scratch::converted_in);
   if (grad_a) {
     // grad_a[rows of e] = grad_out[rows of e] @ w[e]: the forward GEMM with w^T [K, N] as the weight. That
     // is w's own memory read the other way (a transposed view of a row-major w, a row-major view of a
     // transposed one), which the forward's packing and few-row paths take in place.
     WeightView w_t = w;
     w_t.N = K, w_t.K = N, w_t.transposed = !w.transposed;
-    // bfloat16 gradients with an even N already are the rows vdpbf16ps takes (where it is used).
-    const auto* rows_bf16 = dtype == DType::bf16 && N % 2 == 0 ? static_cast<const uint16_t*>(grad_out) : nullptr;
+    // bfloat16 gradients with an even N already are the rows vdpbf16ps takes. With a row-major w (w^T
+    // transposed), every tile packs w^T and never reads float32 rows, so none are made; the few-row path
+    // of a transposed w streams its rows of w^T against float32 rows.
+    const bool rows_as_they_are = dtype == DType::bf16 && N % 2 == 0 && detail::use_bf16_dot(dtype, w_t);
+    const bool no_f32_rows = rows_as_they_are && w_t.transposed;
+    const auto* rows_bf16 = rows_as_they_are ? static_cast<const uint16_t*>(grad_out) : nullptr;
+    const float* grad_out32 = no_f32_rows ? nullptr : detail::as_f32(grad_out, dtype, M * N, Scratch::converted_in);
     detail::run_gemm(grad_out32, dtype, w_t, expert_offsets, false, Activation::swiglu(), nullptr, grad_a, rows_bf16);
   }
   if (grad_w) {
-    const float* a32 = detail::as_f32(a, dtype, M * K, Scratch::converted_in2);
+    // Both operands are read in place, in their dtype: the tiles widen (or pair) what they pack.
+    GradWProblem problem;
+    problem.grad_out = grad_out, problem.a = a, problem.dtype = dtype, problem.offsets = expert_offsets;
+    problem.E = E, problem.N = N, problem.K = K, problem.grad_w = grad_w, problem.grad_w_dtype = w.dtype;
+    problem.bf16_dot = detail::use_bf16_dot(dtype, w);
     const int threads = num_threads();  // read once: the scratch is sized for exactly this many
-    kernels().grouped_gemm_grad_w(grad_out32, a32, expert_offsets, E, N, K, threads, detail::gemm_scratch(threads),
-                                  grad_w, w.dtype);
+    kernels().grouped_gemm_grad_w(problem, threads, detail::gemm_scratch(threads));
   }
 }
 

@@ -8,6 +8,9 @@
 
 namespace moe_ext::detail {
 
+// Whether a grouped GEMM multiplies with vdpbf16ps: the caller's activations and w are bfloat16, on the avx512
+// tier of a CPU with AVX512_BF16 (see GemmProblem::bf16_dot).
+bool use_bf16_dot(DType activations, const WeightView& w);
 // `data` as float32: itself, or a widened copy in the workspace slot.
 const float* as_f32(const void* data, DType dtype, int64_t n, Scratch slot);
 // The grouped GEMM kernels' per-thread scratch (kGemmScratchBytes each) for `threads` threads.

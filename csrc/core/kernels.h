@@ -33,6 +33,21 @@ struct GemmProblem {
   float* out = nullptr;            // [M, N] or [M, N / 2]
 };
 
+// The grouped GEMM's weight gradient: grad_w[e] [N, K] = grad_out[rows of e]^T @ a[rows of e] (zeros for
+// experts without rows), summed in float32 and stored in grad_w_dtype.
+struct GradWProblem {
+  const void* grad_out = nullptr;  // [M, N], M = offsets[E], of `dtype` (read in place)
+  const void* a = nullptr;         // [M, K] of `dtype`
+  DType dtype = DType::f32;
+  const int32_t* offsets = nullptr;
+  int64_t E = 0, N = 0, K = 0;
+  // bfloat16 operands multiplied with vdpbf16ps, as GemmProblem::bf16_dot (set only where the CPU has
+  // AVX512_BF16 and both operands are bfloat16). Ignored by tiers without it.
+  bool bf16_dot = false;
+  void* grad_w = nullptr;  // [E, N, K] of grad_w_dtype
+  DType grad_w_dtype = DType::f32;
+};
+
 // A grouped GEMM on quantised weights (core/quant.h): as GemmProblem, plus the int8 activation rows the
 // kernel fills first when w.quantize_activations (per token: a_q [M, w.row_depth], a_scales [M], a_sums
 // [M, w.groups], the sums of each group's quantised activations, for the zero-point correction).
@@ -85,11 +100,8 @@ struct Kernels {
   void (*unpermute_backward)(const float* grad_y, const float* y_perm, const int32_t* perm_rows,
                              const float* weights, int64_t T, int64_t k, int64_t d, int threads,
                              float* grad_y_perm, float* grad_weights);
-  // grad_w[e] [N, K] = grad_out[rows of e]^T @ a[rows of e] (zeros for experts without rows), grad_out
-  // [M, N], a [M, K]; summed in float32, stored in grad_w_dtype. `scratch` holds kGemmScratchBytes bytes per
-  // thread.
-  void (*grouped_gemm_grad_w)(const float* grad_out, const float* a, const int32_t* offsets, int64_t E, int64_t N,
-                              int64_t K, int threads, void* scratch, void* grad_w, DType grad_w_dtype);
+  // See GradWProblem. `scratch` holds kGemmScratchBytes bytes per thread.
+  void (*grouped_gemm_grad_w)(const GradWProblem& problem, int threads, void* scratch);
 
   // See QuantGemmProblem. `scratch` holds quant_gemm_scratch_bytes(w.row_depth) bytes per thread.
   void (*quant_gemm)(const QuantGemmProblem& problem, int threads, void* scratch);

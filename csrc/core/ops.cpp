@@ -21,12 +21,6 @@ void finish_f32(const float* result, int64_t n, DType dtype, void* out) {
   if (dtype != DType::f32) kernels().narrow(result, n, dtype, num_threads(), out);
 }
 
-// vdpbf16ps only where the caller already works in bfloat16 (see GemmProblem::bf16_dot).
-bool use_bf16_dot(DType activations, const WeightView& w) {
-  return activations == DType::bf16 && w.dtype == DType::bf16 && current_isa() == Isa::avx512 &&
-         bf16_dot_enabled();
-}
-
 // a [M, K] rounded to bfloat16 once, rows padded to even K (see GemmProblem::a_bf16).
 const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K) {
   const int64_t stride = (K + 1) / 2 * 2;
@@ -46,6 +40,12 @@ const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K) {
 }  // namespace
 
 namespace detail {  // declared in core/gemm_call.h
+
+// vdpbf16ps only where the caller already works in bfloat16.
+bool use_bf16_dot(DType activations, const WeightView& w) {
+  return activations == DType::bf16 && w.dtype == DType::bf16 && current_isa() == Isa::avx512 &&
+         bf16_dot_enabled();
+}
 
 const float* as_f32(const void* data, DType dtype, int64_t n, Scratch slot) {
   if (dtype == DType::f32) return static_cast<const float*>(data);

@@ -20,8 +20,7 @@ void activation_backward(const float* grad_act, const float* h, int64_t M, int64
                          float* grad_h);
 void unpermute_backward(const float* grad_y, const float* y_perm, const int32_t* perm_rows, const float* weights,
                         int64_t T, int64_t k, int64_t d, int threads, float* grad_y_perm, float* grad_weights);
-void grouped_gemm_grad_w(const float* grad_out, const float* a, const int32_t* offsets, int64_t E, int64_t N,
-                         int64_t K, int threads, void* scratch, void* grad_w, DType grad_w_dtype);
+void grouped_gemm_grad_w(const GradWProblem& problem, int threads, void* scratch);
 void quant_gemm(const QuantGemmProblem& problem, int threads, void* scratch);
 const Kernels& kernels();
 
