@@ -83,6 +83,10 @@ def test_grouped_gemm_backward_16_bit(rng, case, dtype, layout, bf16_dot):
     wide_w = moe_ext.grouped_gemm_backward(g, a, w_arg.astype(np.float32), offsets, need_a=False)[1]
     if dtype == "float16" or not bf16_dot:
         np.testing.assert_array_equal(grad_w, wide_w.astype(dt))
+    # grad_a in a's dtype on request: the float32 result rounded once
+    as_a = moe_ext.grouped_gemm_backward(g, a, w_arg, offsets, need_w=False, grad_a_dtype=dt)[0]
+    assert as_a.dtype == dt
+    np.testing.assert_array_equal(as_a, grad_a.astype(dt))
     # grad_out and a of different dtypes are both taken as float32: the float32 path's numbers
     mixed = moe_ext.grouped_gemm_backward(g.astype(np.float32), a, w_arg, offsets)
     assert_close(mixed[0], want_a, GEMM_RTOL, "grad_a, float32 grad_out")
@@ -186,3 +190,11 @@ def test_backward_bad_arguments(rng):
         moe_ext.permute_backward(random_x(rng, 2, 2), np.array([[2]], np.int32))
     with pytest.raises(TypeError, match="grad_act"):
         moe_ext.activation_backward(np.ones((2, 2)), random_x(rng, 2, 4), "swiglu")
+
+
+def test_grouped_gemm_backward_grad_a_dtype_is_checked(rng):
+    offsets = random_offsets(rng, 2, [3, 4])
+    a, w, g = random_x(rng, 7, 8), random_weights(rng, (2, 5, 8), 8), random_x(rng, 7, 5)
+    with pytest.raises(TypeError, match="grad_a_dtype.*float32 or a's dtype"):
+        moe_ext.grouped_gemm_backward(g, a, w, offsets, grad_a_dtype=np.float16)
+    assert moe_ext.grouped_gemm_backward(g, a, w, offsets, grad_a_dtype=np.float32)[0].dtype == np.float32

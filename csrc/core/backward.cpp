@@ -12,26 +12,70 @@
 
 namespace moe_ext {
 
-void activation(const float* h, int64_t M, int64_t f, const Activation& act, float* out) {
-  if (M == 0 || f == 0) return;
-  kernels().activate(h, M, f, act, out);
+namespace {
+
+// Floats per block of rows of a 16-bit activation: the block's float32 operands and result (512 KiB) stay
+// in the cores' L2 between the widening, the kernel and the rounding, each of which splits it over the
+// threads.
+constexpr int64_t kActivationBlockFloats = 128 * 1024;
+
+// Runs `kernel(in0, in1, out)` on float32 rows [m0, m0 + rows) for each block of rows: directly on float32
+// data, else on the block's rows widened into the workspace (in_cols / in1_cols floats a row; in1 may be
+// null) with the result (out_cols a row) rounded to `dtype`.
+template <typename Kernel>
+void by_row_blocks(const void* in0, int64_t in0_cols, const void* in1, int64_t in1_cols, DType dtype, int64_t M,
+                   void* out, int64_t out_cols, Kernel kernel) {
+  if (dtype == DType::f32) {
+    kernel(static_cast<const float*>(in0), static_cast<const float*>(in1), static_cast<float*>(out), M);
+    return;
+  }
+  const int64_t row_floats = in0_cols + in1_cols + out_cols;
+  const int64_t block = std::max<int64_t>(1, kActivationBlockFloats / std::max<int64_t>(1, row_floats));
+  float* buf = thread_workspace().get<float>(Scratch::converted_in, block * row_floats);
+  const Kernels& kern = kernels();
+  const int threads = num_threads();
+  const int64_t size = dtype_size(dtype);
+  for (int64_t m0 = 0; m0 < M; m0 += block) {
+    const int64_t rows = std::min(block, M - m0);
+    float* a = buf;
+    float* b = buf + rows * in0_cols;
+    float* c = b + rows * in1_cols;
+    kern.widen(static_cast<const char*>(in0) + m0 * in0_cols * size, dtype, rows * in0_cols, threads, a);
+    if (in1) kern.widen(static_cast<const char*>(in1) + m0 * in1_cols * size, dtype, rows * in1_cols, threads, b);
+    kernel(a, in1 ? b : nullptr, c, rows);
+    kern.narrow(c, rows * out_cols, dtype, threads, static_cast<char*>(out) + m0 * out_cols * size);
+  }
 }
 
-void activation_backward(const float* grad_act, const float* h, int64_t M, int64_t f, const Activation& act,
-                         float* grad_h) {
+}  // namespace
+
+void activation(const void* h, DType dtype, int64_t M, int64_t f, const Activation& act, void* out) {
   if (M == 0 || f == 0) return;
-  kernels().activation_backward(grad_act, h, M, f, act, grad_h);
+  const int64_t h_cols = is_gated(act) ? 2 * f : f;
+  by_row_blocks(h, h_cols, nullptr, 0, dtype, M, out, f, [&](const float* h32, const float*, float* o, int64_t rows) {
+    kernels().activate(h32, rows, f, act, o);
+  });
+}
+
+void activation_backward(const void* grad_act, const void* h, DType dtype, int64_t M, int64_t f,
+                         const Activation& act, void* grad_h) {
+  if (M == 0 || f == 0) return;
+  const int64_t h_cols = is_gated(act) ? 2 * f : f;
+  by_row_blocks(grad_act, f, h, h_cols, dtype, M, grad_h, h_cols,
+                [&](const float* g32, const float* h32, float* o, int64_t rows) {
+                  kernels().activation_backward(g32, h32, rows, f, act, o);
+                });
 }
 
 void grouped_gemm_backward(const void* grad_out, const void* a, DType dtype, const WeightView& w,
-                           const int32_t* expert_offsets, int64_t M, float* grad_a, void* grad_w) {
+                           const int32_t* expert_offsets, int64_t M, void* grad_a, DType grad_a_dtype, void* grad_w) {
   if (w.packed || w.quant != nullptr)
     throw std::invalid_argument("w: expected plain weights (an array [E, N, K]); got packed or quantised weights");
   check_expert_offsets(expert_offsets, w.E, M, "expert_offsets");
   const int64_t E = w.E, N = w.N, K = w.K;
   if (K == 0) return;
   if (N == 0 || M == 0) {
-    if (grad_a) std::memset(grad_a, 0, sizeof(float) * M * K);
+    if (grad_a) std::memset(grad_a, 0, dtype_size(grad_a_dtype) * M * K);
     if (grad_w) std::memset(grad_w, 0, dtype_size(w.dtype) * E * N * K);
     return;
   }
@@ -48,7 +92,10 @@ void grouped_gemm_backward(const void* grad_out, const void* a, DType dtype, con
     const bool no_f32_rows = rows_as_they_are && w_t.transposed;
     const auto* rows_bf16 = rows_as_they_are ? static_cast<const uint16_t*>(grad_out) : nullptr;
     const float* grad_out32 = no_f32_rows ? nullptr : detail::as_f32(grad_out, dtype, M * N, Scratch::converted_in);
-    detail::run_gemm(grad_out32, dtype, w_t, expert_offsets, false, Activation::swiglu(), nullptr, grad_a, rows_bf16);
+    float* grad_a32 = grad_a_dtype == DType::f32 ? static_cast<float*>(grad_a)
+                                                 : thread_workspace().get<float>(Scratch::converted_out, M * K);
+    detail::run_gemm(grad_out32, dtype, w_t, expert_offsets, false, Activation::swiglu(), nullptr, grad_a32, rows_bf16);
+    if (grad_a_dtype != DType::f32) kernels().narrow(grad_a32, M * K, grad_a_dtype, num_threads(), grad_a);
   }
   if (grad_w) {
     // Both operands are read in place, in their dtype: the tiles widen (or pair) what they pack.

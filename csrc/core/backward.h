@@ -9,22 +9,23 @@
 
 namespace moe_ext {
 
-// out [M, f] = act(h); h [M, 2f] (gated) or [M, f].
-void activation(const float* h, int64_t M, int64_t f, const Activation& activation, float* out);
-// grad_h (shape of h) from grad_act [M, f].
-void activation_backward(const float* grad_act, const float* h, int64_t M, int64_t f, const Activation& activation,
-                         float* grad_h);
+// out [M, f] = act(h); h [M, 2f] (gated) or [M, f]. h and out of `dtype`: 16-bit rows are widened and the
+// float32 results rounded once, a block of rows at a time (no whole float32 copy).
+void activation(const void* h, DType dtype, int64_t M, int64_t f, const Activation& activation, void* out);
+// grad_h (shape of h) from grad_act [M, f]; grad_act, h and grad_h of `dtype`, as activation.
+void activation_backward(const void* grad_act, const void* h, DType dtype, int64_t M, int64_t f,
+                         const Activation& activation, void* grad_h);
 
 // Of out = grouped_gemm(a [M, K], w [E, N, K], offsets): grad_a [M, K] = grad_out[rows of e] @ w[e] and
-// grad_w [E, N, K] = grad_out[rows of e]^T @ a[rows of e] (0 for experts without rows). grad_a is float32;
-// grad_w has w's dtype (summed in float32, then rounded: a 16-bit weight's gradient is stored as the
+// grad_w [E, N, K] = grad_out[rows of e]^T @ a[rows of e] (0 for experts without rows). grad_a is in
+// grad_a_dtype (summed in float32, rounded once if 16-bit); grad_w has w's dtype (summed in float32, then rounded: a 16-bit weight's gradient is stored as the
 // weight is, and is never written out in float32). Either output may be null (not wanted). grad_out
 // [M, N] and a [M, K] come in `dtype` (float32, bfloat16 or float16); w is a plain weight (WeightView:
 // any of those dtypes, transposed or not, not packed or quantised), read where it lies: grad_a is the
 // forward grouped GEMM on w seen as its transpose, so no copy of the weights (widened or transposed) is
 // made.
 void grouped_gemm_backward(const void* grad_out, const void* a, DType dtype, const WeightView& w,
-                           const int32_t* expert_offsets, int64_t M, float* grad_a, void* grad_w);
+                           const int32_t* expert_offsets, int64_t M, void* grad_a, DType grad_a_dtype, void* grad_w);
 
 // Of out = grouped_gemm(a, w, offsets, bias): grad_bias [E, N] = the sums of grad_out's rows per expert
 // (rows in order; 0 for experts without rows).

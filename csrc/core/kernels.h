@@ -107,8 +107,9 @@ struct Kernels {
   void (*quant_gemm)(const QuantGemmProblem& problem, int threads, void* scratch);
 };
 
-// Per thread: the tile's float32 results and one packed weight block.
-constexpr int64_t kGemmScratchBytes = 512 * 1024;
+// Per thread: the tile's float32 results and its packed operand blocks (the largest: a bfloat16 weight
+// gradient tile, cpu/grouped_gemm_backward.cpp).
+constexpr int64_t kGemmScratchBytes = 576 * 1024;
 
 // Tokens whose router logits route computes together (their dot products share loads).
 constexpr int64_t kRouteTokenBlock = 4;

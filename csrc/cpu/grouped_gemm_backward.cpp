@@ -24,27 +24,32 @@ namespace moe_ext::cpu::MOE_EXT_CPU_NS {
 
 namespace {
 
-constexpr int64_t kWeightTileN = 128;  // rows of grad_w per tile (the microkernel's "rows")
+constexpr int64_t kWeightTileN = 128;  // rows of grad_w per tile (the microkernel's "rows"), float32 form
 constexpr int64_t kWeightTileK = 128;  // columns of grad_w per tile: 4 panels
 constexpr int64_t kWeightDepth = 256;  // rows of the expert per depth block, float32 (packed a: 128 KiB)
+// The bfloat16 pair form packs half the bytes per element, and its packing cost as much as half of its
+// products: tiles twice as wide each way pack each operand half as often (the 256 KiB of sums stay in L2).
+constexpr int64_t kPairTileN = 256, kPairTileK = 256, kPairDepth = 256;
 // Blocks of packed bfloat16 pairs (below) start a line further than their size apart: 8 KiB apart, the
-// 16 blocks of grad_out's columns fell in the same L1 sets, and the pack's stores, one to each block per
+// blocks of grad_out's columns fell in the same L1 sets, and the pack's stores, one to each block per
 // pair of rows, missed L1 every time.
 constexpr int64_t kBlockPadWords = 16;
-constexpr int64_t kWeightLocalBytes = kWeightTileN * kWeightTileK * 4;
-constexpr int64_t kWeightPackBytes = kWeightTileK * kWeightDepth * 4 + kWeightTileK / 8 * kBlockPadWords * 4;
-constexpr int64_t kGradPackBytes = kWeightTileN * kWeightDepth * 4 + kWeightTileN / 8 * kBlockPadWords * 4;
-static_assert(kWeightLocalBytes + kWeightPackBytes + kGradPackBytes <= kGemmScratchBytes, "tile buffers fit");
-static_assert(kWeightTileK % kPanelCols == 0 && kWeightTileN % kPanelCols == 0, "a tile holds whole panels");
+static_assert(kWeightTileN * kWeightTileK * 4 + (kWeightTileN + kWeightTileK) * kWeightDepth * 4 <= kGemmScratchBytes,
+              "float32 tile buffers fit");
+static_assert(kPairTileN * kPairTileK * 4 + (kPairTileN + kPairTileK) * kPairDepth * 2 +
+                      (kPairTileN / 8 + kPairTileK / 32) * kBlockPadWords * 4 <= kGemmScratchBytes,
+              "pair tile buffers fit");
+static_assert(kWeightTileK % kPanelCols == 0 && kPairTileK % kPanelCols == 0, "a tile holds whole panels");
 
 struct WeightTile {
   int64_t r0, rows;      // the expert's rows of grad_out and a
   int64_t n0, n_rows;    // rows of grad_w
   int64_t k0, k_cols;    // columns of grad_w
+  int64_t ld;            // row stride of the tile's sums (the form's tile width)
 };
 
 struct WeightBuffers {
-  float* local;  // [kWeightTileN][kWeightTileK] float32 sums
+  float* local;  // [tile rows][t.ld] float32 sums
   void* pack;    // a's packed columns
   void* g_pack;  // grad_out's packed columns
 };
@@ -125,13 +130,12 @@ void tile_sums(const GradWProblem& p, const WeightTile& t, const WeightBuffers& 
         for (int64_t m = 0; m < t.n_rows; m += kMicroRows)
           micro_lhs_t(static_cast<int>(min_i64(kMicroRows, t.n_rows - m)), g_pack + m * depth, kMicroRows,
                       pack + j * kWeightDepth * kPanelCols + slice, depth,
-                      b.local + m * kWeightTileK + j * kPanelCols + slice, kWeightTileK, d0 > 0);
+                      b.local + m * t.ld + j * kPanelCols + slice, t.ld, d0 > 0);
   }
 }
 
 #if defined(__AVX512F__)
 static_assert(kMicroCols == kPanelCols, "one microkernel slice per panel");
-constexpr int64_t kPairDepth = 2 * kWeightDepth;  // rows per depth block in bfloat16 pairs (same bytes)
 
 // c[r][0..kPanelCols) (+)= the pair dot products of grad_out's column r and a's panel b over `pairs`
 // pairs of rows: g holds column r's pair q at g[q * kMicroRows + r] (pack_grad_pairs), b is a's packed
@@ -213,8 +217,8 @@ void tile_sums_pairs(const GradWProblem& p, const WeightTile& t, const WeightBuf
       for (int64_t m = 0; m < t.n_rows; m += kMicroRows)
         micro_pairs_t(static_cast<int>(min_i64(kMicroRows, t.n_rows - m)),
                       g_pack + m / kMicroRows * block_words<kMicroRows>(pairs),
-                      pack + j * block_words<kPanelCols>(pairs), pairs, b.local + m * kWeightTileK + j * kPanelCols,
-                      kWeightTileK, d0 > 0);
+                      pack + j * block_words<kPanelCols>(pairs), pairs, b.local + m * t.ld + j * kPanelCols, t.ld,
+                      d0 > 0);
   }
 }
 #endif
@@ -227,47 +231,51 @@ void store_tile_rows(const GradWProblem& p, const WeightTile& t, const float* lo
     if (t.rows == 0)
       memset(out, 0, t.k_cols * size);  // all-zero bits are +0 in every dtype
     else if (p.grad_w_dtype == DType::f32)
-      memcpy(out, local + r * kWeightTileK, t.k_cols * sizeof(float));
+      memcpy(out, local + r * t.ld, t.k_cols * sizeof(float));
     else if (p.grad_w_dtype == DType::bf16)
-      narrow_row(local + r * kWeightTileK, t.k_cols, reinterpret_cast<bf16_t*>(out));
+      narrow_row(local + r * t.ld, t.k_cols, reinterpret_cast<bf16_t*>(out));
     else
-      narrow_row(local + r * kWeightTileK, t.k_cols, reinterpret_cast<f16_t*>(out));
+      narrow_row(local + r * t.ld, t.k_cols, reinterpret_cast<f16_t*>(out));
   }
 }
 
-// Tile sums of one form for the operands' element type T.
-typedef void (*TileSums)(const GradWProblem&, const WeightTile&, const WeightBuffers&);
+// How a call's tiles are summed: the form for its operands, and its tile shape.
+struct Form {
+  void (*sums)(const GradWProblem&, const WeightTile&, const WeightBuffers&);
+  int64_t tile_n, tile_k, pack_bytes;  // pack_bytes: a's packed block (grad_out's follows it)
+};
 
-TileSums tile_sums_for(const GradWProblem& p) {
+Form form_of(const GradWProblem& p) {
 #if defined(__AVX512F__)
-  if (p.bf16_dot && p.dtype == DType::bf16) return tile_sums_pairs;
+  if (p.bf16_dot && p.dtype == DType::bf16)
+    return {tile_sums_pairs, kPairTileN, kPairTileK, (kPairTileK * kPairDepth / 2 + kPairTileK / 32 * kBlockPadWords) * 4};
 #endif
+  const int64_t pack_bytes = kWeightTileK * kWeightDepth * 4;
   switch (p.dtype) {
-    case DType::bf16: return tile_sums<bf16_t>;
-    case DType::f16: return tile_sums<f16_t>;
-    default: return tile_sums<float>;
+    case DType::bf16: return {tile_sums<bf16_t>, kWeightTileN, kWeightTileK, pack_bytes};
+    case DType::f16: return {tile_sums<f16_t>, kWeightTileN, kWeightTileK, pack_bytes};
+    default: return {tile_sums<float>, kWeightTileN, kWeightTileK, pack_bytes};
   }
 }
 
 }  // namespace
 
 void grouped_gemm_grad_w(const GradWProblem& p, int threads, void* scratch) {
-  const int64_t n_tiles = ceil_div(p.N, kWeightTileN), k_tiles = ceil_div(p.K, kWeightTileK);
-  const int64_t per_expert = n_tiles * k_tiles;
-  const TileSums sums = tile_sums_for(p);
+  const Form form = form_of(p);
+  const int64_t n_tiles = ceil_div(p.N, form.tile_n), k_tiles = ceil_div(p.K, form.tile_k);
+  const int64_t per_expert = n_tiles * k_tiles, local_bytes = form.tile_n * form.tile_k * 4;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
 #endif
   for (int64_t index = 0; index < p.E * per_expert; ++index) {
     char* mine = static_cast<char*>(scratch) + thread_index() * kGemmScratchBytes;
-    const WeightBuffers buf{reinterpret_cast<float*>(mine), mine + kWeightLocalBytes,
-                            mine + kWeightLocalBytes + kWeightPackBytes};  // kGradPackBytes
+    const WeightBuffers buf{reinterpret_cast<float*>(mine), mine + local_bytes, mine + local_bytes + form.pack_bytes};
     const int64_t e = index / per_expert, nb = index % per_expert / k_tiles, kb = index % k_tiles;
     WeightTile t;
     t.r0 = p.offsets[e], t.rows = p.offsets[e + 1] - p.offsets[e];
-    t.n0 = nb * kWeightTileN, t.n_rows = min_i64(kWeightTileN, p.N - t.n0);
-    t.k0 = kb * kWeightTileK, t.k_cols = min_i64(kWeightTileK, p.K - t.k0);
-    if (t.rows > 0) sums(p, t, buf);
+    t.n0 = nb * form.tile_n, t.n_rows = min_i64(form.tile_n, p.N - t.n0);
+    t.k0 = kb * form.tile_k, t.k_cols = min_i64(form.tile_k, p.K - t.k0), t.ld = form.tile_k;
+    if (t.rows > 0) form.sums(p, t, buf);
     store_tile_rows(p, t, buf.local, static_cast<char*>(p.grad_w) + e * p.N * p.K * dtype_size(p.grad_w_dtype));
   }
 }

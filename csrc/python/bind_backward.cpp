@@ -27,33 +27,36 @@ int64_t intermediate_of(const py::array& h, const moe_ext::Activation& act) {
   return moe_ext::is_gated(act) ? cols / 2 : cols;
 }
 
+// h (and grad_act) float32, bfloat16 or float16, of one dtype; the result in that dtype.
 py::array py_activation(const py::array& h, const py::object& activation) {
   const moe_ext::Activation act = activation_from(activation);
   const int64_t f = intermediate_of(h, act);
-  const float* h_ptr = data_of<float>(h, "h", {kAny, kAny});
+  const moe_ext::python::DataArg h_arg = moe_ext::python::data_of(h, "h", {kAny, kAny});
   const int64_t M = h.shape(0);
-  auto out = output<float>({M, f});
-  float* out_ptr = out.mutable_data();
+  py::array out = moe_ext::python::new_array(h_arg.dtype, {M, f});
+  void* out_ptr = out.mutable_data();
   py::gil_scoped_release release;
-  moe_ext::activation(h_ptr, M, f, act, out_ptr);
+  moe_ext::activation(h_arg.data, h_arg.dtype, M, f, act, out_ptr);
   return out;
 }
 
 py::array py_activation_backward(const py::array& grad_act, const py::array& h, const py::object& activation) {
   const moe_ext::Activation act = activation_from(activation);
   const int64_t f = intermediate_of(h, act);
-  const float* h_ptr = data_of<float>(h, "h", {kAny, kAny});
+  const moe_ext::python::DataArg h_arg = moe_ext::python::data_of(h, "h", {kAny, kAny});
   const int64_t M = h.shape(0);
-  const float* g_ptr = data_of<float>(grad_act, "grad_act", {M, f});
-  auto grad_h = output<float>({M, h.shape(1)});
-  float* out_ptr = grad_h.mutable_data();
+  const moe_ext::python::DataArg g_arg = moe_ext::python::data_of(grad_act, "grad_act", {M, f});
+  if (g_arg.dtype != h_arg.dtype) throw py::type_error("grad_act: expected the dtype of h");
+  py::array grad_h = moe_ext::python::new_array(h_arg.dtype, {M, h.shape(1)});
+  void* out_ptr = grad_h.mutable_data();
   py::gil_scoped_release release;
-  moe_ext::activation_backward(g_ptr, h_ptr, M, f, act, out_ptr);
+  moe_ext::activation_backward(g_arg.data, h_arg.data, h_arg.dtype, M, f, act, out_ptr);
   return grad_h;
 }
 
+// grad_a float32, or in a's dtype with grad_a_as_a.
 py::tuple py_grouped_gemm_backward(const py::array& grad_out, const py::array& a, const py::array& w,
-                                   const py::array& expert_offsets, bool need_a, bool need_w) {
+                                   const py::array& expert_offsets, bool need_a, bool need_w, bool grad_a_as_a) {
   const moe_ext::python::DataArg a_arg = moe_ext::python::data_of(a, "a", {kAny, kAny});
   const int64_t M = a.shape(0), K = a.shape(1);
   const moe_ext::WeightView w_view = moe_ext::python::weight_array_of(w, "w", {kAny, kAny, K});
@@ -61,13 +64,14 @@ py::tuple py_grouped_gemm_backward(const py::array& grad_out, const py::array& a
   const moe_ext::python::DataArg g_arg = moe_ext::python::data_of(grad_out, "grad_out", {M, N});
   if (g_arg.dtype != a_arg.dtype) throw py::type_error("grad_out: expected the dtype of a");
   const int32_t* offsets_ptr = data_of<int32_t>(expert_offsets, "expert_offsets", {E + 1});
-  auto grad_a = output<float>({need_a ? M : 0, K});
+  const moe_ext::DType ga_dtype = grad_a_as_a ? a_arg.dtype : moe_ext::DType::f32;
+  py::array grad_a = moe_ext::python::new_array(ga_dtype, {need_a ? M : 0, K});
   py::array grad_w = moe_ext::python::new_array(w_view.dtype, {need_w ? E : 0, N, K});
-  float* ga = need_a ? grad_a.mutable_data() : nullptr;
+  void* ga = need_a ? grad_a.mutable_data() : nullptr;
   void* gw = need_w ? grad_w.mutable_data() : nullptr;
   {
     py::gil_scoped_release release;
-    moe_ext::grouped_gemm_backward(g_arg.data, a_arg.data, a_arg.dtype, w_view, offsets_ptr, M, ga, gw);
+    moe_ext::grouped_gemm_backward(g_arg.data, a_arg.data, a_arg.dtype, w_view, offsets_ptr, M, ga, ga_dtype, gw);
   }
   return py::make_tuple(need_a ? py::object(grad_a) : py::none(), need_w ? py::object(grad_w) : py::none());
 }
@@ -123,7 +127,7 @@ void bind_backward(py::module_& m) {
   m.def("activation", &py_activation, arg("h"), arg("activation"));
   m.def("activation_backward", &py_activation_backward, arg("grad_act"), arg("h"), arg("activation"));
   m.def("grouped_gemm_backward", &py_grouped_gemm_backward, arg("grad_out"), arg("a"), arg("w"),
-        arg("expert_offsets"), arg("need_a") = true, arg("need_w") = true);
+        arg("expert_offsets"), arg("need_a") = true, arg("need_w") = true, arg("grad_a_as_a") = false);
   m.def("bias_grad", &py_bias_grad, arg("grad_out"), arg("expert_offsets"));
   m.def("unpermute_backward", &py_unpermute_backward, arg("grad_y"), arg("y_perm"), arg("perm_rows"),
         arg("topk_weights"));

@@ -111,7 +111,7 @@ def _i32(t: Tensor) -> Tensor:
 def activation(h: Tensor, activation: str = "swiglu") -> Tensor:
     """The activation description (a canonical string, moe_ext.Activation.spec) on h: gated descriptions
     take h [M, 2f] (gate and up concatenated or interleaved) to [M, f], the others act elementwise."""
-    return _out(moe_ext.activation(_np(h), activation), h.dtype)
+    return _out(moe_ext.activation(_np(h, True), activation), h.dtype)
 
 
 @activation.register_fake
@@ -122,7 +122,9 @@ def _(h, activation="swiglu"):
 
 @custom_op("moe_ext::activation_backward", mutates_args=(), device_types="cpu")
 def activation_backward(grad_act: Tensor, h: Tensor, activation: str = "swiglu") -> Tensor:
-    return _out(_bwd.activation_backward(_np(grad_act), _np(h), activation), h.dtype)
+    # One dtype: read and written as it is (16-bit rows widened block by block in the core); two: float32.
+    same = grad_act.dtype == h.dtype
+    return _out(_bwd.activation_backward(_np(grad_act, same), _np(h, same), activation), h.dtype)
 
 
 @activation_backward.register_fake
@@ -135,8 +137,9 @@ def grouped_gemm_backward(grad_out: Tensor, a: Tensor, w: Tensor, expert_offsets
                           need_w: bool = True) -> Tuple[Tensor, Tensor]:
     """(grad_a [M, K] or [0, K] when not needed, grad_w [E, N, K] or [0, N, K])."""
     # 16-bit tensors go in as they are: the weights are read in place (never widened or transposed).
-    grad_a, grad_w = _bwd.grouped_gemm_backward(_np(grad_out, True), _np(a, True), _np_weight(w, True),
-                                                _np(expert_offsets), need_a=need_a, need_w=need_w)
+    a_np = _np(a, True)
+    grad_a, grad_w = _bwd.grouped_gemm_backward(_np(grad_out, True), a_np, _np_weight(w, True), _np(expert_offsets),
+                                                need_a=need_a, need_w=need_w, grad_a_dtype=a_np.dtype)
     M, K = a.shape
     E, N, _ = w.shape
     grad_a = _out(grad_a, a.dtype) if need_a else a.new_empty((0, K))
