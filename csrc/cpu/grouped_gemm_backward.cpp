@@ -8,12 +8,12 @@
 
 // --- grad_w of the grouped GEMM, all experts in one parallel loop -----------------------------------
 // grad_w[e] [N, K] = grad_out[rows of e]^T @ a[rows of e], with the rows as the depth. Work is cut into
-// tiles of (expert, kWeightTileN output rows n, kWeightTileK output columns k), scheduled dynamically
-// so small experts never leave a core idle. No operand is transposed whole: per depth block of rows, a
-// tile packs its columns of both operands (contiguous reads, widened to float32 on the way), then a
-// register-blocked microkernel broadcasts grad_out[row, n] against a's panel. Two forms:
-// - float32 sums of float32 products (any dtype): a in panels [depth][kPanelCols], grad_out's columns in
-//   blocks of kMicroRows, each [depth][kMicroRows] (pack_grad_rows);
+// tiles of (expert, block of output rows n, block of output columns k), scheduled dynamically so small
+// experts never leave a core idle. No operand is transposed whole: per depth block of rows, a tile packs
+// its columns of both operands (contiguous reads, in the caller's dtype), then a register-blocked
+// microkernel broadcasts grad_out[row, n] against a's panel. Two forms:
+// - float32 sums of float32 products (any dtype, widened as packed): a in panels [depth][kPanelCols],
+//   grad_out's columns in blocks of kMicroRows, each [depth][kMicroRows] (pack_grad_rows);
 // - bfloat16 operands under vdpbf16ps (avx512 tier, GradWProblem::bf16_dot): both packed as pairs of rows
 //   (pack_pairs: a in core/packed.h's bfloat16 pair layout), so each 32-bit word holds the two rows'
 //   values vdpbf16ps multiplies; no float32 copy of either operand exists.
@@ -30,9 +30,9 @@ constexpr int64_t kWeightDepth = 256;  // rows of the expert per depth block, fl
 // The bfloat16 pair form packs half the bytes per element, and its packing cost as much as half of its
 // products: tiles twice as wide each way pack each operand half as often (the 256 KiB of sums stay in L2).
 constexpr int64_t kPairTileN = 256, kPairTileK = 256, kPairDepth = 256;
-// Blocks of packed bfloat16 pairs (below) start a line further than their size apart: 8 KiB apart, the
-// blocks of grad_out's columns fell in the same L1 sets, and the pack's stores, one to each block per
-// pair of rows, missed L1 every time.
+// Blocks of packed bfloat16 pairs (below) start a line further than their size apart: a multiple of 4 KiB
+// apart (a power-of-two number of pairs), the blocks of grad_out's columns fell in the same L1 sets, and
+// the pack's stores, one to each block per pair of rows, missed L1 every time.
 constexpr int64_t kBlockPadWords = 16;
 static_assert(kWeightTileN * kWeightTileK * 4 + (kWeightTileN + kWeightTileK) * kWeightDepth * 4 <= kGemmScratchBytes,
               "float32 tile buffers fit");
@@ -138,7 +138,7 @@ void tile_sums(const GradWProblem& p, const WeightTile& t, const WeightBuffers& 
 static_assert(kMicroCols == kPanelCols, "one microkernel slice per panel");
 
 // c[r][0..kPanelCols) (+)= the pair dot products of grad_out's column r and a's panel b over `pairs`
-// pairs of rows: g holds column r's pair q at g[q * kMicroRows + r] (pack_grad_pairs), b is a's packed
+// pairs of rows: g holds column r's pair q at g[q * kMicroRows + r] (pack_pairs), b is a's packed
 // panel. vdpbf16ps adds both products of a pair to the float32 lane.
 template <int Rows>
 __attribute__((target("avx512bf16"))) void micro_kernel_pairs_t(const uint32_t* g, const uint32_t* b, int64_t pairs,
@@ -178,9 +178,8 @@ void micro_pairs_t(int rows, const uint32_t* g, const uint32_t* b, int64_t pairs
 // layout) and grad_out's microkernel blocks (width kMicroRows). Row pair by row pair, 16 columns
 // at a time in registers: each step reads two contiguous runs (column by column, every row was a new page
 // of a wide operand, and the copy cost half as much as the products).
-// Words from one block of Width columns to the next.
 template <int64_t Width>
-int64_t block_words(int64_t pairs) { return pairs * Width + kBlockPadWords; }
+int64_t block_words(int64_t pairs) { return pairs * Width + kBlockPadWords; }  // block to block
 
 template <int64_t Width>
 void pack_pairs(const bf16_t* src, int64_t ld, int64_t cols, int64_t depth, uint32_t* dst) {
