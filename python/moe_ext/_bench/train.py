@@ -9,8 +9,9 @@ gradient flows through the top-k weights). Implementations:
 * ``torch_grouped_mm``: the same routing, copies sorted by expert, two torch._grouped_mm calls (where
   it runs, forward and backward, on this CPU in this dtype).
 Every implementation starts from the same tensors; each one's gradients are compared with moe_ext's
-(the `max_rel_err` column). Timings: warm-up, then `repeats` timed steps; p50/p95/p99, tokens/s, and
-moe_ext's speed-up over each peer (peer p50 / moe_ext p50) in the same run.
+(the `max_rel_err` column). Timings: warm-up, then `repeats` timed steps of each implementation, one of each
+per round (the order rotated round by round); p50/p95/p99, tokens/s, and moe_ext's speed-up over each
+peer (peer p50 / moe_ext p50) in the same run.
 """
 import json
 import os
@@ -94,36 +95,39 @@ def run(shapes=TRAIN_SHAPES, dtypes=("fp32", "bf16"), impls=IMPLS, warmup=1, rep
                 tensors = [torch.from_numpy(a).to(tdt) for a in arrays]
                 tensors[1] = tensors[1] * (1.0 / np.sqrt(s.d))  # spread routing, not saturated softmax
                 dy = torch.randn(s.T, s.d, generator=torch.Generator().manual_seed(1)).to(tdt)
-                base = None
+                base, timed = None, {}
                 for impl in impls:
                     row = {"shape": s.name, "dtype": dtype, "impl": impl, "T": s.T, "d": s.d, "f": s.f,
                            "E": s.E, "k": s.k, "threads": threads}
+                    rows.append(row)
                     if impl == "torch_grouped_mm" and peers.grouped_mm_probe(dtype):
                         row.update(status="unavailable", reason=peers.grouped_mm_probe(dtype))
-                        rows.append(row)
                         continue
                     try:
                         grads = _step(torch, FORWARDS[impl], tensors, dy, s.k)
                         for _ in range(max(warmup - 1, 0)):
                             _step(torch, FORWARDS[impl], tensors, dy, s.k)
-                        seconds = []
-                        for _ in range(repeats):
-                            start = time.perf_counter()
-                            _step(torch, FORWARDS[impl], tensors, dy, s.k)
-                            seconds.append(time.perf_counter() - start)
                     except Exception as e:  # noqa: BLE001 - a peer that cannot run here is reported
                         row.update(status="unavailable", reason=f"{type(e).__name__}: {str(e)[:200]}")
-                        rows.append(row)
                         continue
-                    ms = np.asarray(seconds) * 1e3
-                    row.update(status="ok", **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)})
-                    row["tokens_per_s"] = s.T / (row["p50_ms"] / 1e3)
                     if base is None and impl == "moe_ext":
                         base = grads
                     if base is not None:
                         row["max_rel_err"] = max(float((g.double() - b.double()).norm() / b.double().norm())
                                                  for g, b in zip(grads, base))
-                    rows.append(row)
+                    timed[impl] = (row, [])
+                # The timed steps interleaved round by round, the order rotated each round, so load drift on
+                # a shared machine falls on every implementation alike.
+                order = list(timed)
+                for i in range(repeats):
+                    for impl in order[i % len(order):] + order[:i % len(order)]:
+                        start = time.perf_counter()
+                        _step(torch, FORWARDS[impl], tensors, dy, s.k)
+                        timed[impl][1].append(time.perf_counter() - start)
+                for row, seconds in timed.values():
+                    ms = np.asarray(seconds) * 1e3
+                    row.update(status="ok", **{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)})
+                    row["tokens_per_s"] = s.T / (row["p50_ms"] / 1e3)
                 ours = next((r for r in rows if r["shape"] == s.name and r["dtype"] == dtype
                              and r["impl"] == "moe_ext" and r["status"] == "ok"), None)
                 for r in rows:
