@@ -148,7 +148,7 @@ __attribute__((target("avx512bf16"))) void micro_kernel_pairs_t(const uint32_t* 
   for (int64_t q = 0; q < pairs; ++q) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + q * kPanelCols);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + q * kPanelCols + 16);
-#pragma GCC unroll 8  // else GCC kept the accumulators on the stack (a load and a store per vdpbf16ps)
+#pragma GCC unroll 8  // at -O2 GCC kept the accumulators on the stack (a load and a store per vdpbf16ps)
     for (int r = 0; r < Rows; ++r) {
       const __m512bh gr = (__m512bh)_mm512_set1_epi32(static_cast<int>(g[q * kMicroRows + r]));
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], gr, b0);
