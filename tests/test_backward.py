@@ -198,3 +198,25 @@ def test_grouped_gemm_backward_grad_a_dtype_is_checked(rng):
     with pytest.raises(TypeError, match="grad_a_dtype.*float32 or a's dtype"):
         moe_ext.grouped_gemm_backward(g, a, w, offsets, grad_a_dtype=np.float16)
     assert moe_ext.grouped_gemm_backward(g, a, w, offsets, grad_a_dtype=np.float32)[0].dtype == np.float32
+
+
+# 16-bit h (and grad_act): the float32 computation on the widened rows, rounded once to h's dtype, so
+# exactly the float32 path's result rounded. M spans several of the core's blocks of rows (about 128 Ki
+# floats each), with a last partial one.
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "geglu_tanh(limit=3.0,interleaved)"])
+def test_activation_16_bit(rng, dtype, activation):
+    dt = np.dtype(getattr(ml_dtypes, dtype) if dtype == "bfloat16" else np.float16)
+    gated = moe_ext.activation_from(activation).gated
+    M, f = 1501, 64
+    h = random_x(rng, M, 2 * f if gated else f).astype(dt)
+    g = random_x(rng, M, f).astype(dt)
+    with unchanged(h, g):
+        out = moe_ext.activation(h, activation)
+        grad_h = moe_ext.activation_backward(g, h, activation)
+    assert out.dtype == grad_h.dtype == dt and grad_h.shape == h.shape
+    np.testing.assert_array_equal(out, moe_ext.activation(h.astype(np.float32), activation).astype(dt))
+    wide = moe_ext.activation_backward(g.astype(np.float32), h.astype(np.float32), activation)
+    np.testing.assert_array_equal(grad_h, wide.astype(dt))
+    # grad_act of another dtype: both taken as float32
+    np.testing.assert_array_equal(moe_ext.activation_backward(g.astype(np.float32), h, activation), wide)
