@@ -1,5 +1,9 @@
 #include "core/backward.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -14,36 +18,42 @@ namespace moe_ext {
 
 namespace {
 
-// Floats per block of rows of a 16-bit activation: the block's float32 operands and result (512 KiB) stay
-// in the cores' L2 between the widening, the kernel and the rounding, each of which splits it over the
-// threads.
-constexpr int64_t kActivationBlockFloats = 128 * 1024;
+// Floats per block of rows of a 16-bit activation, per thread: the block's float32 operands and result
+// (256 KiB) stay in the core's L2 between the widening, the kernel and the rounding.
+constexpr int64_t kActivationBlockFloats = 64 * 1024;
 
-// Runs `kernel(in0, in1, out)` on float32 rows [m0, m0 + rows) for each block of rows: directly on float32
-// data, else on the block's rows widened into the workspace (in_cols / in1_cols floats a row; in1 may be
-// null) with the result (out_cols a row) rounded to `dtype`.
+// Runs `kernel(in0, in1, out, rows, threads)` on float32 rows: directly on float32 data (all threads),
+// else one block of rows per thread at a time in one parallel loop, each block widened into the thread's
+// part of the workspace (in0_cols / in1_cols floats a row; in1 may be null) and its result (out_cols a
+// row) rounded to `dtype`. A parallel region per step of each block cost more than the work at small M.
 template <typename Kernel>
 void by_row_blocks(const void* in0, int64_t in0_cols, const void* in1, int64_t in1_cols, DType dtype, int64_t M,
                    void* out, int64_t out_cols, Kernel kernel) {
+  const int threads = num_threads();
   if (dtype == DType::f32) {
-    kernel(static_cast<const float*>(in0), static_cast<const float*>(in1), static_cast<float*>(out), M);
+    kernel(static_cast<const float*>(in0), static_cast<const float*>(in1), static_cast<float*>(out), M, threads);
     return;
   }
   const int64_t row_floats = in0_cols + in1_cols + out_cols;
   const int64_t block = std::max<int64_t>(1, kActivationBlockFloats / std::max<int64_t>(1, row_floats));
-  float* buf = thread_workspace().get<float>(Scratch::converted_in, block * row_floats);
+  const int64_t blocks = (M + block - 1) / block;
+  float* buf = thread_workspace().get<float>(Scratch::converted_in, threads * block * row_floats);
   const Kernels& kern = kernels();
-  const int threads = num_threads();
   const int64_t size = dtype_size(dtype);
-  for (int64_t m0 = 0; m0 < M; m0 += block) {
-    const int64_t rows = std::min(block, M - m0);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t m0 = b * block, rows = std::min(block, M - m0);
+#ifdef _OPENMP
+    float* a = buf + omp_get_thread_num() * block * row_floats;
+#else
     float* a = buf;
-    float* b = buf + rows * in0_cols;
-    float* c = b + rows * in1_cols;
-    kern.widen(static_cast<const char*>(in0) + m0 * in0_cols * size, dtype, rows * in0_cols, threads, a);
-    if (in1) kern.widen(static_cast<const char*>(in1) + m0 * in1_cols * size, dtype, rows * in1_cols, threads, b);
-    kernel(a, in1 ? b : nullptr, c, rows);
-    kern.narrow(c, rows * out_cols, dtype, threads, static_cast<char*>(out) + m0 * out_cols * size);
+#endif
+    float* in1_rows = a + rows * in0_cols;
+    float* c = in1_rows + rows * in1_cols;
+    kern.widen(static_cast<const char*>(in0) + m0 * in0_cols * size, dtype, rows * in0_cols, 1, a);
+    if (in1) kern.widen(static_cast<const char*>(in1) + m0 * in1_cols * size, dtype, rows * in1_cols, 1, in1_rows);
+    kernel(a, in1 ? in1_rows : nullptr, c, rows, 1);
+    kern.narrow(c, rows * out_cols, dtype, 1, static_cast<char*>(out) + m0 * out_cols * size);
   }
 }
 
@@ -52,9 +62,10 @@ void by_row_blocks(const void* in0, int64_t in0_cols, const void* in1, int64_t i
 void activation(const void* h, DType dtype, int64_t M, int64_t f, const Activation& act, void* out) {
   if (M == 0 || f == 0) return;
   const int64_t h_cols = is_gated(act) ? 2 * f : f;
-  by_row_blocks(h, h_cols, nullptr, 0, dtype, M, out, f, [&](const float* h32, const float*, float* o, int64_t rows) {
-    kernels().activate(h32, rows, f, act, o);
-  });
+  by_row_blocks(h, h_cols, nullptr, 0, dtype, M, out, f,
+                [&](const float* h32, const float*, float* o, int64_t rows, int threads) {
+                  kernels().activate(h32, rows, f, act, threads, o);
+                });
 }
 
 void activation_backward(const void* grad_act, const void* h, DType dtype, int64_t M, int64_t f,
@@ -62,8 +73,8 @@ void activation_backward(const void* grad_act, const void* h, DType dtype, int64
   if (M == 0 || f == 0) return;
   const int64_t h_cols = is_gated(act) ? 2 * f : f;
   by_row_blocks(grad_act, f, h, h_cols, dtype, M, grad_h, h_cols,
-                [&](const float* g32, const float* h32, float* o, int64_t rows) {
-                  kernels().activation_backward(g32, h32, rows, f, act, o);
+                [&](const float* g32, const float* h32, float* o, int64_t rows, int threads) {
+                  kernels().activation_backward(g32, h32, rows, f, act, threads, o);
                 });
 }
 

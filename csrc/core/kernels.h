@@ -86,7 +86,7 @@ struct Kernels {
   void (*widen)(const void* src, DType dtype, int64_t n, int threads, float* dst);
   void (*narrow)(const float* src, int64_t n, DType dtype, int threads, void* dst);
   // Gated: h [M, 2f] -> out [M, f]; otherwise h [M, f] -> out [M, f] (may alias h).
-  void (*activate)(const float* h, int64_t M, int64_t f, const Activation& activation, float* out);
+  void (*activate)(const float* h, int64_t M, int64_t f, const Activation& activation, int threads, float* out);
   // y[t] = sum_j weights[t, j] * y_perm[perm_rows[t, j]], slots in order, -1 rows skipped.
   void (*unpermute)(const float* y_perm, const int32_t* perm_rows, const float* weights, int64_t T,
                     int64_t k, int64_t d, float* y);
@@ -94,7 +94,7 @@ struct Kernels {
   // Backward kernels (csrc/cpu/*_backward.cpp; the C++ API is core/backward.h).
   // grad_h [M, 2f] (gated) or [M, f] from grad_act [M, f] and the activation's input h.
   void (*activation_backward)(const float* grad_act, const float* h, int64_t M, int64_t f, const Activation& activation,
-                              float* grad_h);
+                              int threads, float* grad_h);
   // grad_y_perm (zeroed by the caller) += w * grad_y per slot; grad_weights [T, k]. threads = 1 when
   // perm_rows may repeat a row.
   void (*unpermute_backward)(const float* grad_y, const float* y_perm, const int32_t* perm_rows,

@@ -7,9 +7,8 @@
 
 namespace moe_ext::cpu::MOE_EXT_CPU_NS {
 
-void activate(const float* h, int64_t M, int64_t f, const Activation& activation, float* out) {
+void activate(const float* h, int64_t M, int64_t f, const Activation& activation, int threads, float* out) {
   const int64_t h_cols = is_gated(activation) ? 2 * f : f;
-  const int threads = num_threads();
   MOE_EXT_PARALLEL_FOR(threads)
   for (int64_t m = 0; m < M; ++m) {
     const float* row = h + m * h_cols;

@@ -125,11 +125,10 @@ void row_grad(const Activation& activation, const float* da, const float* z, con
 }  // namespace
 
 void activation_backward(const float* grad_act, const float* h, int64_t M, int64_t f, const Activation& activation,
-                         float* grad_h) {
+                         int threads, float* grad_h) {
   const bool gated = is_gated(activation), interleaved = gated && activation.interleaved;
   const int64_t h_cols = gated ? 2 * f : f;
   const int64_t up_at = interleaved ? 1 : f, stride = interleaved ? 2 : 1;
-  const int threads = num_threads();
   MOE_EXT_PARALLEL_FOR(threads)
   for (int64_t m = 0; m < M; ++m) {
     const float* row = h + m * h_cols;

@@ -13,11 +13,11 @@ void grouped_gemm(const GemmProblem& problem, int threads, void* scratch);
 void pack_weight(const WeightView& w, int threads, void* packed);
 void widen(const void* src, DType dtype, int64_t n, int threads, float* dst);
 void narrow(const float* src, int64_t n, DType dtype, int threads, void* dst);
-void activate(const float* h, int64_t M, int64_t f, const Activation& activation, float* out);
+void activate(const float* h, int64_t M, int64_t f, const Activation& activation, int threads, float* out);
 void unpermute(const float* y_perm, const int32_t* perm_rows, const float* weights, int64_t T,
                int64_t k, int64_t d, float* y);
 void activation_backward(const float* grad_act, const float* h, int64_t M, int64_t f, const Activation& activation,
-                         float* grad_h);
+                         int threads, float* grad_h);
 void unpermute_backward(const float* grad_y, const float* y_perm, const int32_t* perm_rows, const float* weights,
                         int64_t T, int64_t k, int64_t d, int threads, float* grad_y_perm, float* grad_weights);
 void grouped_gemm_grad_w(const GradWProblem& problem, int threads, void* scratch);

@@ -100,7 +100,7 @@ TEST_P(TierTest, ActivationsMatchPlainLoop) {
         const int64_t cols = is_gated(act) ? 2 * f : f;
         const auto h = random_floats(M * cols, gen, 3.f);
         std::vector<float> out(M * f);
-        kern().activate(h.data(), M, f, act, out.data());
+        kern().activate(h.data(), M, f, act, 2, out.data());
         std::vector<double> want(M * f);
         for (int64_t m = 0; m < M; ++m)
           for (int64_t i = 0; i < f; ++i)
@@ -116,7 +116,7 @@ TEST_P(TierTest, GeluIsAccurateElementwise) {
   for (float v = -13.f; v <= 13.f; v += 0.00731f) z.push_back(v);
   for (float v : {0.f, -0.f, 1e-30f, -1e-30f, 1e-3f, -1e-3f}) z.push_back(v);
   std::vector<float> out(z.size());
-  kern().activate(z.data(), 1, static_cast<int64_t>(z.size()), Activation::gelu(), out.data());
+  kern().activate(z.data(), 1, static_cast<int64_t>(z.size()), Activation::gelu(), 2, out.data());
   double worst = 0;
   for (size_t i = 0; i < z.size(); ++i) {
     const float arg = z[i] * -0.70710678118654752f;  // the kernel's float argument of erfc
@@ -127,7 +127,7 @@ TEST_P(TierTest, GeluIsAccurateElementwise) {
   EXPECT_LE(worst, 1e-6);
   const float specials[] = {INFINITY, -INFINITY, NAN, 20.f, -20.f};
   float got[5];
-  kern().activate(specials, 1, 5, Activation::gelu(), got);
+  kern().activate(specials, 1, 5, Activation::gelu(), 2, got);
   EXPECT_EQ(got[0], INFINITY);
   EXPECT_TRUE(std::isnan(got[1]));  // -inf * erfc(inf) = -inf * 0, as the reference
   EXPECT_TRUE(std::isnan(got[2]));
@@ -349,7 +349,7 @@ TEST_P(TierTest, ExpertsEqualsTheStagesComposed) {
   const int64_t M = permute_plan(ids.data(), T, k, E, kNoCapacity, offsets.data(), rows.data());
   permute_gather(x.data(), rows.data(), T, k, d, x_perm.data());
   grouped_gemm(x_perm.data(), w13.data(), offsets.data(), E, M, 2 * f, d, h.data());
-  kern().activate(h.data(), M, f, Activation::swiglu(), a.data());
+  kern().activate(h.data(), M, f, Activation::swiglu(), 2, a.data());
   grouped_gemm(a.data(), w2.data(), offsets.data(), E, M, d, f, y_perm.data());
   unpermute(y_perm.data(), M, rows.data(), weights.data(), T, k, d, y2.data());
   EXPECT_EQ(y, y2);  // the same kernels in the same order: bit-identical
