@@ -396,7 +396,10 @@ void packed_product(const GemmProblem& p, const Tile& t, const Segment* segs, in
   }
 }
 
-// Streaming: out column n = dot(a row, w row n) for each of the expert's few rows.
+// Streaming: out column n = dot(a row, w row n) for each of the expert's few rows. 16-bit rows ask for the
+// line kPrefetchBytes ahead of each step (one line a step with AVX-512): on Zen 4 the hardware prefetchers
+// alone left bfloat16/float16 decode at 0.3-0.5 of the read (Mixtral layer, T=1 and 8: 29.6 -> 12.8 ms and
+// 165 -> 74 ms in bf16); float32 showed no clear change and is left without.
 constexpr int kStreamRows = kLanes == 16 ? 8 : 4;  // 2 accumulators per row in registers
 
 template <int Rows, typename W>
@@ -405,6 +408,7 @@ void stream_rows(const float* a, int64_t lda, const W* w_row, int64_t K, float* 
   int64_t p = 0;
   constexpr int64_t kStep = 2 * kLanes;
   for (; p + kStep <= K; p += kStep) {
+    if constexpr (sizeof(W) == 2) __builtin_prefetch(reinterpret_cast<const char*>(w_row + p) + kPrefetchBytes, 0, 3);
     const vec w0 = load_f32(w_row + p), w1 = load_f32(w_row + p + kLanes);
     for (int r = 0; r < Rows; ++r) {
       acc[r][0] += load(a + r * lda + p) * w0;

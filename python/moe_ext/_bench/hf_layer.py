@@ -176,9 +176,9 @@ def run(dtype="bf16", prefill_tokens=512, batches=(1, 8), context=16, steps=16, 
                 touched[(impl, f"decode-b{b}")].extend(counter.take())
 
         with torch.inference_mode():
-            for impl in impls:  # warm-up (first calls pay for lazy setup)
-                model.set_experts_implementation(impl)
-                model(prompt[:, :8], use_cache=False)
+            for impl in impls:  # warm-up (first calls pay for lazy setup: moe_ext's packed-weight cache is
+                model.set_experts_implementation(impl)  # filled by the first call with many rows an expert)
+                model(prompt, use_cache=False)
             counter.take()
             for r in range(repeats):
                 order = list(impls[r % len(impls):]) + list(impls[:r % len(impls)])
