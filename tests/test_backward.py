@@ -197,6 +197,8 @@ def test_grouped_gemm_backward_grad_a_dtype_is_checked(rng):
     a, w, g = random_x(rng, 7, 8), random_weights(rng, (2, 5, 8), 8), random_x(rng, 7, 5)
     with pytest.raises(TypeError, match="grad_a_dtype.*float32 or a's dtype"):
         moe_ext.grouped_gemm_backward(g, a, w, offsets, grad_a_dtype=np.float16)
+    with pytest.raises(TypeError, match="grad_a_dtype"):
+        moe_ext.grouped_gemm_backward(g, a, w, offsets, grad_a_dtype="not a dtype")
     assert moe_ext.grouped_gemm_backward(g, a, w, offsets, grad_a_dtype=np.float32)[0].dtype == np.float32
 
 

@@ -55,9 +55,12 @@ def grouped_gemm_backward(grad_out, a, w, expert_offsets, *, need_a=True, need_w
         check.fail(ValueError, "w", "at least one expert (E >= 1)", f"shape {w.shape}")
     grad_out = check.data_array(grad_out, "grad_out", 2)
     check.expect_shape(grad_out, "grad_out", (a.shape[0], w.shape[1]), " (M, N)")
-    wanted = np.dtype(np.float32 if grad_a_dtype is None else grad_a_dtype)
+    try:
+        wanted = np.dtype(np.float32 if grad_a_dtype is None else grad_a_dtype)
+    except TypeError:
+        wanted = None
     if wanted not in (np.dtype(np.float32), a.dtype):
-        check.fail(TypeError, "grad_a_dtype", f"None, float32 or a's dtype ({a.dtype})", f"{wanted}")
+        check.fail(TypeError, "grad_a_dtype", f"None, float32 or a's dtype ({a.dtype})", f"{grad_a_dtype!r}")
     if grad_out.dtype != a.dtype:
         grad_out, a = grad_out.astype(np.float32), a.astype(np.float32)
     expert_offsets = check.index_array(expert_offsets, "expert_offsets", 1)
