@@ -103,10 +103,9 @@ void grouped_gemm_backward(const void* grad_out, const void* a, DType dtype, con
     const bool no_f32_rows = rows_as_they_are && w_t.transposed;
     const auto* rows_bf16 = rows_as_they_are ? static_cast<const uint16_t*>(grad_out) : nullptr;
     const float* grad_out32 = no_f32_rows ? nullptr : detail::as_f32(grad_out, dtype, M * N, Scratch::converted_in);
-    float* grad_a32 = grad_a_dtype == DType::f32 ? static_cast<float*>(grad_a)
-                                                 : thread_workspace().get<float>(Scratch::converted_out, M * K);
+    float* grad_a32 = detail::f32_target(grad_a, grad_a_dtype, M * K);
     detail::run_gemm(grad_out32, dtype, w_t, expert_offsets, false, Activation::swiglu(), nullptr, grad_a32, rows_bf16);
-    if (grad_a_dtype != DType::f32) kernels().narrow(grad_a32, M * K, grad_a_dtype, num_threads(), grad_a);
+    detail::finish_f32(grad_a32, M * K, grad_a_dtype, grad_a);
   }
   if (grad_w) {
     // Both operands are read in place, in their dtype: the tiles widen (or pair) what they pack.

@@ -11,6 +11,10 @@ namespace moe_ext::detail {
 // Whether a grouped GEMM multiplies with vdpbf16ps: the caller's activations and w are bfloat16, on the avx512
 // tier of a CPU with AVX512_BF16 (see GemmProblem::bf16_dot).
 bool use_bf16_dot(DType activations, const WeightView& w);
+// Where a float32 result of n elements goes: out itself (float32), or a workspace buffer that finish_f32
+// then rounds into out.
+float* f32_target(void* out, DType dtype, int64_t n);
+void finish_f32(const float* result, int64_t n, DType dtype, void* out);
 // `data` as float32: itself, or a widened copy in the workspace slot.
 const float* as_f32(const void* data, DType dtype, int64_t n, Scratch slot);
 // The grouped GEMM kernels' per-thread scratch (kGemmScratchBytes each) for `threads` threads.

@@ -12,15 +12,6 @@ namespace moe_ext {
 
 namespace {
 
-// Where a float32 result goes: the output itself, or a workspace buffer that finish_f32 narrows.
-float* f32_target(void* out, DType dtype, int64_t n) {
-  return dtype == DType::f32 ? static_cast<float*>(out) : thread_workspace().get<float>(Scratch::converted_out, n);
-}
-
-void finish_f32(const float* result, int64_t n, DType dtype, void* out) {
-  if (dtype != DType::f32) kernels().narrow(result, n, dtype, num_threads(), out);
-}
-
 // a [M, K] rounded to bfloat16 once, rows padded to even K (see GemmProblem::a_bf16).
 const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K) {
   const int64_t stride = (K + 1) / 2 * 2;
@@ -40,6 +31,14 @@ const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K) {
 }  // namespace
 
 namespace detail {  // declared in core/gemm_call.h
+
+float* f32_target(void* out, DType dtype, int64_t n) {
+  return dtype == DType::f32 ? static_cast<float*>(out) : thread_workspace().get<float>(Scratch::converted_out, n);
+}
+
+void finish_f32(const float* result, int64_t n, DType dtype, void* out) {
+  if (dtype != DType::f32) kernels().narrow(result, n, dtype, num_threads(), out);
+}
 
 // vdpbf16ps only where the caller already works in bfloat16.
 bool use_bf16_dot(DType activations, const WeightView& w) {

@@ -150,8 +150,9 @@ static void micro_kernel_narrow(const float* a, int64_t lda, const float* b, int
 
 // AVX512_BF16: vdpbf16ps adds a[2q] b[2q] + a[2q+1] b[2q+1] to each float32 lane, 32 products per
 // instruction. `a_pairs` holds the rows rounded to bfloat16, two depths per 32-bit word (row stride
-// lda_pairs words); depth is whole pairs (padding is zero on both sides).
-template <int Rows>
+// lda_pairs words, pairs PairStride words apart: 1 for rows, kMicroRows for the weight gradient's blocks of
+// grad_out columns); depth is whole pairs (padding is zero on both sides).
+template <int Rows, int64_t PairStride = 1>
 __attribute__((target("avx512bf16"))) static void micro_kernel_dpbf16(const uint32_t* a_pairs, int64_t lda_pairs,
                                                                      const bf16_t* b, int64_t pairs, float* c,
                                                                      int64_t ldc, bool accumulate) {
@@ -163,7 +164,7 @@ __attribute__((target("avx512bf16"))) static void micro_kernel_dpbf16(const uint
     const __m512bh w1 = (__m512bh)_mm512_loadu_si512(words + q * moe_ext::kPanelCols + 16);
 #pragma GCC unroll 8  // at -O2 GCC kept the accumulators on the stack (a load and a store per vdpbf16ps)
     for (int r = 0; r < Rows; ++r) {
-      const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(a_pairs[r * lda_pairs + q]));
+      const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(a_pairs[r * lda_pairs + q * PairStride]));
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], ar, w0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ar, w1);
     }

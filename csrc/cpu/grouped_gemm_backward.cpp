@@ -138,33 +138,13 @@ void tile_sums(const GradWProblem& p, const WeightTile& t, const WeightBuffers& 
 static_assert(kMicroCols == kPanelCols, "one microkernel slice per panel");
 
 // c[r][0..kPanelCols) (+)= the pair dot products of grad_out's column r and a's panel b over `pairs`
-// pairs of rows: g holds column r's pair q at g[q * kMicroRows + r] (pack_pairs), b is a's packed
-// panel. vdpbf16ps adds both products of a pair to the float32 lane.
-template <int Rows>
-__attribute__((target("avx512bf16"))) void micro_kernel_pairs_t(const uint32_t* g, const uint32_t* b, int64_t pairs,
-                                                              float* c, int64_t ldc, bool accumulate) {
-  __m512 acc[Rows][2];
-  for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t q = 0; q < pairs; ++q) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + q * kPanelCols);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + q * kPanelCols + 16);
-#pragma GCC unroll 8  // at -O2 GCC kept the accumulators on the stack (a load and a store per vdpbf16ps)
-    for (int r = 0; r < Rows; ++r) {
-      const __m512bh gr = (__m512bh)_mm512_set1_epi32(static_cast<int>(g[q * kMicroRows + r]));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], gr, b0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], gr, b1);
-    }
-  }
-  vec out[Rows][2];
-  for (int r = 0; r < Rows; ++r) out[r][0] = (vec)acc[r][0], out[r][1] = (vec)acc[r][1];
-  store_tile<Rows>(out, c, ldc, accumulate);
-}
-
-void micro_pairs_t(int rows, const uint32_t* g, const uint32_t* b, int64_t pairs, float* c, int64_t ldc,
+// pairs of rows: g holds column r's pair q at g[q * kMicroRows + r] (pack_pairs), b is a's packed panel;
+// the forward's vdpbf16ps microkernel with that pair stride.
+void micro_pairs_t(int rows, const uint32_t* g, const bf16_t* b, int64_t pairs, float* c, int64_t ldc,
                    bool accumulate) {
   switch (rows) {
 #define MOE_EXT_ROWS_CASE(R) \
-  case R: return micro_kernel_pairs_t<(R <= kMicroRows ? R : 1)>(g, b, pairs, c, ldc, accumulate);
+  case R: return micro_kernel_dpbf16<(R <= kMicroRows ? R : 1), kMicroRows>(g, 1, b, pairs, c, ldc, accumulate);
     MOE_EXT_ROWS_CASE(1) MOE_EXT_ROWS_CASE(2) MOE_EXT_ROWS_CASE(3) MOE_EXT_ROWS_CASE(4)
     MOE_EXT_ROWS_CASE(5) MOE_EXT_ROWS_CASE(6) MOE_EXT_ROWS_CASE(7) MOE_EXT_ROWS_CASE(8)
 #undef MOE_EXT_ROWS_CASE
@@ -216,8 +196,8 @@ void tile_sums_pairs(const GradWProblem& p, const WeightTile& t, const WeightBuf
       for (int64_t m = 0; m < t.n_rows; m += kMicroRows)
         micro_pairs_t(static_cast<int>(min_i64(kMicroRows, t.n_rows - m)),
                       g_pack + m / kMicroRows * block_words<kMicroRows>(pairs),
-                      pack + j * block_words<kPanelCols>(pairs), pairs, b.local + m * t.ld + j * kPanelCols, t.ld,
-                      d0 > 0);
+                      reinterpret_cast<const bf16_t*>(pack + j * block_words<kPanelCols>(pairs)), pairs,
+                      b.local + m * t.ld + j * kPanelCols, t.ld, d0 > 0);
   }
 }
 #endif
