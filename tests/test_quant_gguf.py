@@ -22,6 +22,7 @@ def test_dequantize_matches_gguf(rng, name, shape):
     q = moe_ext.gguf.from_gguf(data=blocks, ggml_type=TYPES[name], shape=shape)
     assert q.shape == shape and q.group_size == 32 and q.scheme == ("int8" if name == "Q8_0" else "int4")
     np.testing.assert_array_equal(moe_ext.dequantize(q), gguf.quants.dequantize(blocks, TYPES[name]))
+    assert q.scale_dtype == np.float16 and q.nbytes == blocks.nbytes  # the file's bytes, no more
 
 
 @pytest.mark.parametrize("name", list(TYPES))

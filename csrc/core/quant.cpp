@@ -145,6 +145,33 @@ void store_group(QuantScheme scheme, const int* q, int64_t first, int64_t n, uin
   }
 }
 
+// The float16 bits of s in *h when s is a float16 value (finite, dropping no bit); false otherwise.
+bool half_of(float s, uint16_t* h) {
+  uint32_t u;
+  std::memcpy(&u, &s, 4);
+  const uint32_t sign = (u >> 16) & 0x8000u, magnitude = u & 0x7fffffffu;
+  const int exponent = static_cast<int>(magnitude >> 23) - 127;  // s = 1.m * 2^exponent
+  if (magnitude == 0) {
+    *h = static_cast<uint16_t>(sign);
+    return true;
+  }
+  if (exponent > 15 || exponent < -24) return false;
+  if (exponent >= -14) {  // a normal float16: 10 bits of mantissa
+    if ((magnitude & 0x1fffu) != 0) return false;
+    *h = static_cast<uint16_t>(sign | (static_cast<uint32_t>(exponent + 15) << 10) | ((magnitude >> 13) & 0x3ffu));
+    return true;
+  }
+  const float units = std::fabs(s) * 16777216.f;  // a subnormal float16 is units * 2^-24, units < 1024
+  if (units != std::floor(units)) return false;
+  *h = static_cast<uint16_t>(sign | static_cast<uint32_t>(units));
+  return true;
+}
+
+// Scale i (a group_offset) of v, as float32.
+float scale_at(const QuantView& v, int64_t i) {
+  return v.half_scales ? to_float(v.scales, DType::f16, i) : static_cast<const float*>(v.scales)[i];
+}
+
 int value_at(const QuantView& v, int64_t row, int64_t depth) {
   if (v.scheme == QuantScheme::int8) return static_cast<int8_t>(v.values[row * v.row_bytes + depth]);
   const int64_t block = depth / kQuantBlock, j = depth % kQuantBlock;
@@ -196,12 +223,13 @@ QuantView QuantizedWeight::layout(QuantScheme scheme, int64_t E, int64_t N, int6
 }
 
 QuantizedWeight::QuantizedWeight(QuantScheme scheme, int64_t E, int64_t N, int64_t K, int64_t group_size,
-                                 bool zero_point, bool quantize_activations, bool allocate_parts)
+                                 bool zero_point, bool half_scales, bool quantize_activations, bool allocate_parts)
     : group_size_(group_size), view_(layout(scheme, E, N, K, group_size, zero_point)) {
   QuantView& v = view_;
   v.quantize_activations = quantize_activations;
+  v.half_scales = half_scales;
   const std::size_t rows = static_cast<std::size_t>(E * N);
-  const std::size_t values = rows * v.row_bytes, scales = rows * v.groups * sizeof(float),
+  const std::size_t values = rows * v.row_bytes, scales = rows * v.groups * scale_bytes(v),
                     zeros = zero_point ? rows * v.groups : 0;
   bytes_ = values + scales + zeros;
   if (!allocate_parts) return;
@@ -213,7 +241,7 @@ QuantizedWeight::QuantizedWeight(QuantScheme scheme, int64_t E, int64_t N, int64
   uint8_t* base = static_cast<uint8_t*>(data);
   std::memset(base, 0, scales_at);  // the int8 rows' padding is zero
   v.values = base;
-  v.scales = reinterpret_cast<const float*>(base + scales_at);
+  v.scales = base + scales_at;
   v.zeros = zero_point ? base + zeros_at : nullptr;
 }
 
@@ -221,10 +249,10 @@ std::unique_ptr<QuantizedWeight> QuantizedWeight::quantize(const void* w, DType 
                                                            int64_t K, QuantScheme scheme, int64_t group_size,
                                                            bool zero_point, bool quantize_activations) {
   std::unique_ptr<QuantizedWeight> q(
-      new QuantizedWeight(scheme, E, N, K, group_size, zero_point, quantize_activations));
+      new QuantizedWeight(scheme, E, N, K, group_size, zero_point, false, quantize_activations));
   const QuantView& v = q->view_;
   uint8_t* values = const_cast<uint8_t*>(v.values);
-  float* scales = const_cast<float*>(v.scales);
+  float* scales = static_cast<float*>(const_cast<void*>(v.scales));
   uint8_t* zeros = const_cast<uint8_t*>(v.zeros);
   const int64_t rows = E * N, group_depth = group_size == 0 ? K : group_size;
   std::atomic<int64_t> bad_row{-1};
@@ -265,23 +293,32 @@ std::unique_ptr<QuantizedWeight> QuantizedWeight::from_parts(QuantScheme scheme,
                                                              int64_t group_size, const uint8_t* values,
                                                              const float* scales, const uint8_t* zeros,
                                                              bool quantize_activations) {
-  std::unique_ptr<QuantizedWeight> q(
-      new QuantizedWeight(scheme, E, N, K, group_size, zeros != nullptr, quantize_activations));
-  const QuantView& v = q->view_;
-  const int64_t rows = E * N;
-  for (int64_t i = 0; i < rows * v.groups; ++i)
+  const int64_t groups = layout(scheme, E, N, K, group_size, zeros != nullptr).groups, rows = E * N;
+  bool half = true;
+  for (int64_t i = 0; i < rows * groups; ++i) {
     if (!std::isfinite(scales[i])) fail("scales", "finite values", "a non-finite scale at flat index " + std::to_string(i));
+    uint16_t h;
+    half = half && half_of(scales[i], &h);
+  }
+  std::unique_ptr<QuantizedWeight> q(
+      new QuantizedWeight(scheme, E, N, K, group_size, zeros != nullptr, half, quantize_activations));
+  const QuantView& v = q->view_;
   if (zeros != nullptr)
     for (int64_t i = 0; i < rows * v.groups; ++i)
       if (zeros[i] > 15) fail("zeros", "zero points in 0..15", std::to_string(zeros[i]));
   uint8_t* to_values = const_cast<uint8_t*>(v.values);
-  float* to_scales = const_cast<float*>(v.scales);
+  float* to_scales = static_cast<float*>(const_cast<void*>(v.scales));
+  uint16_t* to_halves = static_cast<uint16_t*>(const_cast<void*>(v.scales));
   uint8_t* to_zeros = const_cast<uint8_t*>(v.zeros);
 #pragma omp parallel for schedule(static) num_threads(num_threads())
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < v.row_bytes; ++j) to_values[value_offset(v, r, j)] = values[r * v.row_bytes + j];
     for (int64_t g = 0; g < v.groups; ++g) {
-      to_scales[group_offset(v, r, g)] = scales[r * v.groups + g];
+      const float s = scales[r * v.groups + g];
+      if (half)
+        half_of(s, &to_halves[group_offset(v, r, g)]);
+      else
+        to_scales[group_offset(v, r, g)] = s;
       if (zeros != nullptr) to_zeros[group_offset(v, r, g)] = zeros[r * v.groups + g];
     }
   }
@@ -295,7 +332,7 @@ void QuantizedWeight::export_parts(uint8_t* values, float* scales, uint8_t* zero
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < v.row_bytes; ++j) values[r * v.row_bytes + j] = v.values[value_offset(v, r, j)];
     for (int64_t g = 0; g < v.groups; ++g) {
-      scales[r * v.groups + g] = v.scales[group_offset(v, r, g)];
+      scales[r * v.groups + g] = scale_at(v, group_offset(v, r, g));
       if (zeros != nullptr && v.zeros != nullptr) zeros[r * v.groups + g] = v.zeros[group_offset(v, r, g)];
     }
   }
@@ -303,10 +340,10 @@ void QuantizedWeight::export_parts(uint8_t* values, float* scales, uint8_t* zero
 
 std::unique_ptr<QuantizedWeight> QuantizedWeight::borrow(QuantScheme scheme, int64_t E, int64_t N, int64_t K,
                                                          int64_t group_size, const uint8_t* values,
-                                                         const float* scales, const uint8_t* zeros,
+                                                         const void* scales, bool half_scales, const uint8_t* zeros,
                                                          bool quantize_activations) {
   std::unique_ptr<QuantizedWeight> q(
-      new QuantizedWeight(scheme, E, N, K, group_size, zeros != nullptr, quantize_activations, false));
+      new QuantizedWeight(scheme, E, N, K, group_size, zeros != nullptr, half_scales, quantize_activations, false));
   q->view_.values = values, q->view_.scales = scales, q->view_.zeros = zeros;
   return q;
 }
@@ -314,10 +351,10 @@ std::unique_ptr<QuantizedWeight> QuantizedWeight::borrow(QuantScheme scheme, int
 std::unique_ptr<QuantizedWeight> QuantizedWeight::with_activations(bool quantize_activations) const {
   const QuantView& v = view_;
   std::unique_ptr<QuantizedWeight> q(
-      new QuantizedWeight(v.scheme, v.E, v.N, v.K, group_size_, v.zeros != nullptr, quantize_activations));
+      new QuantizedWeight(v.scheme, v.E, v.N, v.K, group_size_, v.zeros != nullptr, v.half_scales, quantize_activations));
   const std::size_t rows = static_cast<std::size_t>(v.E * v.N);
   std::memcpy(const_cast<uint8_t*>(q->view_.values), v.values, rows * v.row_bytes);  // both in the kernel layout
-  std::memcpy(const_cast<float*>(q->view_.scales), v.scales, rows * v.groups * sizeof(float));
+  std::memcpy(const_cast<void*>(q->view_.scales), v.scales, rows * v.groups * scale_bytes(v));
   if (v.zeros != nullptr) std::memcpy(const_cast<uint8_t*>(q->view_.zeros), v.zeros, rows * v.groups);
   return q;
 }
@@ -329,7 +366,7 @@ void QuantizedWeight::dequantize(float* out) const {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t depth = 0; depth < v.K; ++depth) {
       const int64_t g = depth / v.group;
-      const float scale = v.scales[group_offset(v, r, g)];
+      const float scale = scale_at(v, group_offset(v, r, g));
       out[r * v.K + depth] = scale * static_cast<float>(value_at(v, r, depth) - zero_of(v, r, g));
     }
   }

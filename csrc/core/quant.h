@@ -1,11 +1,13 @@
-// Quantised expert weights (SPEC §3.7): int8 and int4 weights [E, N, K] with float32 scales, in the
-// layout the quantised grouped GEMM (csrc/cpu/quant_gemm.cpp) reads. Numerics: docs/api.md §9.
+// Quantised expert weights (SPEC §3.7): int8 and int4 weights [E, N, K] with float32 or float16 scales,
+// in the layout the quantised grouped GEMM (csrc/cpu/quant_gemm.cpp) reads. Numerics: docs/api.md §9.
 //
 // Layout, per expert and output row n (rows of an expert consecutive, experts consecutive):
 // - values [E, N, row_bytes]: int8: one signed byte per depth, the row zero-padded to row_depth
 //   (K rounded up to kQuantBlock); int4: blocks of 32 depths in 16 bytes, byte j of a block holding
 //   depth j in its low nibble and depth j + 16 in its high one (GGUF Q4_0's order), unsigned 0..15;
-// - scales [E, N, groups] float32: one per `group` consecutive depths (int8 per row: group = row_depth);
+// - scales [E, N, groups]: one per `group` consecutive depths (int8 per row: group = row_depth), kept
+//   as float16 when every one is a float16 value (GGUF's are: an import is then the file's bytes, 18 a
+//   Q4_0 block of 32 weights rather than 20), else float32 (what quantize makes); read as float32;
 // - zeros [E, N, groups] uint8 (int4 with zero points only).
 // A weight is value = scale * (q - z) with z = 0 (int8), 8 (int4 symmetric) or zeros[...] (int4 with
 // zero points), evaluated in float32: (q - z) exactly, then one rounded product.
@@ -44,8 +46,9 @@ struct QuantView {
   int64_t groups = 0;     // row_depth / group
   int64_t row_bytes = 0;  // bytes of one row's values
   const uint8_t* values = nullptr;
-  const float* scales = nullptr;
+  const void* scales = nullptr;       // float32, or float16 (IEEE binary16) where half_scales
   const uint8_t* zeros = nullptr;     // null: z = 0 (int8) or kInt4SymmetricZero (int4)
+  bool half_scales = false;
   bool quantize_activations = false;  // W8A8 / W4A8: the GEMM's rows are quantised per token to int8
   bool panels = false;                // int4: rows in panels of kPanelRows (the kernel layout above)
 };
@@ -60,7 +63,9 @@ inline int64_t value_offset(const QuantView& v, int64_t row, int64_t j) {
   const int64_t i = row % v.N % kPanelRows, first = row - i, block = j / (kQuantBlock / 2), b = j % (kQuantBlock / 2);
   return first * v.row_bytes + block * kPanelRows * (kQuantBlock / 2) + (b / 4) * 32 + i * 4 + b % 4;
 }
-// Where the scale (and zero point) of group g of flat row `row` is kept.
+// Bytes of one scale.
+inline int64_t scale_bytes(const QuantView& v) { return v.half_scales ? 2 : 4; }
+// Where the scale (and zero point) of group g of flat row `row` is kept, in scales (zeros).
 inline int64_t group_offset(const QuantView& v, int64_t row, int64_t g) {
   if (!in_panel(v, row)) return row * v.groups + g;
   const int64_t i = row % v.N % kPanelRows, first = row - i;
@@ -77,16 +82,17 @@ class QuantizedWeight {
                                                    QuantScheme scheme, int64_t group_size, bool zero_point,
                                                    bool quantize_activations);
   // Copies already-quantised parts in the exchange layout (an import, no requantisation): values
-  // [E, N, row_bytes], scales [E, N, groups], zeros [E, N, groups] or null.
+  // [E, N, row_bytes], scales [E, N, groups] (kept as float16 when every one is a float16 value),
+  // zeros [E, N, groups] or null.
   static std::unique_ptr<QuantizedWeight> from_parts(QuantScheme scheme, int64_t E, int64_t N, int64_t K,
                                                      int64_t group_size, const uint8_t* values, const float* scales,
                                                      const uint8_t* zeros, bool quantize_activations);
   // A weight over parts that someone else owns (moe_ext.torch's buffers), in the kernel layout (the view's
-  // parts of a weight made here, of the same format), neither copied nor
+  // parts of a weight made here, of the same format; scales float16 where half_scales), neither copied nor
   // checked (the caller validated them when it made them): they must outlive the result, unchanged.
   static std::unique_ptr<QuantizedWeight> borrow(QuantScheme scheme, int64_t E, int64_t N, int64_t K,
-                                                 int64_t group_size, const uint8_t* values, const float* scales,
-                                                 const uint8_t* zeros, bool quantize_activations);
+                                                 int64_t group_size, const uint8_t* values, const void* scales,
+                                                 bool half_scales, const uint8_t* zeros, bool quantize_activations);
   // The view's sizes (row_depth, group, groups, row_bytes) for a format, without data; throws as quantize.
   static QuantView layout(QuantScheme scheme, int64_t E, int64_t N, int64_t K, int64_t group_size, bool zero_point);
   // A copy sharing nothing, with the activation mode changed.
@@ -94,7 +100,7 @@ class QuantizedWeight {
 
   // The float32 values [E, N, K] the kernels multiply by.
   void dequantize(float* out) const;
-  // The parts in the exchange layout (sizes as from_parts; zeros only with zero points).
+  // The parts in the exchange layout (sizes as from_parts, scales float32; zeros only with zero points).
   void export_parts(uint8_t* values, float* scales, uint8_t* zeros) const;
 
   const QuantView& view() const { return view_; }
@@ -104,7 +110,7 @@ class QuantizedWeight {
 
  private:
   QuantizedWeight(QuantScheme scheme, int64_t E, int64_t N, int64_t K, int64_t group_size, bool zero_point,
-                  bool quantize_activations, bool allocate = true);
+                  bool half_scales, bool quantize_activations, bool allocate = true);
   struct Free { void operator()(void* p) const; };
   std::unique_ptr<void, Free> data_;  // values, then scales, then zeros; null when borrowed
   std::size_t bytes_ = 0;

@@ -19,6 +19,7 @@
 #include "core/kernels.h"
 #include "core/quant.h"
 #include "cpu/common.h"
+#include "cpu/convert.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -102,13 +103,35 @@ inline void prefetch_panel_block(const uint8_t* block) {
   prefetch_ahead(block + 64);
 }
 
+// Scale i (a group_offset) of w, as float32 (float16 scales widened exactly).
+inline float scale_at(const QuantView& w, int64_t i) {
+  if (!w.half_scales) return static_cast<const float*>(w.scales)[i];
+  return to_f32(f16_t{static_cast<const uint16_t*>(w.scales)[i]});
+}
+
+// Scales i .. i + 7 of w (a panel's group), as float32.
+inline f32x8 panel_scales_at(const QuantView& w, int64_t i) {
+  f32x8 s;
+  if (!w.half_scales) {
+    memcpy(&s, static_cast<const float*>(w.scales) + i, sizeof s);
+    return s;
+  }
+  const uint16_t* h = static_cast<const uint16_t*>(w.scales) + i;
+#if defined(__F16C__)
+  return (f32x8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+#else
+  for (int l = 0; l < 8; ++l) s[l] = to_f32(f16_t{h[l]});
+  return s;
+#endif
+}
+
 // Rows r < R of c (stride ldc) = weight row `row` (flat index e * N + n) times activation rows
 // aq[r * lda ...], with their group sums (stride w.groups) and scales.
 template <class Dot, bool Int4, int R>
 void int_dot_rows(const QuantView& w, int64_t row, const int8_t* aq, int64_t lda, const int32_t* sums,
                   const float* a_scales, float* c, int64_t ldc) {
   const uint8_t* values = w.values + row * w.row_bytes;
-  const float* scales = w.scales + row * w.groups;
+  const int64_t scales = row * w.groups;
   const uint8_t* zeros = w.zeros ? w.zeros + row * w.groups : nullptr;
   constexpr int64_t kBlockBytes = Int4 ? kQuantBlock / 2 : kQuantBlock;
   const int64_t blocks = w.group / kQuantBlock;
@@ -123,9 +146,10 @@ void int_dot_rows(const QuantView& w, int64_t row, const int8_t* aq, int64_t lda
                     : Dot::dot_s8(s[r], wv, aq + r * lda + b * kQuantBlock);
     }
     const int32_t zero = Int4 ? (zeros ? zeros[g] : kInt4SymmetricZero) : Dot::kS8Bias;
+    const float scale = scale_at(w, scales + g);
     for (int r = 0; r < R; ++r) {
       s[r][0] -= zero * sums[r * w.groups + g];
-      acc[r] += __builtin_convertvector(s[r], f32x8) * scales[g];
+      acc[r] += __builtin_convertvector(s[r], f32x8) * scale;
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -204,7 +228,7 @@ template <class Panel, int R>
 void panel_dot_rows(const QuantView& w, int64_t first, const int8_t* aq, int64_t lda, const int32_t* sums,
                     const float* a_scales, float* c) {
   const uint8_t* values = w.values + first * w.row_bytes;
-  const float* scales = w.scales + first * w.groups;
+  const int64_t scales = first * w.groups;
   const uint8_t* zeros = w.zeros ? w.zeros + first * w.groups : nullptr;
   const int64_t blocks = w.group / kQuantBlock;
   const int8_t* a[R];
@@ -218,8 +242,7 @@ void panel_dot_rows(const QuantView& w, int64_t first, const int8_t* aq, int64_t
     }
     i32x8 zero = {};
     for (int i = 0; i < 8; ++i) zero[i] = zeros ? zeros[g * kPanelRows + i] : kInt4SymmetricZero;
-    f32x8 scale;
-    memcpy(&scale, scales + g * kPanelRows, sizeof scale);
+    const f32x8 scale = panel_scales_at(w, scales + g * kPanelRows);
     for (int r = 0; r < R; ++r) {
       s[r] -= zero * sums[r * w.groups + g];
       acc[r] += __builtin_convertvector(s[r], f32x8) * scale;

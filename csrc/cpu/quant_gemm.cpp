@@ -62,7 +62,7 @@ void quantize_row(const float* x, int64_t K, const QuantView& w, int8_t* q, floa
 // (4 outside a panel, 32 inside one), blocks `block` apart; group g's scale (and zero) at g * `group`.
 struct RowAt {
   const uint8_t* values;
-  const float* scales;
+  int64_t scales;  // scale_at's index of group 0
   const uint8_t* zeros;
   int64_t run, block, group;
 };
@@ -70,7 +70,7 @@ struct RowAt {
 RowAt row_at(const QuantView& w, int64_t row) {
   const bool panel = in_panel(w, row);  // the offsets once per row: they divide
   const int64_t v0 = value_offset(w, row, 0), g0 = group_offset(w, row, 0);
-  return {w.values + v0, w.scales + g0, w.zeros ? w.zeros + g0 : nullptr, panel ? 32 : 4,
+  return {w.values + v0, g0, w.zeros ? w.zeros + g0 : nullptr, panel ? 32 : 4,
           panel ? kPanelRows * kQuantBlock / 2 : kQuantBlock / 2, panel ? kPanelRows : 1};
 }
 
@@ -112,7 +112,7 @@ void dequantize_row(const QuantView& w, int64_t row, float* dst) {
   const RowAt at = row_at(w, row);
   const int64_t blocks = w.group / kQuantBlock;
   for (int64_t g = 0; g < w.groups; ++g) {
-    const float s = at.scales[g * at.group];
+    const float s = scale_at(w, at.scales + g * at.group);
     const int z = at.zeros ? at.zeros[g * at.group] : (w.scheme == QuantScheme::int4 ? kInt4SymmetricZero : 0);
     float* out = dst + g * w.group;
     if (w.scheme == QuantScheme::int8) {
@@ -192,7 +192,7 @@ void fused_dot_rows(const QuantView& w, const RowAt& at, const float* a, int64_t
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < w.groups; ++g) {
-    const __m256 scale = _mm256_set1_ps(at.scales[g * at.group]);
+    const __m256 scale = _mm256_set1_ps(scale_at(w, at.scales + g * at.group));
     const __m256i zero = _mm256_set1_epi32(at.zeros ? at.zeros[g * at.group] : (int4 ? kInt4SymmetricZero : 0));
     for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
       prefetch_ahead(at.values + b * (int4 ? at.block : kQuantBlock));
@@ -234,7 +234,7 @@ template <int R>
 void float_panel_rows(const QuantView& w, int64_t first, const float* a, int64_t lda, float* c) {
   constexpr int kAcc = R <= 2 ? 4 : 2;
   const uint8_t* values = w.values + first * w.row_bytes;
-  const float* scales = w.scales + first * w.groups;
+  const int64_t scales = first * w.groups;
   const uint8_t* zeros = w.zeros ? w.zeros + first * w.groups : nullptr;
   const int64_t blocks = w.group / kQuantBlock;
   const __m256i low = _mm256_set1_epi32(15);
@@ -264,7 +264,7 @@ void float_panel_rows(const QuantView& w, int64_t first, const float* a, int64_t
         }
       }
     }
-    const __m256 scale = _mm256_loadu_ps(scales + g * kPanelRows);
+    const __m256 scale = (__m256)panel_scales_at(w, scales + g * kPanelRows);
     for (int r = 0; r < R; ++r) {
       __m256 total = sum[r][0];
       for (int i = 1; i < kAcc; ++i) total = _mm256_add_ps(total, sum[r][i]);

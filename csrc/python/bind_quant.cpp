@@ -29,29 +29,36 @@ py::array view_of(const T* data, const Shape& shape, const py::object& owner) {
   return a;
 }
 
-// The caller's arrays of a quantised weight, their shapes and dtypes checked against the scheme's layout.
+// The caller's arrays of a quantised weight, their shapes and dtypes checked against the scheme's layout:
+// scales float32, or float16 where half_scales_allowed (the kernel layout's, for borrow).
 struct CheckedParts {
   QuantScheme scheme;
   const uint8_t* values;
-  const float* scales;
+  const void* scales;
+  bool half_scales;
   const uint8_t* zeros;
 };
 
 CheckedParts checked_parts(const std::string& scheme, int64_t E, int64_t N, int64_t K, int64_t group_size,
-                           const py::array& values, const py::array& scales, const std::optional<py::array>& zeros) {
+                           const py::array& values, const py::array& scales, const std::optional<py::array>& zeros,
+                           bool half_scales_allowed) {
   const QuantScheme s = scheme_from(scheme);
   const QuantView v = QuantizedWeight::layout(s, E, N, K, group_size, zeros.has_value());
-  return {s, data_of<uint8_t>(values, "values", {E, N, v.row_bytes}),
-          data_of<float>(scales, "scales", {E, N, v.groups}),
+  const bool half = half_scales_allowed && scales.dtype().is(py::dtype("float16"));
+  const void* scales_data =
+      half ? static_cast<const void*>(data_of<uint16_t>(py::array(scales).view("uint16"), "scales", {E, N, v.groups}))
+           : data_of<float>(scales, "scales", {E, N, v.groups});
+  return {s, data_of<uint8_t>(values, "values", {E, N, v.row_bytes}), scales_data, half,
           zeros ? data_of<uint8_t>(*zeros, "zeros", {E, N, v.groups}) : nullptr};
 }
 
 std::unique_ptr<QuantizedWeight> from_parts(const std::string& scheme, int64_t E, int64_t N, int64_t K,
                                             int64_t group_size, const py::array& values, const py::array& scales,
                                             const std::optional<py::array>& zeros, bool activations) {
-  const CheckedParts p = checked_parts(scheme, E, N, K, group_size, values, scales, zeros);
+  const CheckedParts p = checked_parts(scheme, E, N, K, group_size, values, scales, zeros, false);
   py::gil_scoped_release release;
-  return QuantizedWeight::from_parts(p.scheme, E, N, K, group_size, p.values, p.scales, p.zeros, activations);
+  return QuantizedWeight::from_parts(p.scheme, E, N, K, group_size, p.values, static_cast<const float*>(p.scales),
+                                     p.zeros, activations);
 }
 
 // A QuantizedWeight over the caller's arrays (no copy; see QuantizedWeight::borrow): the arrays' shapes and
@@ -59,8 +66,9 @@ std::unique_ptr<QuantizedWeight> from_parts(const std::string& scheme, int64_t E
 std::unique_ptr<QuantizedWeight> borrowed(const std::string& scheme, int64_t E, int64_t N, int64_t K,
                                           int64_t group_size, const py::array& values, const py::array& scales,
                                           const std::optional<py::array>& zeros, bool activations) {
-  const CheckedParts p = checked_parts(scheme, E, N, K, group_size, values, scales, zeros);
-  return QuantizedWeight::borrow(p.scheme, E, N, K, group_size, p.values, p.scales, p.zeros, activations);
+  const CheckedParts p = checked_parts(scheme, E, N, K, group_size, values, scales, zeros, true);
+  return QuantizedWeight::borrow(p.scheme, E, N, K, group_size, p.values, p.scales, p.half_scales, p.zeros,
+                                 activations);
 }
 
 // (values, scales, zeros or None) of q in the exchange layout, as new arrays.
@@ -110,6 +118,9 @@ void bind_quant(py::module_& m) {
         return py::none();
       })
       .def_property_readonly("nbytes", &QuantizedWeight::nbytes)
+      .def_property_readonly("scale_dtype", [](const QuantizedWeight& q) {
+        return py::dtype(q.view().half_scales ? "float16" : "float32");
+      }, "How the scales are kept: float16 when every one is a float16 value (GGUF imports), else float32.")
       .def_property_readonly("values", [](const QuantizedWeight& q) -> py::object { return exchange_parts(q)[0]; },
                              "uint8 [E, N, row_bytes] in the exchange layout (docs/api.md §9): a copy.")
       .def_property_readonly("scales", [](const QuantizedWeight& q) -> py::object { return exchange_parts(q)[1]; },
@@ -118,10 +129,13 @@ void bind_quant(py::module_& m) {
                              "uint8 [E, N, groups] (zero points) or None: a copy.")
       .def("kernel_parts", [](const py::object& self) {
         const QuantView& v = self.cast<const QuantizedWeight&>().view();
-        return py::make_tuple(view_of<uint8_t>(v.values, {v.E, v.N, v.row_bytes}, self),
-                              view_of<float>(v.scales, {v.E, v.N, v.groups}, self),
+        py::array scales = v.half_scales
+            ? py::array(view_of<uint16_t>(static_cast<const uint16_t*>(v.scales), {v.E, v.N, v.groups}, self)).view("float16")
+            : view_of<float>(static_cast<const float*>(v.scales), {v.E, v.N, v.groups}, self);
+        return py::make_tuple(view_of<uint8_t>(v.values, {v.E, v.N, v.row_bytes}, self), scales,
                               v.zeros ? py::object(view_of<uint8_t>(v.zeros, {v.E, v.N, v.groups}, self)) : py::none());
-      }, "(values, scales, zeros): read-only views of the parts in the kernel layout (what quantized_borrow takes).")
+      }, "(values, scales, zeros): read-only views of the parts in the kernel layout (what quantized_borrow takes);\n"
+         "scales float16 where scale_dtype is float16, else float32.")
       .def("dequantize", [](const QuantizedWeight& q) {
         const QuantView& v = q.view();
         auto out = output<float>({v.E, v.N, v.K});

@@ -4,8 +4,9 @@ GGUF (llama.cpp's format) stores a quantised tensor as blocks of 32 values along
 K): Q8_0 = a float16 scale d then 32 int8 codes, value d * q; Q4_0 = d then 16 bytes whose low nibbles
 are values 0..15 and high nibbles 16..31 of the block, value d * (q - 8). Those are moe_ext's int8
 group-32 and int4 symmetric group-32 formats exactly (docs/api.md §9): the codes are copied as they are
-and d is widened to float32 (exact), so `moe_ext.dequantize` gives what `gguf.quants.dequantize` gives,
-bit for bit, and nothing is requantised. The `gguf` package itself is needed only to read files.
+and d stays a float16 scale (the weight's scale_dtype; as bytes, 18 a Q4_0 block and 34 a Q8_0 one, as in
+the file), so `moe_ext.dequantize` gives what `gguf.quants.dequantize` gives, bit for bit, and nothing is
+requantised. The `gguf` package itself is needed only to read files.
 """
 import numpy as np
 

@@ -79,7 +79,8 @@ def with_activations(q, activations):
 def from_parts(scheme, shape, group_size, values, scales, zeros=None, *, activations=None):
     """A QuantizedWeight from parts in the exchange layout (docs/api.md §9: what q.values/scales/zeros give),
     copied, never requantised: values uint8 [E, N, row_bytes], scales float32 [E, N, groups], zeros uint8
-    [E, N, groups] or None."""
+    [E, N, groups] or None. The scales are kept as float16 when every one is a float16 value (a GGUF
+    import's are), else as float32: q.scale_dtype says which; either way they are read exactly."""
     scheme = check.choice(scheme, "scheme", SCHEMES)
     E, N, K = (check.integer(s, "shape", 0) for s in shape)
     if scheme == "int4" and K % 2 != 0:

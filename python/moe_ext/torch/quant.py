@@ -11,7 +11,8 @@ The float expert weights are released (nothing here keeps them), so expert memor
 bytes (`expert_bytes(model)` counts them).
 
 A `QuantizedExpertWeight` is an nn.Module holding a moe_ext.QuantizedWeight's parts as buffers (values
-uint8, scales float32, zeros uint8 or None: the kernel layout of csrc/core/quant.h), so state_dict, `.to("cpu")`
+uint8, scales float32 or float16 (the weight's scale_dtype), zeros uint8 or None: the kernel layout of
+csrc/core/quant.h), so state_dict, `.to("cpu")`
 and memory accounting see them. The kernels read the buffers in place (moe_ext._core.quantized_borrow):
 no copy per call. The buffers are checked once, when they are made; a caller who writes into them owns
 the result.
@@ -94,9 +95,10 @@ class QuantizedExpertWeight(nn.Module):
                 f"zero_point={self.zero_point}, activations={self.activations!r}, nbytes={self.nbytes}")
 
 
-def _buffer(t, name, dtype):
-    if t.dtype != dtype or t.device.type != "cpu" or t.dim() != 3:
-        raise ValueError(f"{name}: expected a 3-d CPU tensor of dtype {dtype}; got {t.dim()}-d {t.dtype} on {t.device}")
+def _buffer(t, name, *dtypes):
+    if t.dtype not in dtypes or t.device.type != "cpu" or t.dim() != 3:
+        expected = " or ".join(str(d) for d in dtypes)
+        raise ValueError(f"{name}: expected a 3-d CPU tensor of dtype {expected}; got {t.dim()}-d {t.dtype} on {t.device}")
     return t.detach().contiguous().numpy()
 
 
@@ -104,7 +106,8 @@ def _borrow(values, scales, zeros, fmt):
     scheme, K, group_size, activations = fmt
     E, N = values.shape[0], values.shape[1]
     return _core.quantized_borrow("int8" if scheme == 0 else "int4", E, N, K, group_size,
-                                  _buffer(values, "values", torch.uint8), _buffer(scales, "scales", torch.float32),
+                                  _buffer(values, "values", torch.uint8),
+                                  _buffer(scales, "scales", torch.float32, torch.float16),
                                   None if zeros is None else _buffer(zeros, "zeros", torch.uint8), bool(activations))
 
 
