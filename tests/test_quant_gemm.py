@@ -177,19 +177,21 @@ def test_mixed_weights(rng):
 @pytest.mark.parametrize("activation", ["swiglu", "swiglu(interleaved)", "geglu"])
 @pytest.mark.parametrize("activations", [None, "int8"], ids=["weight-only", "a8"])
 @pytest.mark.parametrize("f", [20, 36, 44])
-def test_int4_panels_split_by_the_gate_up_halves(rng, activation, activations, f):
-    """int4 rows live in panels of 8 (core/quant.h): a gated w13 whose f is not a multiple of 8 has a
-    panel holding both gate and up rows, and a tail of f % 8 rows per expert outside the panels."""
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_panels_split_by_the_gate_up_halves(rng, activation, activations, f, scheme):
+    """Rows live in panels of 8 (core/quant.h): a gated w13 whose f is not a multiple of 8 has a panel
+    holding both gate and up rows, and a tail of f % 8 rows per expert outside the panels."""
     T, d, E, k = 11, 64, 3, 2
     x = random_x(rng, T, d)
     w13, w2 = random_expert_weights(rng, E, d, f, "swiglu")
     weights, ids = random_topk_weights(rng, T, k), random_ids(rng, T, E, k)
-    q13 = moe_ext.quantize(w13, "int4", group_size=32, zero_point=f == 36, activations=activations)
+    zp = scheme == "int4" and f == 36
+    q13 = moe_ext.quantize(w13, scheme, group_size=32, zero_point=zp, activations=activations)
     got = moe_ext.experts(x, q13, w2, weights, ids, activation=activation)
     a8 = activations == "int8"
     want = reference.quantized_experts(x, moe_ext.dequantize(q13), w2, weights, ids, activation=activation,
                                        quantize_inputs=(a8, False))
-    assert_close(got, want, GEMM_RTOL if not a8 else 1e-3, "int4 w13")
+    assert_close(got, want, GEMM_RTOL if not a8 else 1e-3, f"{scheme} w13")
 
 
 def test_int4_kernel_parts_are_the_exchange_parts_interleaved(rng):
@@ -208,6 +210,20 @@ def test_int4_kernel_parts_are_the_exchange_parts_interleaved(rng):
     again = moe_ext.quant.from_parts("int4", q.shape, 32, q.values, q.scales, q.zeros)
     np.testing.assert_array_equal(again.kernel_parts()[0], values)
     np.testing.assert_array_equal(moe_ext.dequantize(again), moe_ext.dequantize(q))
+
+
+def test_int8_kernel_parts_are_the_exchange_parts_interleaved(rng):
+    """int8 rows are in panels of 8 too: block b's 256 bytes are 8 chunks of 32, chunk c holding depths
+    4c..4c+3 of each of the panel's rows in turn; an odd K's zero padding moves with its block."""
+    E, N, K = 2, 11, 77  # 96 depths a row (77 and the padding), one panel of 8 and 3 rows after it
+    q = moe_ext.quantize(rng.standard_normal((E, N, K)).astype(np.float32), "int8")
+    values, scales, _ = q.kernel_parts()
+    panel = values[:, :8].reshape(E, 3, 8, 8, 4)  # [e, block, chunk, row, byte]
+    np.testing.assert_array_equal(panel.transpose(0, 3, 1, 2, 4).reshape(E, 8, -1), q.values[:, :8])
+    np.testing.assert_array_equal(values[:, 8:], q.values[:, 8:])
+    np.testing.assert_array_equal(scales[:, :8, 0], q.scales[:, :8, 0])  # one group: [1][8] is row order
+    again = moe_ext.quant.from_parts("int8", q.shape, None, q.values, q.scales)
+    np.testing.assert_array_equal(again.kernel_parts()[0], values)
 
 
 def test_wrong_shape_in_slot(rng):

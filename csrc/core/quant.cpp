@@ -173,7 +173,7 @@ float scale_at(const QuantView& v, int64_t i) {
 }
 
 int value_at(const QuantView& v, int64_t row, int64_t depth) {
-  if (v.scheme == QuantScheme::int8) return static_cast<int8_t>(v.values[row * v.row_bytes + depth]);
+  if (v.scheme == QuantScheme::int8) return static_cast<int8_t>(v.values[value_offset(v, row, depth)]);
   const int64_t block = depth / kQuantBlock, j = depth % kQuantBlock;
   const uint8_t byte = v.values[value_offset(v, row, block * (kQuantBlock / 2) + j % (kQuantBlock / 2))];
   return j < kQuantBlock / 2 ? (byte & 0x0f) : (byte >> 4);
@@ -218,7 +218,6 @@ QuantView QuantizedWeight::layout(QuantScheme scheme, int64_t E, int64_t N, int6
   v.group = group_size == 0 ? v.row_depth : group_size;
   v.groups = v.row_depth / v.group;
   v.row_bytes = scheme == QuantScheme::int8 ? v.row_depth : v.row_depth / 2;
-  v.panels = scheme == QuantScheme::int4;
   return v;
 }
 

@@ -12,13 +12,14 @@
 // A weight is value = scale * (q - z) with z = 0 (int8), 8 (int4 symmetric) or zeros[...] (int4 with
 // zero points), evaluated in float32: (q - z) exactly, then one rounded product.
 //
-// That is the exchange layout (from_parts, export_parts, what Python's values/scales/zeros show). int4
-// weights are kept in the kernel layout: each expert's rows in panels of kPanelRows (8) consecutive rows
-// interleaved, so one 32-byte load holds 4 depths of 8 rows and the integer kernel keeps one row per lane
-// (no horizontal sums; llama.cpp's repacked Q4_0 does the same). In a panel, block b's 128 bytes are 4
-// chunks of 32; chunk c holds, for each row i of the panel in turn, its block bytes 4c..4c+3 (depths
-// 4c..4c+3 in the low nibbles, 16+4c.. in the high ones); the panel's scales (and zeros) are [groups][8].
-// An expert's last N % 8 rows, and every int8 weight, stay in the exchange layout. Same bytes in total.
+// That is the exchange layout (from_parts, export_parts, what Python's values/scales/zeros show). Weights
+// are kept in the kernel layout: each expert's rows in panels of kPanelRows (8) consecutive rows
+// interleaved, so one 32-byte load holds 4 bytes of each of 8 rows and the kernels keep one row per lane
+// (no horizontal sums, and one scale epilogue per 8 rows; llama.cpp's repacked Q4_0 does the same). In a
+// panel, block b's 8 * block_bytes bytes (int4: 128, int8: 256) are chunks of 32; chunk c holds, for each
+// row i of the panel in turn, its block bytes 4c..4c+3 (int8: depths 4c..4c+3; int4: depths 4c..4c+3 in
+// the low nibbles, 16+4c.. in the high ones); the panel's scales (and zeros) are [groups][8]. An expert's
+// last N % 8 rows stay in the exchange layout. Same bytes in total.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -50,18 +51,19 @@ struct QuantView {
   const uint8_t* zeros = nullptr;     // null: z = 0 (int8) or kInt4SymmetricZero (int4)
   bool half_scales = false;
   bool quantize_activations = false;  // W8A8 / W4A8: the GEMM's rows are quantised per token to int8
-  bool panels = false;                // int4: rows in panels of kPanelRows (the kernel layout above)
 };
 
-// Rows of each expert that are in panels: the first N rounded down to kPanelRows (0 without panels).
-inline int64_t panel_rows(const QuantView& v) { return v.panels ? v.N / kPanelRows * kPanelRows : 0; }
+// Bytes of one row's 32-depth block: 32 (int8) or 16 (int4).
+inline int64_t block_bytes(const QuantView& v) { return v.scheme == QuantScheme::int8 ? kQuantBlock : kQuantBlock / 2; }
+// Rows of each expert that are in panels: the first N rounded down to kPanelRows.
+inline int64_t panel_rows(const QuantView& v) { return v.N / kPanelRows * kPanelRows; }
 // Whether flat row `row` (e * N + n) is in a panel.
 inline bool in_panel(const QuantView& v, int64_t row) { return row % v.N < panel_rows(v); }
 // Where byte j (0 <= j < row_bytes, exchange order) of flat row `row` is kept in values.
 inline int64_t value_offset(const QuantView& v, int64_t row, int64_t j) {
   if (!in_panel(v, row)) return row * v.row_bytes + j;
-  const int64_t i = row % v.N % kPanelRows, first = row - i, block = j / (kQuantBlock / 2), b = j % (kQuantBlock / 2);
-  return first * v.row_bytes + block * kPanelRows * (kQuantBlock / 2) + (b / 4) * 32 + i * 4 + b % 4;
+  const int64_t bytes = block_bytes(v), i = row % v.N % kPanelRows, first = row - i, block = j / bytes, b = j % bytes;
+  return first * v.row_bytes + block * kPanelRows * bytes + (b / 4) * 32 + i * 4 + b % 4;
 }
 // Bytes of one scale.
 inline int64_t scale_bytes(const QuantView& v) { return v.half_scales ? 2 : 4; }

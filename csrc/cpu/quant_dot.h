@@ -97,10 +97,9 @@ struct DotVnni {
 constexpr int64_t kQuantPrefetchBytes = 4096;
 
 inline void prefetch_ahead(const uint8_t* p) { __builtin_prefetch(p + kQuantPrefetchBytes, 0, 3); }
-// The same for an int4 panel block (kPanelRows rows of 16 bytes: two lines).
-inline void prefetch_panel_block(const uint8_t* block) {
-  prefetch_ahead(block);
-  prefetch_ahead(block + 64);
+// The same for a panel block (kPanelRows rows of `bytes` bytes: two lines for int4, four for int8).
+inline void prefetch_panel_block(const uint8_t* block, int64_t bytes) {
+  for (int64_t line = 0; line < kPanelRows * bytes; line += 64) prefetch_ahead(block + line);
 }
 
 // Scale i (a group_offset) of w, as float32 (float16 scales widened exactly).
@@ -158,12 +157,23 @@ void int_dot_rows(const QuantView& w, int64_t row, const int8_t* aq, int64_t lda
   }
 }
 
-// --- int4 panels (core/quant.h's kernel layout): 8 weight rows, one a lane --------------------------
+// --- panels (core/quant.h's kernel layout): 8 weight rows, one a lane ------------------------------
 // A policy's block<R>(w, a, depth, s) adds to s[r] (lane i: row i of the panel) the integer products of
-// the panel's 32-depth block at w (128 bytes) with activation rows a[r] at `depth`. Nibbles are unsigned
-// (0..15), so the zero point is taken off per group with the activations' group sum, as above.
+// the panel's 32-depth int4 block at w (128 bytes) with activation rows a[r] at `depth`; block_s8<R> the
+// same for an int8 block (256 bytes). Nibbles are unsigned (0..15), so the zero point is taken off per
+// group with the activations' group sum, as above; so is kS8Bias for int8 (vpdpbusd's w + 128).
 
 struct PanelScalar {
+  static constexpr int kS8Bias = 0;
+  template <int R>
+  static void block_s8(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s) {
+    for (int c = 0; c < 8; ++c)
+      for (int i = 0; i < 8; ++i)
+        for (int j = 0; j < 4; ++j) {
+          const int8_t q = static_cast<int8_t>(w[32 * c + 4 * i + j]);
+          for (int r = 0; r < R; ++r) s[r][i] += q * a[r][depth + 4 * c + j];
+        }
+  }
   template <int R>
   static void block(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s) {
     for (int c = 0; c < 4; ++c)
@@ -184,8 +194,21 @@ inline __m256i broadcast4(const int8_t* p) {
 }
 
 // vpmaddubsw (nibble x int8, pairs summed in int16), 8 of them summed in int16 before one vpmaddwd:
-// each pair is at most 2 * 15 * 127 = 3810 in magnitude, so 8 of them (30480) never saturate.
+// each pair is at most 2 * 15 * 127 = 3810 in magnitude, so 8 of them (30480) never saturate. int8:
+// |w| against sign(w) * a as DotAvx2 (a pair at most 2 * 127 * 127 = 32258), one vpmaddwd per chunk.
 struct PanelAvx2 {
+  static constexpr int kS8Bias = 0;
+  template <int R>
+  static void block_s8(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s) {
+    for (int c = 0; c < 8; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
+      const __m256i magnitude = _mm256_sign_epi8(v, v);
+      for (int r = 0; r < R; ++r) {
+        const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(broadcast4(a[r] + depth + 4 * c), v));
+        s[r] += (i32x8)_mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+      }
+    }
+  }
   template <int R>
   static void block(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s) {
     const __m256i low = _mm256_set1_epi8(15);
@@ -205,7 +228,16 @@ struct PanelAvx2 {
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-struct PanelVnni {  // vpdpbusd: nibble x int8, 4 products summed straight into int32
+struct PanelVnni {  // vpdpbusd: nibble (or int8 w + 128) x int8, 4 products summed straight into int32
+  static constexpr int kS8Bias = 128;
+  template <int R>
+  static void block_s8(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s) {
+    for (int c = 0; c < 8; ++c) {
+      const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c)),
+                                         _mm256_set1_epi8(-128));
+      for (int r = 0; r < R; ++r) s[r] = (i32x8)_mm256_dpbusd_epi32((__m256i)s[r], v, broadcast4(a[r] + depth + 4 * c));
+    }
+  }
   template <int R>
   static void block(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s) {
     const __m256i low = _mm256_set1_epi8(15);
@@ -224,9 +256,10 @@ struct PanelVnni {  // vpdpbusd: nibble x int8, 4 products summed straight into 
 // c[r * 8 + i] (r < R) = panel row i (the panel's first flat row `first`) times activation row r. Per
 // group: the int32 sums less zero * group sum, then acc += float(sum) * scale, lane by lane; at the end
 // times the token's scale. Each row's sum runs over the groups in order, whatever the tier.
-template <class Panel, int R>
+template <class Panel, bool Int4, int R>
 void panel_dot_rows(const QuantView& w, int64_t first, const int8_t* aq, int64_t lda, const int32_t* sums,
                     const float* a_scales, float* c) {
+  constexpr int64_t kBlockBytes = kPanelRows * (Int4 ? kQuantBlock / 2 : kQuantBlock);
   const uint8_t* values = w.values + first * w.row_bytes;
   const int64_t scales = first * w.groups;
   const uint8_t* zeros = w.zeros ? w.zeros + first * w.groups : nullptr;
@@ -237,11 +270,14 @@ void panel_dot_rows(const QuantView& w, int64_t first, const int8_t* aq, int64_t
   for (int64_t g = 0; g < w.groups; ++g) {
     i32x8 s[R] = {};
     for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
-      prefetch_panel_block(values + b * kPanelRows * (kQuantBlock / 2));
-      Panel::template block<R>(values + b * kPanelRows * (kQuantBlock / 2), a, b * kQuantBlock, s);
+      prefetch_panel_block(values + b * kBlockBytes, kBlockBytes / kPanelRows);
+      if (Int4)
+        Panel::template block<R>(values + b * kBlockBytes, a, b * kQuantBlock, s);
+      else
+        Panel::template block_s8<R>(values + b * kBlockBytes, a, b * kQuantBlock, s);
     }
     i32x8 zero = {};
-    for (int i = 0; i < 8; ++i) zero[i] = zeros ? zeros[g * kPanelRows + i] : kInt4SymmetricZero;
+    for (int i = 0; i < 8; ++i) zero[i] = !Int4 ? Panel::kS8Bias : zeros ? zeros[g * kPanelRows + i] : kInt4SymmetricZero;
     const f32x8 scale = panel_scales_at(w, scales + g * kPanelRows);
     for (int r = 0; r < R; ++r) {
       s[r] -= zero * sums[r * w.groups + g];
@@ -263,11 +299,13 @@ void int_panel(const QuantGemmProblem& p, int64_t first, int64_t a_row, int64_t 
     const int8_t* aq = p.a_q + at * w.row_depth;
     const int32_t* sums = p.a_sums + at * w.groups;
     float* cm = c + m * kPanelRows;
-    switch (min_i64(kPanelActRows, rows - m)) {
-      case 1: panel_dot_rows<Panel, 1>(w, first, aq, w.row_depth, sums, p.a_scales + at, cm); break;
-      case 2: panel_dot_rows<Panel, 2>(w, first, aq, w.row_depth, sums, p.a_scales + at, cm); break;
-      case 3: panel_dot_rows<Panel, 3>(w, first, aq, w.row_depth, sums, p.a_scales + at, cm); break;
-      default: panel_dot_rows<Panel, 4>(w, first, aq, w.row_depth, sums, p.a_scales + at, cm); break;
+    switch (min_i64(kPanelActRows, rows - m) * 2 + (w.scheme == QuantScheme::int4 ? 1 : 0)) {
+#define MOE_EXT_PANEL_CASE(R)                                                                                \
+  case 2 * R: panel_dot_rows<Panel, false, R>(w, first, aq, w.row_depth, sums, p.a_scales + at, cm); break; \
+  case 2 * R + 1: panel_dot_rows<Panel, true, R>(w, first, aq, w.row_depth, sums, p.a_scales + at, cm); break;
+      MOE_EXT_PANEL_CASE(1) MOE_EXT_PANEL_CASE(2) MOE_EXT_PANEL_CASE(3) MOE_EXT_PANEL_CASE(4)
+#undef MOE_EXT_PANEL_CASE
+      default: break;
     }
   }
 }

@@ -4,13 +4,13 @@
 // Two ways to multiply (chosen by the weight, QuantView::quantize_activations):
 // - weight-only (W8A16 / W4A16): weights are dequantised to float32 (scale * (q - z), the values of
 //   QuantizedWeight::dequantize) and dotted with the tile's float32 rows of a: for tiles of up to
-//   kFusedTileRows rows (decode) in registers, 32 weights by 4 rows at a time (fused_dot_rows; int4 rows
-//   in panels: the panel's 8 rows at once, the scale applied per group, float_panel_rows); otherwise
+//   kFusedTileRows rows (decode) in registers: rows in panels 8 at once, the scale applied per group
+//   (float_panel_rows), an expert's last N % 8 rows 32 weights by 4 rows at a time (fused_dot_rows); otherwise
 //   once per tile into a float32 row, then as the float kernels do (kLanes-wide partial sums, a fixed
 //   tree at the end);
 // - activation-quantised (W8A8 / W4A8): the rows of a are first quantised per token to int8 (below),
-//   then multiplied with the weights in integers (cpu/quant_dot.h), scales in the epilogue: int8 rows
-//   one at a time, int4 rows a panel of 8 at a time (one row a lane, core/quant.h's kernel layout).
+//   then multiplied with the weights in integers (cpu/quant_dot.h), scales in the epilogue: rows a panel
+//   of 8 at a time (one row a lane, core/quant.h's kernel layout), an expert's last N % 8 rows one at a time.
 // Work is cut into tiles of (expert, block of up to kTileRows rows, block of kTileCols output columns)
 // scheduled dynamically. A tile walks its weight rows once, start to end, each against all its rows of
 // a: with few rows (decode) every quantised byte is read from memory once per call.
@@ -58,8 +58,8 @@ void quantize_row(const float* x, int64_t K, const QuantView& w, int8_t* q, floa
 
 // --- weight-only products --------------------------------------------------------------------------
 
-// Where one row's bytes and scales are: int4 blocks' 16 bytes come in 4 runs of 4 bytes, `run` apart
-// (4 outside a panel, 32 inside one), blocks `block` apart; group g's scale (and zero) at g * `group`.
+// Where one row's bytes and scales are: a block's bytes (int4 16, int8 32) come in runs of 4 bytes, `run`
+// apart (4 outside a panel, 32 inside one), blocks `block` apart; group g's scale (and zero) at g * `group`.
 struct RowAt {
   const uint8_t* values;
   int64_t scales;  // scale_at's index of group 0
@@ -71,7 +71,7 @@ RowAt row_at(const QuantView& w, int64_t row) {
   const bool panel = in_panel(w, row);  // the offsets once per row: they divide
   const int64_t v0 = value_offset(w, row, 0), g0 = group_offset(w, row, 0);
   return {w.values + v0, g0, w.zeros ? w.zeros + g0 : nullptr, panel ? 32 : 4,
-          panel ? kPanelRows * kQuantBlock / 2 : kQuantBlock / 2, panel ? kPanelRows : 1};
+          panel ? kPanelRows * block_bytes(w) : block_bytes(w), panel ? kPanelRows : 1};
 }
 
 #if defined(__AVX2__)
@@ -114,10 +114,13 @@ void dequantize_row(const QuantView& w, int64_t row, float* dst) {
   for (int64_t g = 0; g < w.groups; ++g) {
     const float s = scale_at(w, at.scales + g * at.group);
     const int z = at.zeros ? at.zeros[g * at.group] : (w.scheme == QuantScheme::int4 ? kInt4SymmetricZero : 0);
-    float* out = dst + g * w.group;
     if (w.scheme == QuantScheme::int8) {
-      const int8_t* q = reinterpret_cast<const int8_t*>(at.values) + g * w.group;
-      for (int64_t i = 0; i < w.group; ++i) out[i] = s * static_cast<float>(q[i] - z);
+      for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
+        int8_t q[kQuantBlock];  // the block's bytes in depth order
+        for (int run = 0; run < kQuantBlock / 4; ++run) memcpy(q + 4 * run, at.values + b * at.block + run * at.run, 4);
+        float* o = dst + b * kQuantBlock;
+        for (int i = 0; i < kQuantBlock; ++i) o[i] = s * static_cast<float>(q[i] - z);
+      }
       continue;
     }
     for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
@@ -180,7 +183,8 @@ void float_column(const QuantGemmProblem& p, const float* w_row, int64_t a_row, 
 // Weight-only with few rows (decode): the weights are dequantised in registers, 32 at a time, exactly
 // as dequantize_row does (s * (q - z), one float32 product), and dotted at once, so no dequantised row
 // goes through memory. c[r * ldc] = dot(a row r, weight row) for r < R; 4 accumulators a row, summed in
-// a fixed order at the end. Rows must be whole 32-depth blocks long (K a multiple of 32).
+// a fixed order at the end. Rows must be whole 32-depth blocks long (K a multiple of 32) and, for int8,
+// outside a panel (its 32 bytes contiguous): rows in panels take float_panel_rows.
 constexpr int64_t kFusedRows = 4;
 
 #if defined(__AVX2__)
@@ -203,7 +207,7 @@ void fused_dot_rows(const QuantView& w, const RowAt& at, const float* a, int64_t
         eights[0] = lo, eights[1] = _mm_srli_si128(lo, 8), eights[2] = hi, eights[3] = _mm_srli_si128(hi, 8);
       } else {
         for (int i = 0; i < 4; ++i)
-          eights[i] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(at.values + b * kQuantBlock + 8 * i));
+          eights[i] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(at.values + b * at.block + 8 * i));
       }
       for (int i = 0; i < 4; ++i) {
         const __m256i q = int4 ? _mm256_cvtepu8_epi32(eights[i]) : _mm256_cvtepi8_epi32(eights[i]);
@@ -223,16 +227,17 @@ void fused_dot_rows(const QuantView& w, const RowAt& at, const float* a, int64_t
 #endif
 
 #if defined(__AVX2__)
-// Weight-only int4 panels with few rows (decode): the panel's 8 rows at once, one row a lane, as the
-// integer path does (core/quant.h's kernel layout), so one 32-byte load feeds 8 rows x 8 depths instead
-// of each row gathering its 4-byte runs. Per group, lane i sums (q - z) x over the group's depths
+// Weight-only panels with few rows (decode): the panel's 8 rows at once, one row a lane, as the integer
+// path does (core/quant.h's kernel layout), so one 32-byte load feeds 8 rows x 8 depths (int4; int8: 4)
+// instead of each row gathering its 4-byte runs. Per group, lane i sums (q - z) x over the group's depths
 // (exact small integers times x, FMA), then adds scale_i times that sum: the scale is applied once per
 // group, not once per weight, which moves float32 rounding within the accumulation bound of
 // docs/api.md §9 (dequantize-then-dot rounds s (q - z) first). kAcc accumulators a row keep the FMA
 // latency chains from bounding decode's 1-2 rows.
-template <int R>
+template <bool Int4, int R>
 void float_panel_rows(const QuantView& w, int64_t first, const float* a, int64_t lda, float* c) {
   constexpr int kAcc = R <= 2 ? 4 : 2;
+  constexpr int64_t kBlockBytes = kPanelRows * (Int4 ? kQuantBlock / 2 : kQuantBlock);
   const uint8_t* values = w.values + first * w.row_bytes;
   const int64_t scales = first * w.groups;
   const uint8_t* zeros = w.zeros ? w.zeros + first * w.groups : nullptr;
@@ -247,9 +252,20 @@ void float_panel_rows(const QuantView& w, int64_t first, const float* a, int64_t
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < kAcc; ++i) sum[r][i] = _mm256_setzero_ps();
     for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
-      const uint8_t* block = values + b * kPanelRows * (kQuantBlock / 2);
-      prefetch_panel_block(block);
+      const uint8_t* block = values + b * kBlockBytes;
+      prefetch_panel_block(block, kBlockBytes / kPanelRows);
       const float* ab = a + b * kQuantBlock;
+      if (!Int4) {
+        for (int chunk = 0; chunk < 8; ++chunk) {  // lane i: depths 4 chunk .. 4 chunk + 3 of row i
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * chunk));
+          for (int k = 0; k < 4; ++k) {  // byte k of each lane, sign-extended
+            const __m256 q = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * k), 24));
+            for (int r = 0; r < R; ++r)
+              sum[r][k % kAcc] = _mm256_fmadd_ps(q, _mm256_broadcast_ss(ab + r * lda + 4 * chunk + k), sum[r][k % kAcc]);
+          }
+        }
+        continue;
+      }
       for (int chunk = 0; chunk < 4; ++chunk) {  // lane i: bytes 4 chunk .. 4 chunk + 3 of row i's block
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * chunk));
         for (int k = 0; k < 4; ++k) {  // byte 4 chunk + k: depth 4 chunk + k (low nibble), + 16 (high)
@@ -275,8 +291,8 @@ void float_panel_rows(const QuantView& w, int64_t first, const float* a, int64_t
 }
 #endif
 
-// Whether weight-only decode takes int4 panels whole (float_panel_rows): AVX2 (whole blocks always: K is
-// a multiple of the group size).
+// Whether weight-only decode takes panels whole (float_panel_rows): AVX2 (whole blocks: decode needs K a
+// multiple of 32, fused_weight_only).
 constexpr bool kFloatPanels =
 #if defined(__AVX2__)
     true;
@@ -291,11 +307,13 @@ void float_panel(const QuantGemmProblem& p, int64_t first, int64_t a_row, int64_
   for (int64_t m = 0; m < rows; m += kFusedRows) {
     const float* a = p.a + (a_row + m) * w.K;
     float* cm = c + m * kPanelRows;
-    switch (min_i64(kFusedRows, rows - m)) {
-      case 1: float_panel_rows<1>(w, first, a, w.K, cm); break;
-      case 2: float_panel_rows<2>(w, first, a, w.K, cm); break;
-      case 3: float_panel_rows<3>(w, first, a, w.K, cm); break;
-      default: float_panel_rows<4>(w, first, a, w.K, cm); break;
+    switch (min_i64(kFusedRows, rows - m) * 2 + (w.scheme == QuantScheme::int4 ? 1 : 0)) {
+#define MOE_EXT_FLOAT_PANEL_CASE(R)                                       \
+  case 2 * R: float_panel_rows<false, R>(w, first, a, w.K, cm); break; \
+  case 2 * R + 1: float_panel_rows<true, R>(w, first, a, w.K, cm); break;
+      MOE_EXT_FLOAT_PANEL_CASE(1) MOE_EXT_FLOAT_PANEL_CASE(2) MOE_EXT_FLOAT_PANEL_CASE(3) MOE_EXT_FLOAT_PANEL_CASE(4)
+#undef MOE_EXT_FLOAT_PANEL_CASE
+      default: break;
     }
   }
 #else
@@ -399,7 +417,7 @@ bool find_tile(const QuantGemmProblem& p, int64_t index, int64_t col_tiles, int6
 }
 
 // Column c[r * kLocalCols] (r < t.rows) of the tile's results = weight row `row` times the tile's rows.
-// A row in an int4 panel (integer path, or weight-only decode) takes its lane of the whole panel's
+// A row in a panel (integer path, or weight-only decode) takes its lane of the whole panel's
 // products, computed once per panel and kept in `panel` ([rows][8]) while the tile walks the panel's rows.
 struct Columns {
   const QuantGemmProblem& p;
