@@ -33,15 +33,22 @@ static inline __attribute__((always_inline)) void store_tile(vec (&acc)[Rows][2]
   }
 }
 
+// Prefetch (decode of 16-bit panels, walking a panel): with 3 or more rows the kernel computes long enough
+// per weight line that the hardware prefetchers fall behind the stream; each depth step's line of this
+// slice is asked for kPrefetchBytes ahead (one prefetch per line read). With 1 or 2 rows the same
+// prefetch slowed bfloat16 decode.
+constexpr int64_t kPrefetchBytes = 8 * 1024;
+
 // float32 or float16 weights with rows ldb elements apart: element (p, c) at p * ldb + c; b points at the
 // slice's column 0.
-template <int Rows, typename P>
+template <int Rows, typename P, bool Prefetch = false>
 static inline __attribute__((always_inline)) void micro_kernel_rows(const float* a, int64_t lda, const P* b,
                                                                    int64_t ldb, int64_t depth, float* c,
                                                                    int64_t ldc, bool accumulate) {
   vec acc[Rows][2];
   zero_acc(acc);
   for (int64_t p = 0; p < depth; ++p) {
+    if constexpr (Prefetch) __builtin_prefetch(reinterpret_cast<const char*>(b + p * ldb) + kPrefetchBytes, 0, 3);
     const vec b0 = load_f32(b + p * ldb), b1 = load_f32(b + p * ldb + kLanes);
     for (int r = 0; r < Rows; ++r) {
       const vec ar = broadcast(a[r * lda + p]);
@@ -53,10 +60,10 @@ static inline __attribute__((always_inline)) void micro_kernel_rows(const float*
 }
 
 // float32 or float16 panels (ldb = kPanelCols, a constant the compiler folds in).
-template <int Rows, typename P>
+template <int Rows, typename P, bool Prefetch = false>
 static void micro_kernel(const float* a, int64_t lda, const P* b, int64_t depth, float* c, int64_t ldc,
                          bool accumulate) {
-  micro_kernel_rows<Rows>(a, lda, b, moe_ext::kPanelCols, depth, c, ldc, accumulate);
+  micro_kernel_rows<Rows, P, Prefetch>(a, lda, b, moe_ext::kPanelCols, depth, c, ldc, accumulate);
 }
 
 // The same on any row stride: a transposed weight w_t [K, N] read in place (ldb = N).
@@ -68,10 +75,7 @@ static void micro_kernel_strided(const float* a, int64_t lda, const P* b, int64_
 
 // bfloat16 pair panels widened in registers: the 32-bit word of column c at pair q holds depth 2q in
 // its low half and 2q+1 in its high half, so a shift and a mask give both as float32.
-// Prefetch (decode, walking a panel): with 3 or more rows the kernel computes long enough per weight line
-// that the hardware prefetchers fall behind the stream; each pair's line of this slice is asked for
-// kPrefetchBytes ahead (one prefetch per line read). With 1 or 2 rows the same prefetch slowed decode.
-constexpr int64_t kPrefetchBytes = 8 * 1024;
+// Prefetch: as micro_kernel_rows's.
 
 template <int Rows, bool Prefetch = false>
 static void micro_kernel_bf16(const float* a, int64_t lda, const bf16_t* b, int64_t depth, float* c, int64_t ldc,

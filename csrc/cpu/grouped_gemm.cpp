@@ -321,7 +321,7 @@ void micro_dispatch_rows(const float* a, int64_t lda, const uint32_t* a_pairs, i
     if constexpr (Stream && Rows <= kNarrowRows && std::is_same_v<W, float>)
       return micro_kernel_narrow<Rows>(a, lda, b, depth, c, ldc, accumulate);
 #endif
-    micro_kernel<Rows>(a, lda, b, depth, c, ldc, accumulate);
+    micro_kernel<Rows, W, Stream && Rows >= 3 && std::is_same_v<W, f16_t>>(a, lda, b, depth, c, ldc, accumulate);
   }
 }
 
