@@ -158,15 +158,18 @@ void int_dot_rows(const QuantView& w, int64_t row, const int8_t* aq, int64_t lda
 }
 
 // --- panels (core/quant.h's kernel layout): 8 weight rows, one a lane ------------------------------
-// A policy's block<R>(w, a, depth, s) adds to s[r] (lane i: row i of the panel) the integer products of
-// the panel's 32-depth int4 block at w (128 bytes) with activation rows a[r] at `depth`; block_s8<R> the
-// same for an int8 block (256 bytes). Nibbles are unsigned (0..15), so the zero point is taken off per
-// group with the activations' group sum, as above; so is kS8Bias for int8 (vpdpbusd's w + 128).
+// A policy's block<R>(w, a, depth, s, t) adds to s[r] + t[r] (lane i: row i of the panel) the integer
+// products of the panel's 32-depth int4 block at w (128 bytes) with activation rows a[r] at `depth`;
+// block_s8<R> the same for an int8 block (256 bytes). Two accumulators a row because vpdpbusd adds into
+// its accumulator: with one, a group's products form one chain of dependent instructions (32 long for an
+// int4 g128 group), whose latency bounded the integer path at decode's one or two rows. Integer sums, so
+// the split changes no result. Nibbles are unsigned (0..15), so the zero point is taken off per group with
+// the activations' group sum, as above; so is kS8Bias for int8 (vpdpbusd's w + 128).
 
 struct PanelScalar {
   static constexpr int kS8Bias = 0;
   template <int R>
-  static void block_s8(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s) {
+  static void block_s8(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s, i32x8*) {
     for (int c = 0; c < 8; ++c)
       for (int i = 0; i < 8; ++i)
         for (int j = 0; j < 4; ++j) {
@@ -175,7 +178,7 @@ struct PanelScalar {
         }
   }
   template <int R>
-  static void block(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s) {
+  static void block(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s, i32x8*) {
     for (int c = 0; c < 4; ++c)
       for (int i = 0; i < 8; ++i)
         for (int j = 0; j < 4; ++j) {
@@ -199,7 +202,7 @@ inline __m256i broadcast4(const int8_t* p) {
 struct PanelAvx2 {
   static constexpr int kS8Bias = 0;
   template <int R>
-  static void block_s8(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s) {
+  static void block_s8(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s, i32x8*) {
     for (int c = 0; c < 8; ++c) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
       const __m256i magnitude = _mm256_sign_epi8(v, v);
@@ -210,7 +213,7 @@ struct PanelAvx2 {
     }
   }
   template <int R>
-  static void block(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s) {
+  static void block(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s, i32x8*) {
     const __m256i low = _mm256_set1_epi8(15);
     __m256i s16[R];
     for (int c = 0; c < 4; ++c) {
@@ -231,22 +234,24 @@ struct PanelAvx2 {
 struct PanelVnni {  // vpdpbusd: nibble (or int8 w + 128) x int8, 4 products summed straight into int32
   static constexpr int kS8Bias = 128;
   template <int R>
-  static void block_s8(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s) {
+  static void block_s8(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s, i32x8* t) {
     for (int c = 0; c < 8; ++c) {
       const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c)),
                                          _mm256_set1_epi8(-128));
-      for (int r = 0; r < R; ++r) s[r] = (i32x8)_mm256_dpbusd_epi32((__m256i)s[r], v, broadcast4(a[r] + depth + 4 * c));
+      i32x8* into = c % 2 == 0 ? s : t;  // even chunks into s, odd ones into t
+      for (int r = 0; r < R; ++r)
+        into[r] = (i32x8)_mm256_dpbusd_epi32((__m256i)into[r], v, broadcast4(a[r] + depth + 4 * c));
     }
   }
   template <int R>
-  static void block(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s) {
+  static void block(const uint8_t* w, const int8_t* const* a, int64_t depth, i32x8* s, i32x8* t) {
     const __m256i low = _mm256_set1_epi8(15);
     for (int c = 0; c < 4; ++c) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * c));
       const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      for (int r = 0; r < R; ++r) {
-        __m256i acc = _mm256_dpbusd_epi32((__m256i)s[r], lo, broadcast4(a[r] + depth + 4 * c));
-        s[r] = (i32x8)_mm256_dpbusd_epi32(acc, hi, broadcast4(a[r] + depth + 16 + 4 * c));
+      for (int r = 0; r < R; ++r) {  // low nibbles into s, high ones into t
+        s[r] = (i32x8)_mm256_dpbusd_epi32((__m256i)s[r], lo, broadcast4(a[r] + depth + 4 * c));
+        t[r] = (i32x8)_mm256_dpbusd_epi32((__m256i)t[r], hi, broadcast4(a[r] + depth + 16 + 4 * c));
       }
     }
   }
@@ -268,19 +273,19 @@ void panel_dot_rows(const QuantView& w, int64_t first, const int8_t* aq, int64_t
   for (int r = 0; r < R; ++r) a[r] = aq + r * lda;
   f32x8 acc[R] = {};
   for (int64_t g = 0; g < w.groups; ++g) {
-    i32x8 s[R] = {};
+    i32x8 s[R] = {}, t[R] = {};
     for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
       prefetch_panel_block(values + b * kBlockBytes, kBlockBytes / kPanelRows);
       if (Int4)
-        Panel::template block<R>(values + b * kBlockBytes, a, b * kQuantBlock, s);
+        Panel::template block<R>(values + b * kBlockBytes, a, b * kQuantBlock, s, t);
       else
-        Panel::template block_s8<R>(values + b * kBlockBytes, a, b * kQuantBlock, s);
+        Panel::template block_s8<R>(values + b * kBlockBytes, a, b * kQuantBlock, s, t);
     }
     i32x8 zero = {};
     for (int i = 0; i < 8; ++i) zero[i] = !Int4 ? Panel::kS8Bias : zeros ? zeros[g * kPanelRows + i] : kInt4SymmetricZero;
     const f32x8 scale = panel_scales_at(w, scales + g * kPanelRows);
     for (int r = 0; r < R; ++r) {
-      s[r] -= zero * sums[r * w.groups + g];
+      s[r] += t[r] - zero * sums[r * w.groups + g];
       acc[r] += __builtin_convertvector(s[r], f32x8) * scale;
     }
   }
