@@ -26,6 +26,7 @@
 
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
 
 // Policies and templates in the tier's namespace, with internal linkage: each tier (and the VNNI file)
 // has its own copy compiled with its own flags (see cpu/common.h).
@@ -272,6 +273,9 @@ void panel_dot_rows(const QuantView& w, int64_t first, const int8_t* aq, int64_t
   const int8_t* a[R];
   for (int r = 0; r < R; ++r) a[r] = aq + r * lda;
   f32x8 acc[R] = {};
+  // The lanes' zero points: per group where the weight has them (one 8-byte load, widened), else one
+  // constant (built once: per group, a lane-by-lane loop cost as much as a g32 group's products).
+  const i32x8 constant_zero = (i32x8){} + (Int4 ? kInt4SymmetricZero : Panel::kS8Bias);
   for (int64_t g = 0; g < w.groups; ++g) {
     i32x8 s[R] = {}, t[R] = {};
     for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
@@ -281,8 +285,12 @@ void panel_dot_rows(const QuantView& w, int64_t first, const int8_t* aq, int64_t
       else
         Panel::template block_s8<R>(values + b * kBlockBytes, a, b * kQuantBlock, s, t);
     }
-    i32x8 zero = {};
-    for (int i = 0; i < 8; ++i) zero[i] = !Int4 ? Panel::kS8Bias : zeros ? zeros[g * kPanelRows + i] : kInt4SymmetricZero;
+    i32x8 zero = constant_zero;
+    if (Int4 && zeros) {
+      u8x8 z;
+      memcpy(&z, zeros + g * kPanelRows, sizeof z);
+      zero = __builtin_convertvector(z, i32x8);
+    }
     const f32x8 scale = panel_scales_at(w, scales + g * kPanelRows);
     for (int r = 0; r < R; ++r) {
       s[r] += t[r] - zero * sums[r * w.groups + g];
