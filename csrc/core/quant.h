@@ -35,7 +35,7 @@ enum class QuantScheme : int { int8 = 0, int4 = 1 };
 constexpr int64_t kQuantBlock = 32;
 // int4 symmetric weights store q + 8 (unsigned nibbles): their zero point.
 constexpr int kInt4SymmetricZero = 8;
-// Rows of an int4 panel (the kernel layout above).
+// Rows of a panel (the kernel layout above).
 constexpr int64_t kPanelRows = 8;
 
 // What the kernels read: pointers into a QuantizedWeight.

@@ -1,5 +1,7 @@
-// Integer dot products of the quantised grouped GEMM (W8A8 / W4A8): one quantised weight row times a
-// few int8 activation rows, int32 per group, scales applied per group in float32.
+// Integer dot products of the quantised grouped GEMM (W8A8 / W4A8), int32 per group, scales applied per
+// group in float32: a panel of 8 weight rows (core/quant.h's kernel layout, one row a lane; the Panel*
+// policies and panel_dot_rows below) or, for an expert's last N % 8 rows, one weight row (the Dot*
+// policies and int_dot_rows) times a few int8 activation rows.
 //
 // A policy supplies the 32-depth block product (int32 lanes, each the sum of 4 depths):
 // - DotScalar: plain integer loops (scalar tier);
