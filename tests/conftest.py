@@ -4,6 +4,8 @@
   except the tests of ``test_reference.py``, which never call the kernels, and of modules that set
   ``PER_TIER = False``: those run exactly once, with ``isa`` None.
 * ``rng``: a NumPy Generator seeded from the test's node id (fresh, reproducible data per test).
+* ``bf16_dot``, ``vnni`` (on request): both bfloat16 product paths, both int8 product paths, where the CPU
+  has them.
 * helpers: ``rel_err``, ``random_*`` input makers, ``unchanged`` (inputs bit-identical after a call),
   ``f64`` (cast to float64 for the reference) and the tolerance constants below.
 
@@ -87,6 +89,19 @@ def bf16_dot(request):
         yield request.param
     finally:
         moe_ext._core._set_bf16_dot_enabled(available)
+
+
+@pytest.fixture(params=["vnni", "no-vnni"])
+def vnni(request, isa):
+    """On the avx512 tier of a CPU with AVX512_VNNI, both int8 product paths; elsewhere one run."""
+    has = moe_ext._core.vnni_enabled()
+    if request.param == "no-vnni" and not (has and isa == "avx512"):
+        pytest.skip("no second int8 path on this tier")
+    moe_ext._core._set_vnni_enabled(request.param == "vnni")
+    try:
+        yield request.param
+    finally:
+        moe_ext._core._set_vnni_enabled(has)
 
 
 @pytest.fixture

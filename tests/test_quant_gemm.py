@@ -34,19 +34,6 @@ def _depth(fmt, multiple=1):
     return (group or 32) * multiple + (13 if group is None else 0)
 
 
-@pytest.fixture(params=["vnni", "no-vnni"])
-def vnni(request, isa):
-    """On the avx512 tier of a CPU with AVX512_VNNI, both int8 product paths; elsewhere one run."""
-    has = moe_ext._core.vnni_enabled()
-    if request.param == "no-vnni" and not (has and isa == "avx512"):
-        pytest.skip("no second int8 path on this tier")
-    moe_ext._core._set_vnni_enabled(request.param == "vnni")
-    try:
-        yield request.param
-    finally:
-        moe_ext._core._set_vnni_enabled(has)
-
-
 @pytest.mark.parametrize("fmt", SCHEMES, ids=_id)
 @pytest.mark.parametrize("counts", [[0, 0, 0], [1, 0, 2], [5, 16, 3], [130, 7, 0]], ids=str)
 def test_grouped_gemm_weight_only(rng, fmt, counts):

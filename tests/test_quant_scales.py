@@ -37,23 +37,11 @@ def _pair(rng, fmt, E, N, K, activations):
     return half, full
 
 
-@pytest.fixture(params=["vnni", "no-vnni"])
-def vnni(request, isa):
-    has = moe_ext._core.vnni_enabled()
-    if request.param == "no-vnni" and not (has and isa == "avx512"):
-        pytest.skip("no second int8 path on this tier")
-    moe_ext._core._set_vnni_enabled(request.param == "vnni")
-    try:
-        yield request.param
-    finally:
-        moe_ext._core._set_vnni_enabled(has)
-
-
 @pytest.mark.parametrize("fmt", FORMATS, ids=_id)
 @pytest.mark.parametrize("activations", [None, "int8"])
 @pytest.mark.parametrize("counts", [[1, 0, 2], [5, 20, 3]], ids=str)
 def test_half_scales_multiply_as_float32_ones(rng, vnni, fmt, activations, counts):
-    E, N, K = 3, 21, 256  # 21 rows: two int4 panels of 8 and 5 rows outside them
+    E, N, K = 3, 21, 256  # 21 rows: two panels of 8 and 5 rows outside them
     half, full = _pair(rng, fmt, E, N, K, activations)
     assert half.scale_dtype == np.float16 and full.scale_dtype == np.float32
     w_half, w_full = moe_ext.dequantize(half), moe_ext.dequantize(full)

@@ -295,7 +295,8 @@ std::unique_ptr<QuantizedWeight> QuantizedWeight::from_parts(QuantScheme scheme,
   const int64_t groups = layout(scheme, E, N, K, group_size, zeros != nullptr).groups, rows = E * N;
   bool half = true;
   for (int64_t i = 0; i < rows * groups; ++i) {
-    if (!std::isfinite(scales[i])) fail("scales", "finite values", "a non-finite scale at flat index " + std::to_string(i));
+    if (!std::isfinite(scales[i]))
+      fail("scales", "finite values", "a non-finite scale at flat index " + std::to_string(i));
     uint16_t h;
     half = half && half_of(scales[i], &h);
   }
@@ -350,7 +351,8 @@ std::unique_ptr<QuantizedWeight> QuantizedWeight::borrow(QuantScheme scheme, int
 std::unique_ptr<QuantizedWeight> QuantizedWeight::with_activations(bool quantize_activations) const {
   const QuantView& v = view_;
   std::unique_ptr<QuantizedWeight> q(
-      new QuantizedWeight(v.scheme, v.E, v.N, v.K, group_size_, v.zeros != nullptr, v.half_scales, quantize_activations));
+      new QuantizedWeight(v.scheme, v.E, v.N, v.K, group_size_, v.zeros != nullptr, v.half_scales,
+                          quantize_activations));
   const std::size_t rows = static_cast<std::size_t>(v.E * v.N);
   std::memcpy(const_cast<uint8_t*>(q->view_.values), v.values, rows * v.row_bytes);  // both in the kernel layout
   std::memcpy(const_cast<void*>(q->view_.scales), v.scales, rows * v.groups * scale_bytes(v));

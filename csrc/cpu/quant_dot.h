@@ -100,9 +100,9 @@ struct DotVnni {
 constexpr int64_t kQuantPrefetchBytes = 4096;
 
 inline void prefetch_ahead(const uint8_t* p) { __builtin_prefetch(p + kQuantPrefetchBytes, 0, 3); }
-// The same for a panel block (kPanelRows rows of `bytes` bytes: two lines for int4, four for int8).
+// The same for a panel block of `bytes` bytes (int4 128: two lines; int8 256: four).
 inline void prefetch_panel_block(const uint8_t* block, int64_t bytes) {
-  for (int64_t line = 0; line < kPanelRows * bytes; line += 64) prefetch_ahead(block + line);
+  for (int64_t line = 0; line < bytes; line += 64) prefetch_ahead(block + line);
 }
 
 // Scale i (a group_offset) of w, as float32 (float16 scales widened exactly).
@@ -281,7 +281,7 @@ void panel_dot_rows(const QuantView& w, int64_t first, const int8_t* aq, int64_t
   for (int64_t g = 0; g < w.groups; ++g) {
     i32x8 s[R] = {}, t[R] = {};
     for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
-      prefetch_panel_block(values + b * kBlockBytes, kBlockBytes / kPanelRows);
+      prefetch_panel_block(values + b * kBlockBytes, kBlockBytes);
       if (Int4)
         Panel::template block<R>(values + b * kBlockBytes, a, b * kQuantBlock, s, t);
       else

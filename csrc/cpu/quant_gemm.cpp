@@ -253,15 +253,17 @@ void float_panel_rows(const QuantView& w, int64_t first, const float* a, int64_t
       for (int i = 0; i < kAcc; ++i) sum[r][i] = _mm256_setzero_ps();
     for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
       const uint8_t* block = values + b * kBlockBytes;
-      prefetch_panel_block(block, kBlockBytes / kPanelRows);
+      prefetch_panel_block(block, kBlockBytes);
       const float* ab = a + b * kQuantBlock;
       if (!Int4) {
         for (int chunk = 0; chunk < 8; ++chunk) {  // lane i: depths 4 chunk .. 4 chunk + 3 of row i
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * chunk));
           for (int k = 0; k < 4; ++k) {  // byte k of each lane, sign-extended
             const __m256 q = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * k), 24));
-            for (int r = 0; r < R; ++r)
-              sum[r][k % kAcc] = _mm256_fmadd_ps(q, _mm256_broadcast_ss(ab + r * lda + 4 * chunk + k), sum[r][k % kAcc]);
+            for (int r = 0; r < R; ++r) {
+              __m256& into = sum[r][k % kAcc];
+              into = _mm256_fmadd_ps(q, _mm256_broadcast_ss(ab + r * lda + 4 * chunk + k), into);
+            }
           }
         }
         continue;

@@ -129,9 +129,10 @@ void bind_quant(py::module_& m) {
                              "uint8 [E, N, groups] (zero points) or None: a copy.")
       .def("kernel_parts", [](const py::object& self) {
         const QuantView& v = self.cast<const QuantizedWeight&>().view();
+        const Shape shape{v.E, v.N, v.groups};
         py::array scales = v.half_scales
-            ? py::array(view_of<uint16_t>(static_cast<const uint16_t*>(v.scales), {v.E, v.N, v.groups}, self)).view("float16")
-            : view_of<float>(static_cast<const float*>(v.scales), {v.E, v.N, v.groups}, self);
+                               ? view_of<uint16_t>(static_cast<const uint16_t*>(v.scales), shape, self).view("float16")
+                               : view_of<float>(static_cast<const float*>(v.scales), shape, self);
         return py::make_tuple(view_of<uint8_t>(v.values, {v.E, v.N, v.row_bytes}, self), scales,
                               v.zeros ? py::object(view_of<uint8_t>(v.zeros, {v.E, v.N, v.groups}, self)) : py::none());
       }, "(values, scales, zeros): read-only views of the parts in the kernel layout (what quantized_borrow takes);\n"

@@ -176,8 +176,10 @@ def run(dtype="bf16", prefill_tokens=512, batches=(1, 8), context=16, steps=16, 
                 touched[(impl, f"decode-b{b}")].extend(counter.take())
 
         with torch.inference_mode():
-            for impl in impls:  # warm-up (first calls pay for lazy setup: moe_ext's packed-weight cache is
-                model.set_experts_implementation(impl)  # filled by the first call with many rows an expert)
+            # Warm-up with the whole prompt: first calls pay for lazy setup (moe_ext's packed-weight cache is
+            # filled by the first call with many rows an expert).
+            for impl in impls:
+                model.set_experts_implementation(impl)
                 model(prompt, use_cache=False)
             counter.take()
             for r in range(repeats):
