@@ -5,7 +5,9 @@ Shapes: the Mixtral layer (d=4096, f=14336, E=8, k=2) and a fine-grained one (d=
 SwiGLU. Weights are random codes and scales in moe_ext's layout (moe_ext.quant.from_parts; the time does
 not depend on the values), bf16 weights random and prepacked. Schemes: int8 (one scale per row, the
 vLLM layout) and int4 g128 (symmetric), each weight-only (W8A16 / W4A16) and with per-token int8
-activations (W8A8 / W4A8: the same bytes, moe_ext._core.quantized_borrow, no second copy).
+activations (W8A8 / W4A8: the same bytes, moe_ext._core.quantized_borrow, no second copy). Tokens are
+bfloat16 by default (what a bfloat16 model feeds its layers; on a CPU with AVX512_BF16 the packed bf16
+path and int4 weight-only decode then multiply with vdpbf16ps), float32 with --x-dtype float32.
 
 Per (shape, T): every implementation is called once per round, the order rotated each round (load drift
 on a shared machine falls on all alike), and the medians are reported:
@@ -14,6 +16,7 @@ on a shared machine falls on all alike), and the medians are reported:
 - every T: time ratio to the packed bf16 float path (> 1: the quantised path is faster).
 
     python bench/quant.py [--shape mixtral,fine] [--tokens 1,4,16,512] [--rounds 5] [--threads 2] [--no-float]
+                          [--x-dtype bfloat16|float32]
 JSON: bench/results/quant.json (or --out).
 """
 import argparse
@@ -29,6 +32,7 @@ from moe_ext import quant
 
 SHAPES = {"mixtral": (4096, 14336, 8, 2), "fine": (2048, 768, 128, 8), "tiny": (256, 128, 8, 2)}  # tiny: tests
 SCHEMES = {"int8": ("int8", None), "int4 g128": ("int4", 128)}
+X_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
 def random_weight(rng, scheme, group, E, N, K):
@@ -81,7 +85,7 @@ def timed_rounds(impls, rounds):
     return {name: float(np.median(v)) for name, v in times.items()}
 
 
-def bench_shape(shape, tokens, rounds, threads, with_float, rng):
+def bench_shape(shape, tokens, rounds, threads, with_float, x_dtype, rng):
     d, f, E, k = SHAPES[shape]
     weights = {}
     for label, (scheme, group) in SCHEMES.items():
@@ -95,7 +99,7 @@ def bench_shape(shape, tokens, rounds, threads, with_float, rng):
     rows = []
     for T in tokens:
         ids, w = routing(rng, T, E, k)
-        x = rng.standard_normal((T, d)).astype(np.float32)
+        x = rng.standard_normal((T, d)).astype(x_dtype)
         touched = len(np.unique(ids))
         impls = {label: (lambda a, b: lambda: moe_ext.experts(x, a, b, w, ids))(*ws) for label, ws in weights.items()}
         read_bytes = int(per_expert["int8"] * touched)
@@ -106,10 +110,10 @@ def bench_shape(shape, tokens, rounds, threads, with_float, rng):
         med = timed_rounds(impls, rounds)
         read_bw = read_bytes / med[read_name] if read_name else None
         flops = 2 * T * k * d * f * 3
-        line = [f"{shape} T={T} ({touched} experts touched)"]
+        line = [f"{shape} T={T} ({touched} experts touched, {np.dtype(x_dtype).name} tokens)"]
         for label in weights:
             bytes_ = per_expert[label] * touched
-            row = dict(shape=shape, T=T, impl=label, seconds=med[label], touched_experts=touched,
+            row = dict(shape=shape, T=T, impl=label, x_dtype=np.dtype(x_dtype).name, seconds=med[label], touched_experts=touched,
                        touched_bytes=bytes_, gb_per_s=bytes_ / med[label] / 1e9, gflop_per_s=flops / med[label] / 1e9,
                        threads=threads)
             if read_bw:
@@ -137,6 +141,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-float", action="store_true", help="skip the packed bf16 float path")
+    ap.add_argument("--x-dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the tokens' dtype")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "quant.json"))
     args = ap.parse_args()
     moe_ext.set_num_threads(args.threads)
@@ -144,7 +149,7 @@ def main():
     rows = []
     for shape in args.shape.split(","):
         rows += bench_shape(shape, [int(t) for t in args.tokens.split(",")], args.rounds, args.threads,
-                            not args.no_float, rng)
+                            not args.no_float, X_DTYPES[args.x_dtype], rng)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(moe_ext=moe_ext.info(), rows=rows), indent=1, default=str))

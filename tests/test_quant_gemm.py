@@ -115,6 +115,50 @@ def test_16_bit_activations(rng, dtype):
     assert_close(out, want, 2.0 ** -8 if dtype == ml_dtypes.bfloat16 else 2.0 ** -10, "16-bit")
 
 
+
+INT4 = [f for f in SCHEMES if f[0] == "int4"]
+
+
+@pytest.mark.parametrize("fmt", INT4, ids=_id)
+@pytest.mark.parametrize("counts", [[1, 0, 2], [5, 16, 3], [7, 12, 9], [130, 7, 0]], ids=str)
+def test_bfloat16_rows_on_int4(rng, bf16_dot, fmt, counts):
+    """bfloat16 activations on int4 weight-only: with vdpbf16ps (decode's panels; docs/api.md §9) and
+    without. The rows are exact in bfloat16 and so is each q - z, so the products are exact and only
+    float32 accumulation and the bfloat16 output rounding (u = 2^-8 of each element) remain."""
+    E, N, K = 3, 37, _depth(fmt, 3)
+    w = rng.standard_normal((E, N, K)).astype(np.float32)
+    offsets = random_offsets(rng, E, counts=counts)
+    a = rng.standard_normal((int(offsets[-1]), K)).astype(ml_dtypes.bfloat16)
+    q = _quantize(w, fmt, None)
+    with unchanged(a):
+        out = moe_ext.grouped_gemm(a, q, offsets)
+    assert out.dtype == a.dtype
+    a64, w_dq = a.astype(np.float64), moe_ext.dequantize(q).astype(np.float64)
+    want = reference.grouped_gemm(a64, w_dq, offsets)
+    for e in range(E):
+        lo, hi = offsets[e], offsets[e + 1]
+        acc = K * U * (np.abs(a64[lo:hi]) @ np.abs(w_dq[e]).T)
+        bound = acc + 2.0 ** -8 * (np.abs(want[lo:hi]) + acc)
+        assert np.all(np.abs(out[lo:hi].astype(np.float64) - want[lo:hi]) <= bound), e
+
+
+@pytest.mark.parametrize("fmt", [("int4", 32, False), ("int4", 64, True)], ids=_id)
+@pytest.mark.parametrize("T", [1, 4, 40])
+def test_bfloat16_experts_on_int4(rng, bf16_dot, fmt, T):
+    """experts on bfloat16 tokens: with vdpbf16ps the activation fed to the second GEMM is rounded to
+    bfloat16 too (as for bfloat16 weights, docs/api.md "dtypes"), so two roundings of u = 2^-9 in norm."""
+    d, f, E, k = 128, 64, 4, 2
+    x = random_x(rng, T, d).astype(ml_dtypes.bfloat16)
+    w13, w2 = random_expert_weights(rng, E, d, f, "swiglu")
+    q13, q2 = _quantize(w13, fmt, None), _quantize(w2, fmt, None)
+    weights, ids = random_topk_weights(rng, T, k), random_ids(rng, T, E, k)
+    got = moe_ext.experts(x, q13, q2, weights, ids)
+    assert got.dtype == x.dtype
+    want = reference.quantized_experts(x.astype(np.float64), moe_ext.dequantize(q13), moe_ext.dequantize(q2),
+                                       weights, ids, quantize_inputs=(False, False))
+    assert_close(got, want, 4 * 2.0 ** -9, "experts")
+
+
 EXPERT_CASES = [  # T, d, f, E, k, activation
     (0, 64, 32, 4, 2, "swiglu"), (1, 64, 32, 4, 2, "swiglu"), (1, 64, 64, 1, 1, "geglu"),
     (9, 96, 64, 3, 3, "swiglu"), (40, 128, 96, 8, 2, "relu"), (17, 64, 32, 5, 2, "gelu"),

@@ -59,7 +59,7 @@ void* gemm_scratch(int threads) {
 
 void run_gemm(const float* a, DType caller_dtype, const WeightView& w, const int32_t* offsets, bool fuse,
               const Activation& activation, const float* bias, float* out, const uint16_t* a_bf16) {
-  if (w.quant != nullptr) return run_quant_gemm(a, *w.quant, offsets, fuse, activation, bias, out);
+  if (w.quant != nullptr) return run_quant_gemm(a, caller_dtype, *w.quant, offsets, fuse, activation, bias, out);
   GemmProblem problem;
   problem.a = a, problem.w = w, problem.offsets = offsets, problem.out = out, problem.bias = bias;
   problem.fuse_activation = fuse, problem.activation = activation;

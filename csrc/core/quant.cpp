@@ -382,14 +382,27 @@ int64_t quant_gemm_scratch_bytes(int64_t row_depth) {
 bool vnni_enabled() { return vnni().load(std::memory_order_relaxed); }
 void set_vnni_enabled(bool enabled) { vnni().store(enabled && cpu_has_vnni(), std::memory_order_relaxed); }
 
-void run_quant_gemm(const float* a, const QuantView& w, const int32_t* offsets, bool fuse_activation,
-                    const Activation& activation, const float* bias, float* out) {
+void run_quant_gemm(const float* a, DType caller_dtype, const QuantView& w, const int32_t* offsets,
+                    bool fuse_activation, const Activation& activation, const float* bias, float* out) {
   QuantGemmProblem p;
   p.a = a, p.w = &w, p.offsets = offsets, p.out = out, p.bias = bias;
   p.fuse_activation = fuse_activation, p.activation = activation;
   p.vnni = current_isa() == Isa::avx512 && vnni_enabled();
+  p.bf16_dot = caller_dtype == DType::bf16 && w.scheme == QuantScheme::int4 && !w.quantize_activations &&
+               current_isa() == Isa::avx512 && bf16_dot_enabled();
   Workspace& ws = thread_workspace();
   const int64_t M = offsets[w.E];
+  if (p.bf16_dot && M > 0) {  // as the bfloat16 weights' rule (docs/api.md "dtypes"): rows rounded once
+    const Kernels& kern = kernels();
+    const int threads = num_threads();
+    const std::size_t half_bytes = static_cast<std::size_t>(round_up(M * w.K * 2, 64));
+    char* buf = static_cast<char*>(ws.get(Scratch::quant_rows, half_bytes + static_cast<std::size_t>(M * w.K * 4)));
+    uint16_t* rows16 = reinterpret_cast<uint16_t*>(buf);
+    float* rows32 = reinterpret_cast<float*>(buf + half_bytes);
+    kern.narrow(a, M * w.K, DType::bf16, threads, rows16);
+    kern.widen(rows16, DType::bf16, M * w.K, threads, rows32);
+    p.a = rows32, p.a_bf16 = rows16;
+  }
   if (w.quantize_activations) {
     // One buffer: int8 rows, then the scales, then the group sums (each part 64-byte aligned).
     const std::size_t rows_bytes = static_cast<std::size_t>(round_up(M * w.row_depth, 64));

@@ -129,7 +129,9 @@ void set_vnni_enabled(bool enabled);
 
 // out [M, N] (or [M, N/2] gated with the activation fused) = a [M, K] float32 times w's rows per expert,
 // plus bias [E, N] (or null) per column: what core/ops.cpp's grouped GEMM runs for a quantised weight.
-void run_quant_gemm(const float* a, const QuantView& w, const int32_t* offsets, bool fuse_activation,
-                    const Activation& activation, const float* bias, float* out);
+// caller_dtype: the dtype the caller's activations came in (bfloat16 may take vdpbf16ps, as for
+// bfloat16 weights: QuantGemmProblem::bf16_dot).
+void run_quant_gemm(const float* a, DType caller_dtype, const QuantView& w, const int32_t* offsets,
+                    bool fuse_activation, const Activation& activation, const float* bias, float* out);
 
 }  // namespace moe_ext

@@ -22,7 +22,8 @@ enum class Scratch : int {
   converted_out,   // a float32 result before it is rounded to the caller's dtype
   gemm_a_bf16,     // a GEMM's rows rounded to bfloat16 for vdpbf16ps
   backward_marks,  // backward: rows seen (repeat detection) or ones (permute_backward's weights)
-  quant_rows,      // quantised GEMM: the int8 activation rows, their scales and group sums
+  quant_rows,      // quantised GEMM: the int8 activation rows, their scales and group sums (W8A8 /
+                   // W4A8), or the rows rounded to bfloat16 (QuantGemmProblem::bf16_dot)
   count
 };
 

@@ -379,6 +379,78 @@ void float_panel_rows_512(const QuantView& w, int64_t first, const float* a, int
 #pragma GCC diagnostic pop
 #endif
 
+#if defined(__AVX512F__)
+// Weight-only int4 panels on bfloat16 rows (QuantGemmProblem::bf16_dot; CPUs with AVX512_BF16): the
+// codes become bfloat16 (q - z) (exact: |q - z| <= 15) and vdpbf16ps multiplies two depths a lane, half
+// the instructions of the float32 form for each weight. Each 32-byte run of a panel block (8 rows x 4
+// bytes) widens to 32 words, 4 a row; a row of a's 4 depths for it are one 8-byte broadcast. vpermw reads
+// the low 5 bits of each word as an index into a table of 32 bfloat16: symmetric codes, (i mod 16) - 8
+// (a byte's bit 4 is its high nibble's, so the low nibble needs no mask); with zero points, i - 16 for
+// the index q - z + 16. Per group, lane sums of (q - z) x, then the scale once, as the float32 forms;
+// a row's 2 lanes are added at the end.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // as float_panel_rows_512
+template <bool Zeros, int R>
+__attribute__((target("avx512bf16"))) void bf16_panel_rows(const QuantView& w, int64_t first, const uint16_t* a,
+                                                           int64_t lda, float* c) {
+  constexpr int kChains = R == 1 ? 4 : (R == 2 ? 2 : 1);  // sums a row of a: vdpbf16ps latency at decode
+  constexpr int64_t kBlockBytes = kPanelRows * kQuantBlock / 2;
+  const uint8_t* values = w.values + first * w.row_bytes;
+  const int64_t scales = first * w.groups;
+  const uint8_t* zeros = Zeros ? w.zeros + first * w.groups : nullptr;
+  const int64_t blocks = w.group / kQuantBlock;
+  alignas(64) uint16_t entries[32];
+  for (int i = 0; i < 32; ++i) entries[i] = static_cast<uint16_t>(f32_bits(static_cast<float>(Zeros ? i - 16 : i % 16 - kInt4SymmetricZero)) >> 16);
+  const __m512i table = _mm512_load_si512(entries), low = _mm512_set1_epi16(15);
+  const __m512i quads = _mm512_set_epi16(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4, 3, 3, 3, 3, 2, 2, 2, 2,
+                                         1, 1, 1, 1, 0, 0, 0, 0);  // word 4r + k: row r
+  const __m512i pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // lane 2r + j: row r
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < w.groups; ++g) {
+    __m512i zero = _mm512_setzero_si512();  // words 4r + k: z_r - 16
+    if (Zeros) {
+      const __m512i z = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g * kPanelRows))));
+      zero = _mm512_sub_epi16(_mm512_permutexvar_epi16(quads, z), _mm512_set1_epi16(16));
+    }
+    __m512 sum[R][kChains];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < kChains; ++i) sum[r][i] = _mm512_setzero_ps();
+    for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
+      const uint8_t* block = values + b * kBlockBytes;
+      prefetch_panel_block(block, kBlockBytes);
+      const uint16_t* ab = a + b * kQuantBlock;
+      for (int chunk = 0; chunk < 4; ++chunk) {  // word 4r + k: row r's byte 4 chunk + k
+        const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * chunk)));
+        __m512i lo = v, hi = _mm512_srli_epi16(v, 4);
+        if (Zeros) lo = _mm512_sub_epi16(_mm512_and_si512(v, low), zero), hi = _mm512_sub_epi16(hi, zero);
+        const __m512bh wlo = (__m512bh)_mm512_permutexvar_epi16(lo, table), whi = (__m512bh)_mm512_permutexvar_epi16(hi, table);
+        const int j = (2 * chunk) % kChains, k = (2 * chunk + 1) % kChains;
+        for (int r = 0; r < R; ++r) {  // depths 4 chunk + k (low nibbles) and + 16 (high)
+          int64_t xlo, xhi;
+          memcpy(&xlo, ab + r * lda + 4 * chunk, 8);
+          memcpy(&xhi, ab + r * lda + 16 + 4 * chunk, 8);
+          sum[r][j] = _mm512_dpbf16_ps(sum[r][j], wlo, (__m512bh)_mm512_set1_epi64(xlo));
+          sum[r][k] = _mm512_dpbf16_ps(sum[r][k], whi, (__m512bh)_mm512_set1_epi64(xhi));
+        }
+      }
+    }
+    const __m512 scale = _mm512_permutexvar_ps(pairs, _mm512_zextps256_ps512((__m256)panel_scales_at(w, scales + g * kPanelRows)));
+    for (int r = 0; r < R; ++r) {
+      __m512 total = sum[r][0];
+      for (int i = 1; i < kChains; ++i) total = _mm512_add_ps(total, sum[r][i]);
+      acc[r] = _mm512_fmadd_ps(scale, total, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float l[16];
+    _mm512_storeu_ps(l, acc[r]);
+    for (int i = 0; i < kPanelRows; ++i) c[r * kPanelRows + i] = l[2 * i] + l[2 * i + 1];
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 // Whether weight-only decode takes panels whole (float_panel_rows): AVX2 (whole blocks: decode needs K a
 // multiple of 32, fused_weight_only).
 constexpr bool kFloatPanels =
@@ -396,6 +468,18 @@ void float_panel(const QuantGemmProblem& p, int64_t first, int64_t a_row, int64_
     const float* a = p.a + (a_row + m) * w.K;
     float* cm = c + m * kPanelRows;
 #if defined(__AVX512F__)
+    if (p.bf16_dot) {  // int4 only (QuantGemmProblem::bf16_dot)
+      const uint16_t* a16 = p.a_bf16 + (a_row + m) * w.K;
+      switch (min_i64(kFusedRows, rows - m) * 2 + (w.zeros ? 1 : 0)) {
+#define MOE_EXT_BF16_PANEL_CASE(R)                                          \
+  case 2 * R: bf16_panel_rows<false, R>(w, first, a16, w.K, cm); break; \
+  case 2 * R + 1: bf16_panel_rows<true, R>(w, first, a16, w.K, cm); break;
+        MOE_EXT_BF16_PANEL_CASE(1) MOE_EXT_BF16_PANEL_CASE(2) MOE_EXT_BF16_PANEL_CASE(3) MOE_EXT_BF16_PANEL_CASE(4)
+#undef MOE_EXT_BF16_PANEL_CASE
+        default: break;
+      }
+      continue;
+    }
     switch (min_i64(kFusedRows, rows - m) * 3 + (w.scheme == QuantScheme::int4 ? (w.zeros ? 2 : 1) : 0)) {
 #define MOE_EXT_FLOAT_PANEL_CASE(R)                                                      \
   case 3 * R: float_panel_rows_512<false, false, R>(w, first, a, w.K, cm); break;     \
