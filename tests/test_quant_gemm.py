@@ -209,10 +209,11 @@ def test_mixed_weights(rng):
 @pytest.mark.parametrize("activations", [None, "int8"], ids=["weight-only", "a8"])
 @pytest.mark.parametrize("f", [20, 36, 44])
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_panels_split_by_the_gate_up_halves(rng, activation, activations, f, scheme):
+@pytest.mark.parametrize("T", [11, 60], ids=["decode", "prefill"])  # prefill: experts of > 16 rows
+def test_panels_split_by_the_gate_up_halves(rng, activation, activations, f, scheme, T):
     """Rows live in panels of 8 (core/quant.h): a gated w13 whose f is not a multiple of 8 has a panel
     holding both gate and up rows, and a tail of f % 8 rows per expert outside the panels."""
-    T, d, E, k = 11, 64, 3, 2
+    d, E, k = 64, 3, 2
     x = random_x(rng, T, d)
     w13, w2 = random_expert_weights(rng, E, d, f, "swiglu")
     weights, ids = random_topk_weights(rng, T, k), random_ids(rng, T, E, k)

@@ -108,7 +108,7 @@ struct Kernels {
   // See GradWProblem. `scratch` holds kGemmScratchBytes bytes per thread.
   void (*grouped_gemm_grad_w)(const GradWProblem& problem, int threads, void* scratch);
 
-  // See QuantGemmProblem. `scratch` holds quant_gemm_scratch_bytes(w.row_depth) bytes per thread.
+  // See QuantGemmProblem. `scratch` holds quant_gemm_scratch_bytes() bytes per thread.
   void (*quant_gemm)(const QuantGemmProblem& problem, int threads, void* scratch);
 };
 

@@ -373,10 +373,10 @@ void QuantizedWeight::dequantize(float* out) const {
   }
 }
 
-int64_t quant_gemm_scratch_bytes(int64_t row_depth) {
-  // The tile's float32 results (128 rows x 2 x 64 columns), one dequantised weight row, then one int4
-  // panel's products (128 rows x 8).
-  return 128 * 2 * 64 * 4 + round_up(row_depth, 16) * 4 + 128 * kPanelRows * 4 + 64;
+int64_t quant_gemm_scratch_bytes() {
+  // The tile's float32 results (128 rows x 2 x 64 columns), one panel's products (128 rows x 8), one
+  // dequantised panel block (256 depths x 32 columns) and one row slice of it (256), float32.
+  return (128 * 2 * 64 + 128 * kPanelRows + 256 * 32 + 256) * 4;
 }
 
 bool vnni_enabled() { return vnni().load(std::memory_order_relaxed); }
@@ -413,7 +413,7 @@ void run_quant_gemm(const float* a, DType caller_dtype, const QuantView& w, cons
     p.a_sums = reinterpret_cast<int32_t*>(buf + rows_bytes + scales_bytes);
   }
   const int threads = num_threads();  // read once: the scratch is sized for exactly this many
-  const int64_t per_thread = quant_gemm_scratch_bytes(w.row_depth);
+  const int64_t per_thread = quant_gemm_scratch_bytes();
   void* scratch = ws.get(Scratch::gemm_panels, static_cast<std::size_t>(threads * per_thread));
   kernels().quant_gemm(p, threads, scratch);
 }

@@ -120,8 +120,8 @@ class QuantizedWeight {
   QuantView view_;
 };
 
-// Per-thread scratch bytes of the quantised grouped GEMM for rows of row_depth depths.
-int64_t quant_gemm_scratch_bytes(int64_t row_depth);
+// Per-thread scratch bytes of the quantised grouped GEMM.
+int64_t quant_gemm_scratch_bytes();
 // Whether the avx512 tier multiplies int8 with vpdpbusd: true where the CPU has AVX512_VNNI. Tests turn
 // it off to reach the vpmaddubsw path on such CPUs; it cannot be turned on elsewhere.
 bool vnni_enabled();

@@ -5,18 +5,19 @@
 // - weight-only (W8A16 / W4A16): weights are dequantised to float32 (scale * (q - z), the values of
 //   QuantizedWeight::dequantize) and dotted with the tile's float32 rows of a: for tiles of up to
 //   kFusedTileRows rows (decode) in registers: rows in panels 8 at once, the scale applied per group
-//   (float_panel_rows), an expert's last N % 8 rows 32 weights by 4 rows at a time (fused_dot_rows); otherwise
-//   once per tile into a float32 row, then as the float kernels do (kLanes-wide partial sums, a fixed
-//   tree at the end);
+//   (float_panel_rows; on bfloat16 rows bf16_panel_rows), an expert's last N % 8 rows 32 weights by 4
+//   rows at a time (fused_dot_rows); larger tiles (prefill) dequantise each block of the tile's weights
+//   once into the float GEMM's panel layout and multiply it with its microkernels (dequantized_product);
 // - activation-quantised (W8A8 / W4A8): the rows of a are first quantised per token to int8 (below),
 //   then multiplied with the weights in integers (cpu/quant_dot.h), scales in the epilogue: rows a panel
 //   of 8 at a time (one row a lane, core/quant.h's kernel layout), an expert's last N % 8 rows one at a time.
 // Work is cut into tiles of (expert, block of up to kTileRows rows, block of kTileCols output columns)
-// scheduled dynamically. A tile walks its weight rows once, start to end, each against all its rows of
-// a: with few rows (decode) every quantised byte is read from memory once per call.
+// scheduled dynamically. A tile reads its weight rows once, each against all its rows of a: with few
+// rows (decode) every quantised byte is read from memory once per call.
 // Each output element is summed in an order fixed by the data, never by the thread count.
 #include "cpu/activation.h"
 #include "cpu/common.h"
+#include "cpu/gemm_micro.h"
 #include "cpu/kernels.h"
 #include "cpu/quant_dot.h"
 #include "cpu/vec.h"
@@ -28,7 +29,6 @@ namespace {
 constexpr int64_t kTileCols = 64;   // output columns of a tile (gated fused: 64 gate + 64 up weight rows)
 constexpr int64_t kTileRows = 128;  // rows of a in a tile
 constexpr int64_t kLocalCols = 2 * kTileCols;
-constexpr int64_t kFloatRows = kLanes == 16 ? 8 : 4;  // rows of a per pass over a dequantised row
 
 // --- per-token int8 quantisation of the activations (docs/api.md §9) ---------------------------------
 
@@ -107,81 +107,32 @@ void dequantize_block_u4(const uint8_t* q, float s, int z, float* o) {
 }
 #endif
 
-// dst[0..row_depth) = the dequantised weight row `row` (flat e * N + n), from either layout.
-void dequantize_row(const QuantView& w, int64_t row, float* dst) {
-  const RowAt at = row_at(w, row);
-  const int64_t blocks = w.group / kQuantBlock;
-  for (int64_t g = 0; g < w.groups; ++g) {
+// dst[0 .. 32 (b1 - b0)) = blocks b0 .. b1 - 1 (depths 32 b0 ..) of a weight row, dequantised.
+void dequantize_blocks(const QuantView& w, const RowAt& at, int64_t b0, int64_t b1, float* dst) {
+  const int64_t blocks = w.group / kQuantBlock;  // per group
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t g = b / blocks;
     const float s = scale_at(w, at.scales + g * at.group);
     const int z = at.zeros ? at.zeros[g * at.group] : (w.scheme == QuantScheme::int4 ? kInt4SymmetricZero : 0);
+    float* o = dst + (b - b0) * kQuantBlock;
     if (w.scheme == QuantScheme::int8) {
-      for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
-        int8_t q[kQuantBlock];  // the block's bytes in depth order
-        for (int run = 0; run < kQuantBlock / 4; ++run) memcpy(q + 4 * run, at.values + b * at.block + run * at.run, 4);
-        float* o = dst + b * kQuantBlock;
-        for (int i = 0; i < kQuantBlock; ++i) o[i] = s * static_cast<float>(q[i] - z);
-      }
+      int8_t q[kQuantBlock];  // the block's bytes in depth order
+      for (int run = 0; run < kQuantBlock / 4; ++run) memcpy(q + 4 * run, at.values + b * at.block + run * at.run, 4);
+      for (int i = 0; i < kQuantBlock; ++i) o[i] = s * static_cast<float>(q[i] - z);
       continue;
     }
-    for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
-      const uint8_t* bytes = at.values + b * at.block;
-      float* o = dst + b * kQuantBlock;
 #if defined(__AVX2__)
-      (void)bytes;
-      dequantize_block_u4(load_block_u4(at, b), s, z, o);
+    dequantize_block_u4(load_block_u4(at, b), s, z, o);
 #else
-      uint8_t q[kQuantBlock / 2];  // the block's bytes in exchange order
-      for (int run = 0; run < 4; ++run) memcpy(q + 4 * run, bytes + run * at.run, 4);
-      dequantize_block_u4(q, s, z, o);
+    uint8_t q[kQuantBlock / 2];  // the block's bytes in exchange order
+    for (int run = 0; run < 4; ++run) memcpy(q + 4 * run, at.values + b * at.block + run * at.run, 4);
+    dequantize_block_u4(q, s, z, o);
 #endif
-    }
-  }
-}
-
-// c[r * ldc] = dot(a row r, w_row) over K depths for r < R. Few rows (decode) get 4 independent
-// accumulators a row, so the FMA latency chain does not bound them; more rows have enough with 2.
-template <int R>
-void float_dot_rows(const float* a, int64_t lda, const float* w_row, int64_t K, float* c, int64_t ldc) {
-  constexpr int kAcc = R <= 2 ? 4 : 2;
-  constexpr int64_t kStep = kAcc * kLanes;
-  vec acc[R][kAcc] = {};
-  int64_t p = 0;
-  for (; p + kStep <= K; p += kStep) {
-    vec w[kAcc];
-    for (int j = 0; j < kAcc; ++j) w[j] = load(w_row + p + j * kLanes);
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < kAcc; ++j) acc[r][j] += load(a + r * lda + p + j * kLanes) * w[j];
-  }
-  float w_tail[kStep] = {};
-  for (int64_t i = 0; p + i < K; ++i) w_tail[i] = w_row[p + i];
-  for (int r = 0; r < R; ++r) {
-    float a_tail[kStep] = {};
-    for (int64_t i = 0; p + i < K; ++i) a_tail[i] = a[r * lda + p + i];
-    for (int j = 0; j < kAcc; ++j) acc[r][j] += load(a_tail + j * kLanes) * load(w_tail + j * kLanes);
-    vec sum = acc[r][0];
-    for (int j = 1; j < kAcc; ++j) sum += acc[r][j];
-    c[r * ldc] = lane_sum(sum);
-  }
-}
-
-void float_column(const QuantGemmProblem& p, const float* w_row, int64_t a_row, int64_t rows, float* c, int64_t ldc) {
-  const int64_t K = p.w->K;
-  for (int64_t m = 0; m < rows; m += kFloatRows) {
-    const float* a = p.a + (a_row + m) * K;
-    float* cm = c + m * ldc;
-    switch (min_i64(kFloatRows, rows - m)) {
-#define MOE_EXT_FLOAT_CASE(R) \
-  case R: float_dot_rows<(R <= kFloatRows ? R : 1)>(a, K, w_row, K, cm, ldc); break;
-      MOE_EXT_FLOAT_CASE(1) MOE_EXT_FLOAT_CASE(2) MOE_EXT_FLOAT_CASE(3) MOE_EXT_FLOAT_CASE(4)
-      MOE_EXT_FLOAT_CASE(5) MOE_EXT_FLOAT_CASE(6) MOE_EXT_FLOAT_CASE(7) MOE_EXT_FLOAT_CASE(8)
-#undef MOE_EXT_FLOAT_CASE
-      default: break;
-    }
   }
 }
 
 // Weight-only with few rows (decode): the weights are dequantised in registers, 32 at a time, exactly
-// as dequantize_row does (s * (q - z), one float32 product), and dotted at once, so no dequantised row
+// as dequantize_blocks does (s * (q - z), one float32 product), and dotted at once, so no dequantised row
 // goes through memory. c[r * ldc] = dot(a row r, weight row) for r < R; 4 accumulators a row, summed in
 // a fixed order at the end. Rows must be whole 32-depth blocks long (K a multiple of 32) and, for int8,
 // outside a panel (its 32 bytes contiguous): rows in panels take float_panel_rows.
@@ -596,25 +547,115 @@ bool find_tile(const QuantGemmProblem& p, int64_t index, int64_t col_tiles, int6
   return false;
 }
 
-// Column c[r * kLocalCols] (r < t.rows) of the tile's results = weight row `row` times the tile's rows.
-// A row in a panel (integer path, or weight-only decode) takes its lane of the whole panel's
-// products, computed once per panel and kept in `panel` ([rows][8]) while the tile walks the panel's rows.
+// --- weight-only, other tiles (prefill): dequantised panels into the float GEMM's microkernels ------
+
+// Depths per block: a block of a dequantised panel (kDequantDepth x kPanelCols float32) is 32 KiB, L1, as
+// the float GEMM's blocks (cpu/grouped_gemm.cpp); the tile's rows of a for it (<= 128 KiB) stay in L2.
+constexpr int64_t kDequantDepth = 256;
+static_assert(kDequantDepth % kQuantBlock == 0 && kTileCols % kPanelCols == 0, "blocks of whole quant blocks, tiles of whole panels");
+
+#if defined(__AVX2__)
+// Columns 0..7 of a dequantised panel block (row stride kPanelCols) from one kernel panel (flat rows
+// first .. first + 7, one a lane): each 32-byte run holds the 8 rows' codes at 4 depths (int4: 8), so
+// every depth is one 8-wide store with no transpose. Values as dequantize gives them: s * (q - z).
+void dequantize_kernel_panel(const QuantView& w, int64_t first, int64_t k0, int64_t depth, float* panel) {
+  const bool int4 = w.scheme == QuantScheme::int4;
+  const int64_t panel_block = kPanelRows * block_bytes(w), blocks = w.group / kQuantBlock;
+  const uint8_t* values = w.values + first * w.row_bytes;
+  const uint8_t* zeros = w.zeros ? w.zeros + first * w.groups : nullptr;
+  const __m256i low = _mm256_set1_epi32(15);
+  for (int64_t b = k0 / kQuantBlock; b * kQuantBlock < k0 + depth; ++b) {
+    const int64_t g = b / blocks, valid = k0 + depth - b * kQuantBlock;  // depths of block b inside
+    const __m256 scale = (__m256)panel_scales_at(w, first * w.groups + g * kPanelRows);
+    const __m256i zero = zeros ? _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g * kPanelRows)))
+                               : _mm256_set1_epi32(int4 ? kInt4SymmetricZero : 0);
+    const uint8_t* block = values + b * panel_block;
+    float* out = panel + (b * kQuantBlock - k0) * kPanelCols;
+    auto put = [&](int d, __m256i q) {
+      if (d < valid) _mm256_storeu_ps(out + d * kPanelCols, _mm256_mul_ps(scale, _mm256_cvtepi32_ps(_mm256_sub_epi32(q, zero))));
+    };
+    for (int chunk = 0; chunk < (int4 ? 4 : 8); ++chunk) {  // lane i: row i's bytes 4 chunk .. 4 chunk + 3
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * chunk));
+      for (int k = 0; k < 4; ++k) {
+        if (!int4) {
+          put(4 * chunk + k, _mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * k), 24));
+          continue;
+        }
+        put(4 * chunk + k, _mm256_and_si256(_mm256_srli_epi32(v, 8 * k), low));
+        put(16 + 4 * chunk + k, _mm256_and_si256(_mm256_srli_epi32(v, 8 * k + 4), low));
+      }
+    }
+  }
+}
+#endif
+
+// panel [depth][kPanelCols] (core/packed.h's float32 layout) = flat weight rows first .. first + rows - 1
+// at depths k0 .. k0 + depth - 1, dequantised; columns past `rows` zero. Whole kernel panels 8 columns
+// at a time (AVX2), other rows one by one through row_buf (kDequantDepth floats).
+void dequantize_panel_block(const QuantView& w, int64_t first, int64_t rows, int64_t k0, int64_t depth,
+                            float* row_buf, float* panel) {
+  const int64_t b0 = k0 / kQuantBlock, b1 = ceil_div(k0 + depth, kQuantBlock);
+  for (int64_t c0 = 0; c0 < kPanelCols; c0 += kPanelRows) {
+#if defined(__AVX2__)
+    const int64_t row = first + c0;
+    if (c0 + kPanelRows <= rows && in_panel(w, row) && row % w.N % kPanelRows == 0) {
+      dequantize_kernel_panel(w, row, k0, depth, panel + c0);
+      continue;
+    }
+#endif
+    for (int64_t c = c0; c < c0 + kPanelRows; ++c) {
+      if (c < rows) dequantize_blocks(w, row_at(w, first + c), b0, b1, row_buf);
+      for (int64_t q = 0; q < depth; ++q) panel[q * kPanelCols + c] = c < rows ? row_buf[q] : 0.f;
+    }
+  }
+}
+
+// local[r * kLocalCols + s * kTileCols + j] = segment s's weight row j (flat firsts[s] + j, j < seg_rows)
+// times the tile's row r: each depth block of each panel is dequantised once per tile and multiplied
+// with every row by the float GEMM's microkernel, so the dequantisation is paid once per up to 128
+// rows. Each output adds its depths in order within a block and the blocks in order.
+void dequantized_product(const QuantGemmProblem& p, const Tile& t, int segments, const int64_t* firsts,
+                         int64_t seg_rows, float* local, float* row_buf, float* panel) {
+  const int64_t K = p.w->K;
+  const float* a = p.a + t.row_begin * K;
+  for (int64_t k0 = 0; k0 < K; k0 += kDequantDepth) {
+    const int64_t depth = min_i64(kDequantDepth, K - k0);
+    for (int s = 0; s < segments; ++s)
+      for (int64_t j = 0; j < seg_rows; j += kPanelCols) {
+        dequantize_panel_block(*p.w, firsts[s] + j, min_i64(kPanelCols, seg_rows - j), k0, depth, row_buf, panel);
+        for (int64_t slice = 0; slice < kPanelCols; slice += kMicroCols)
+          for (int64_t m = 0; m < t.rows; m += kMicroRows) {
+            const float* a_m = a + m * K + k0;
+            float* c = local + m * kLocalCols + s * kTileCols + j + slice;
+            switch (min_i64(kMicroRows, t.rows - m)) {
+#define MOE_EXT_DEQUANT_CASE(R) \
+  case R: micro_kernel<(R <= kMicroRows ? R : 1), float>(a_m, K, panel + slice, depth, c, kLocalCols, k0 > 0); break;
+              MOE_EXT_DEQUANT_CASE(1) MOE_EXT_DEQUANT_CASE(2) MOE_EXT_DEQUANT_CASE(3) MOE_EXT_DEQUANT_CASE(4)
+              MOE_EXT_DEQUANT_CASE(5) MOE_EXT_DEQUANT_CASE(6) MOE_EXT_DEQUANT_CASE(7) MOE_EXT_DEQUANT_CASE(8)
+#undef MOE_EXT_DEQUANT_CASE
+              default: break;
+            }
+          }
+      }
+  }
+}
+
+// Column c[r * kLocalCols] (r < t.rows) of the tile's results = weight row `row` times the tile's rows,
+// for the integer path and weight-only decode (fused_weight_only). A row in a panel takes its lane of the
+// whole panel's products, computed once per panel and kept in `panel` ([rows][8]) while the tile walks
+// the panel's rows.
 struct Columns {
   const QuantGemmProblem& p;
   const Tile& t;
-  float* w_row;   // one dequantised weight row (weight-only)
-  float* panel;   // the current panel's products
+  float* panel;  // the current panel's products
   int64_t panel_first = -1;
 
   void operator()(int64_t row, float* c) {
     const QuantView& w = *p.w;
-    const bool weight_only = !w.quantize_activations, decode = weight_only && fused_weight_only(w, t.rows);
-    const bool by_panel = in_panel(w, row) && (!weight_only || (decode && kFloatPanels));
-    if (!by_panel) {
-      if (decode) return fused_column(p, row, t.row_begin, t.rows, c, kLocalCols);
-      if (!weight_only) return int_column_best(p, row, t.row_begin, t.rows, c, kLocalCols);
-      dequantize_row(w, row, w_row);
-      return float_column(p, w_row, t.row_begin, t.rows, c, kLocalCols);
+    const bool weight_only = !w.quantize_activations;
+    if (!in_panel(w, row) || (weight_only && !kFloatPanels)) {
+      if (weight_only) return fused_column(p, row, t.row_begin, t.rows, c, kLocalCols);
+      return int_column_best(p, row, t.row_begin, t.rows, c, kLocalCols);
     }
     const int64_t lane = row % w.N % kPanelRows;
     if (row - lane != panel_first) {
@@ -628,14 +669,33 @@ struct Columns {
   }
 };
 
-void run_tile(const QuantGemmProblem& p, const Geometry& g, const Tile& t, float* local, float* w_row, float* panel) {
+// A thread's scratch (quant_gemm_scratch_bytes): the tile's results, one panel's products (Columns), one
+// dequantised panel block and one dequantised row slice (dequantized_product).
+struct Buffers {
+  float *local, *panel, *dequantized, *row;
+};
+
+Buffers buffers(void* scratch) {
+  float* local = static_cast<float*>(scratch);
+  float* panel = local + kTileRows * kLocalCols;
+  float* dequantized = panel + kTileRows * kPanelRows;
+  return {local, panel, dequantized, dequantized + kDequantDepth * kPanelCols};
+}
+
+void run_tile(const QuantGemmProblem& p, const Geometry& g, const Tile& t, const Buffers& buf) {
   const QuantView& w = *p.w;
   const int segments = g.gated && !g.interleaved ? 2 : 1;
   const int64_t first = g.interleaved ? 2 * t.col_begin : t.col_begin;  // w's first row of segment 0
   const int64_t seg_rows = g.interleaved ? 2 * t.cols : t.cols;
-  Columns column{p, t, w_row, panel};
-  for (int s = 0; s < segments; ++s)
-    for (int64_t j = 0; j < seg_rows; ++j) column(t.expert * w.N + s * g.half + first + j, local + s * kTileCols + j);
+  float* local = buf.local;
+  if (!w.quantize_activations && !fused_weight_only(w, t.rows)) {
+    const int64_t firsts[2] = {t.expert * w.N + first, t.expert * w.N + g.half + first};
+    dequantized_product(p, t, segments, firsts, seg_rows, local, buf.row, buf.dequantized);
+  } else {
+    Columns column{p, t, buf.panel};
+    for (int s = 0; s < segments; ++s)
+      for (int64_t j = 0; j < seg_rows; ++j) column(t.expert * w.N + s * g.half + first + j, local + s * kTileCols + j);
+  }
   const float* bias = p.bias ? p.bias + t.expert * w.N : nullptr;
   for (int64_t r = 0; r < t.rows; ++r) {
     float* src = local + r * kLocalCols;
@@ -663,17 +723,14 @@ void quant_gemm(const QuantGemmProblem& p, int threads, void* scratch) {
   const int64_t col_tiles = ceil_div(g.out_cols, kTileCols);
   int64_t tiles = 0;
   for (int64_t e = 0; e < w.E; ++e) tiles += ceil_div(p.offsets[e + 1] - p.offsets[e], kTileRows) * col_tiles;
-  const int64_t per_thread = quant_gemm_scratch_bytes(w.row_depth);
+  const int64_t per_thread = quant_gemm_scratch_bytes();
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
 #endif
   for (int64_t index = 0; index < tiles; ++index) {
-    char* mine = static_cast<char*>(scratch) + thread_index() * per_thread;
     Tile t;
-    float* local = reinterpret_cast<float*>(mine);
-    float* w_row = local + kTileRows * kLocalCols;
     if (find_tile(p, index, col_tiles, g.out_cols, &t))
-      run_tile(p, g, t, local, w_row, w_row + ceil_div(w.row_depth, 16) * 16);
+      run_tile(p, g, t, buffers(static_cast<char*>(scratch) + thread_index() * per_thread));
   }
 }
 
