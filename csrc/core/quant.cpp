@@ -373,12 +373,6 @@ void QuantizedWeight::dequantize(float* out) const {
   }
 }
 
-int64_t quant_gemm_scratch_bytes() {
-  // The tile's float32 results (128 rows x 2 x 64 columns), one panel's products (128 rows x 8), one
-  // dequantised panel block (256 depths x 32 columns) and one row slice of it (256), float32.
-  return (128 * 2 * 64 + 128 * kPanelRows + 256 * 32 + 256) * 4;
-}
-
 bool vnni_enabled() { return vnni().load(std::memory_order_relaxed); }
 void set_vnni_enabled(bool enabled) { vnni().store(enabled && cpu_has_vnni(), std::memory_order_relaxed); }
 

@@ -120,8 +120,10 @@ class QuantizedWeight {
   QuantView view_;
 };
 
-// Per-thread scratch bytes of the quantised grouped GEMM.
-int64_t quant_gemm_scratch_bytes();
+// Per-thread scratch bytes of the quantised grouped GEMM: the tile's float32 results (128 rows x 2 x 64
+// columns), one panel's products (128 rows x 8), one dequantised panel block (256 depths x 32 columns)
+// and one row slice of it (256), float32 (cpu/quant_gemm.cpp checks its carve-up against this).
+constexpr int64_t quant_gemm_scratch_bytes() { return (128 * 2 * 64 + 128 * kPanelRows + 256 * 32 + 256) * 4; }
 // Whether the avx512 tier multiplies int8 with vpdpbusd: true where the CPU has AVX512_VNNI. Tests turn
 // it off to reach the vpmaddubsw path on such CPUs; it cannot be turned on elsewhere.
 bool vnni_enabled();

@@ -675,6 +675,10 @@ struct Buffers {
   float *local, *panel, *dequantized, *row;
 };
 
+static_assert((kTileRows * kLocalCols + kTileRows * kPanelRows + kDequantDepth * kPanelCols + kDequantDepth) * 4 <=
+                  quant_gemm_scratch_bytes(),
+              "a tile's buffers fit the scratch");
+
 Buffers buffers(void* scratch) {
   float* local = static_cast<float*>(scratch);
   float* panel = local + kTileRows * kLocalCols;
