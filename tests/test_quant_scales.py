@@ -1,6 +1,7 @@
 """Float16 scales (core/quant.h): parts whose scales are all float16 values (a GGUF import's) are kept as
 float16 and read exactly, so the weight multiplies like the same parts with float32 scales, bit for bit,
 on every tier and product path; one scale that is not a float16 value keeps them all float32."""
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -40,7 +41,9 @@ def _pair(rng, fmt, E, N, K, activations):
 @pytest.mark.parametrize("fmt", FORMATS, ids=_id)
 @pytest.mark.parametrize("activations", [None, "int8"])
 @pytest.mark.parametrize("counts", [[1, 0, 2], [5, 20, 3]], ids=str)
-def test_half_scales_multiply_as_float32_ones(rng, vnni, fmt, activations, counts):
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["float32", "bfloat16"])
+def test_half_scales_multiply_as_float32_ones(rng, vnni, fmt, activations, counts, dtype):
+    """bfloat16 tokens: int4 weight-only decode on vdpbf16ps where the CPU has it (docs/api.md §9)."""
     E, N, K = 3, 21, 256  # 21 rows: two panels of 8 and 5 rows outside them
     half, full = _pair(rng, fmt, E, N, K, activations)
     assert half.scale_dtype == np.float16 and full.scale_dtype == np.float32
@@ -48,12 +51,14 @@ def test_half_scales_multiply_as_float32_ones(rng, vnni, fmt, activations, count
     np.testing.assert_array_equal(w_half[:, 1:], w_full[:, 1:])
     np.testing.assert_array_equal(w_half[1:], w_full[1:])
     offsets = random_offsets(rng, E, counts=counts)
-    a = rng.standard_normal((int(offsets[-1]), K)).astype(np.float32)
+    a = rng.standard_normal((int(offsets[-1]), K)).astype(dtype)
     out_half, out_full = moe_ext.grouped_gemm(a, half, offsets), moe_ext.grouped_gemm(a, full, offsets)
+    out_half, out_full = out_half.astype(np.float32), out_full.astype(np.float32)
     rows0 = slice(0, int(offsets[1]))  # expert 0's rows see the nudged row 0 in column 0
     np.testing.assert_array_equal(out_half[:, 1:], out_full[:, 1:])
     np.testing.assert_array_equal(out_half[int(offsets[1]):], out_full[int(offsets[1]):])
-    np.testing.assert_allclose(out_half[rows0, 0], out_full[rows0, 0], rtol=1e-5, atol=1e-30)
+    rtol = 1e-5 if dtype == np.float32 else 2.0 ** -7  # bfloat16 outputs: one rounding step apart at most
+    np.testing.assert_allclose(out_half[rows0, 0], out_full[rows0, 0], rtol=rtol, atol=1e-30)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=_id)
