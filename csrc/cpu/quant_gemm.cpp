@@ -7,7 +7,8 @@
 //   kFusedTileRows rows (decode) in registers: rows in panels 8 at once, the scale applied per group
 //   (float_panel_rows; on bfloat16 rows bf16_panel_rows), an expert's last N % 8 rows 32 weights by 4
 //   rows at a time (fused_dot_rows); larger tiles (prefill) dequantise each block of the tile's weights
-//   once into the float GEMM's panel layout and multiply it with its microkernels (dequantized_product);
+//   once into the float GEMM's panel layout and multiply it with its microkernels (dequantized_product;
+//   on bfloat16 rows, int4 codes as bfloat16 panels, scales per group: coded_product);
 // - activation-quantised (W8A8 / W4A8): the rows of a are first quantised per token to int8 (below),
 //   then multiplied with the weights in integers (cpu/quant_dot.h), scales in the epilogue: rows a panel
 //   of 8 at a time (one row a lane, core/quant.h's kernel layout), an expert's last N % 8 rows one at a time.
@@ -640,6 +641,109 @@ void dequantized_product(const QuantGemmProblem& p, const Tile& t, int segments,
   }
 }
 
+#if defined(__AVX512F__)
+// --- weight-only int4 prefill on bfloat16 rows (QuantGemmProblem::bf16_dot): vdpbf16ps on the codes ----
+
+// bfloat16 bits of small integers (|v| <= 15: exact), as the high halves of their float32 bits.
+inline __m256i bf16_high_halves(__m256i v) { return _mm256_castps_si256(_mm256_cvtepi32_ps(v)); }
+
+// words [depth / 2][kPanelCols] = the vdpbf16ps pair layout (core/packed.h) of q - z, not scaled (the
+// caller applies each group's scales): column c's word q holds depths k0 + 2q (low half) and k0 + 2q + 1
+// of flat weight row first + c, bfloat16 (exact); columns past `rows` zero. depth is whole blocks.
+void code_panel_block(const QuantView& w, int64_t first, int64_t rows, int64_t k0, int64_t depth, uint32_t* words) {
+  const int64_t panel_block = kPanelRows * block_bytes(w), blocks = w.group / kQuantBlock;
+  const __m256i low = _mm256_set1_epi32(15), high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t c0 = 0; c0 < kPanelCols; c0 += kPanelRows) {
+    const int64_t row = first + c0;
+    if (c0 + kPanelRows <= rows && in_panel(w, row) && row % w.N % kPanelRows == 0) {  // a kernel panel
+      const uint8_t* values = w.values + row * w.row_bytes;
+      const uint8_t* zeros = w.zeros ? w.zeros + row * w.groups : nullptr;
+      for (int64_t b = k0 / kQuantBlock; b * kQuantBlock < k0 + depth; ++b) {
+        const int64_t g = b / blocks;
+        const __m256i zero = zeros ? _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g * kPanelRows)))
+                                   : _mm256_set1_epi32(kInt4SymmetricZero);
+        uint32_t* out = words + (b * kQuantBlock - k0) / 2 * kPanelCols + c0;
+        for (int chunk = 0; chunk < 4; ++chunk) {  // lane i: row i's bytes 4 chunk .. 4 chunk + 3
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + b * panel_block + 32 * chunk));
+          for (int k = 0; k < 4; k += 2)
+            for (int nibble = 0; nibble < 2; ++nibble) {  // depths 4 chunk + k, + 1 (+ 16 for high nibbles)
+              const int shift = 8 * k + 4 * nibble;
+              const __m256i even = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(v, shift), low), zero);
+              const __m256i odd = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(v, shift + 8), low), zero);
+              const __m256i word = _mm256_or_si256(_mm256_srli_epi32(bf16_high_halves(even), 16),
+                                                   _mm256_and_si256(bf16_high_halves(odd), high));
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (16 * nibble + 4 * chunk + k) / 2 * kPanelCols), word);
+            }
+        }
+      }
+      continue;
+    }
+    for (int64_t c = c0; c < c0 + kPanelRows; ++c) {  // a row outside a kernel panel, or none
+      const RowAt at = c < rows ? row_at(w, first + c) : RowAt{};
+      for (int64_t d = 0; d < depth; d += 2) {
+        uint32_t word = 0;
+        for (int half = 0; half < 2 && c < rows; ++half) {
+          const int64_t depth_at = k0 + d + half, b = depth_at / kQuantBlock, i = depth_at % kQuantBlock, g = b / blocks;
+          const uint8_t byte = at.values[b * at.block + (i % 16) / 4 * at.run + i % 4];
+          const int z = at.zeros ? at.zeros[g * at.group] : kInt4SymmetricZero;
+          const int code = (i < 16 ? byte & 15 : byte >> 4) - z;
+          word |= (f32_bits(static_cast<float>(code)) >> 16) << (16 * half);
+        }
+        words[d / 2 * kPanelCols + c] = word;
+      }
+    }
+  }
+}
+
+// As dequantized_product, on bfloat16 rows and int4 codes: per group, the codes' products with the
+// rows (exact, summed in float32 by vdpbf16ps) into `partial`, then each column's scale times that
+// added to the tile's results: the scale applied once per group, as the decode panels do.
+static_assert(kDequantDepth / 2 * kPanelCols + kTileRows * kPanelCols <= kDequantDepth * kPanelCols,
+              "the codes and the partial sums share the dequantised block's space");
+
+void coded_product(const QuantGemmProblem& p, const Tile& t, int segments, const int64_t* firsts, int64_t seg_rows,
+                   float* local, uint32_t* words, float* partial) {
+  const QuantView& w = *p.w;
+  const int64_t K = w.K, lda_pairs = K / 2;  // int4: K is a multiple of the group, so of 32
+  const uint32_t* a_pairs = reinterpret_cast<const uint32_t*>(p.a_bf16) + t.row_begin * lda_pairs;
+  for (int64_t k0 = 0; k0 < K; k0 += kDequantDepth) {
+    const int64_t depth = min_i64(kDequantDepth, K - k0);
+    for (int s = 0; s < segments; ++s)
+      for (int64_t j = 0; j < seg_rows; j += kPanelCols) {
+        const int64_t cols = min_i64(kPanelCols, seg_rows - j);
+        code_panel_block(w, firsts[s] + j, cols, k0, depth, words);
+        for (int64_t d = 0; d < depth; d += w.group) {
+          const int64_t g = (k0 + d) / w.group;
+          for (int64_t m = 0; m < t.rows; m += kMicroRows) {
+            const uint32_t* a_m = a_pairs + m * lda_pairs + (k0 + d) / 2;
+            const bf16_t* b = reinterpret_cast<const bf16_t*>(words + d / 2 * kPanelCols);
+            float* c = partial + m * kPanelCols;
+            switch (min_i64(kMicroRows, t.rows - m)) {
+#define MOE_EXT_CODED_CASE(R) \
+  case R: micro_kernel_dpbf16<(R <= kMicroRows ? R : 1)>(a_m, lda_pairs, b, w.group / 2, c, kPanelCols, false); break;
+              MOE_EXT_CODED_CASE(1) MOE_EXT_CODED_CASE(2) MOE_EXT_CODED_CASE(3) MOE_EXT_CODED_CASE(4)
+              MOE_EXT_CODED_CASE(5) MOE_EXT_CODED_CASE(6) MOE_EXT_CODED_CASE(7) MOE_EXT_CODED_CASE(8)
+#undef MOE_EXT_CODED_CASE
+              default: break;
+            }
+          }
+          float scale[kPanelCols] = {};
+          for (int64_t c = 0; c < cols; ++c) {
+            const RowAt at = row_at(w, firsts[s] + j + c);
+            scale[c] = scale_at(w, at.scales + g * at.group);
+          }
+          const bool first_group = k0 + d == 0;
+          for (int64_t r = 0; r < t.rows; ++r) {
+            float* dst = local + r * kLocalCols + s * kTileCols + j;
+            const float* src = partial + r * kPanelCols;
+            for (int64_t c = 0; c < kPanelCols; ++c) dst[c] = first_group ? scale[c] * src[c] : dst[c] + scale[c] * src[c];
+          }
+        }
+      }
+  }
+}
+#endif
+
 // Column c[r * kLocalCols] (r < t.rows) of the tile's results = weight row `row` times the tile's rows,
 // for the integer path and weight-only decode (fused_weight_only). A row in a panel takes its lane of the
 // whole panel's products, computed once per panel and kept in `panel` ([rows][8]) while the tile walks
@@ -694,6 +798,12 @@ void run_tile(const QuantGemmProblem& p, const Geometry& g, const Tile& t, const
   float* local = buf.local;
   if (!w.quantize_activations && !fused_weight_only(w, t.rows)) {
     const int64_t firsts[2] = {t.expert * w.N + first, t.expert * w.N + g.half + first};
+#if defined(__AVX512F__)
+    if (p.bf16_dot) {  // int4 (QuantGemmProblem::bf16_dot): the dequantised block's space holds the codes and partial sums
+      uint32_t* words = reinterpret_cast<uint32_t*>(buf.dequantized);
+      coded_product(p, t, segments, firsts, seg_rows, local, words, buf.dequantized + kDequantDepth / 2 * kPanelCols);
+    } else
+#endif
     dequantized_product(p, t, segments, firsts, seg_rows, local, buf.row, buf.dequantized);
   } else {
     Columns column{p, t, buf.panel};
