@@ -697,7 +697,8 @@ void code_panel_block(const QuantView& w, int64_t first, int64_t rows, int64_t k
 
 // As dequantized_product, on bfloat16 rows and int4 codes: per group, the codes' products with the
 // rows (exact, summed in float32 by vdpbf16ps) into `partial`, then each column's scale times that
-// added to the tile's results: the scale applied once per group, as the decode panels do.
+// added to the tile's results: the scale applied once per group, as the decode panels do. int4 groups
+// (32, 64 or 128 depths: core/quant.cpp's check_format) divide kDequantDepth, so blocks hold whole groups.
 static_assert(kDequantDepth / 2 * kPanelCols + kTileRows * kPanelCols <= kDequantDepth * kPanelCols,
               "the codes and the partial sums share the dequantised block's space");
 
