@@ -116,16 +116,15 @@ def test_16_bit_activations(rng, dtype):
 
 
 
-INT4 = [f for f in SCHEMES if f[0] == "int4"]
-
-
-@pytest.mark.parametrize("fmt", INT4, ids=_id)
+@pytest.mark.parametrize("fmt,K", [(f, _depth(f, 3)) for f in SCHEMES] + [(("int8", None, False), 288)],
+                         ids=lambda v: _id(v) if isinstance(v, tuple) else f"K{v}")
 @pytest.mark.parametrize("counts", [[1, 0, 2], [5, 16, 3], [7, 12, 9], [130, 7, 0]], ids=str)
-def test_bfloat16_rows_on_int4(rng, bf16_dot, fmt, counts):
-    """bfloat16 activations on int4 weight-only: with vdpbf16ps (decode's panels; docs/api.md §9) and
-    without. The rows are exact in bfloat16 and so is each q - z, so the products are exact and only
-    float32 accumulation and the bfloat16 output rounding (u = 2^-8 of each element) remain."""
-    E, N, K = 3, 37, _depth(fmt, 3)
+def test_bfloat16_rows_weight_only(rng, bf16_dot, fmt, K, counts):
+    """bfloat16 activations on weight-only weights: with vdpbf16ps (int4 decode's panels, prefill's tiles
+    for K a multiple of 32; docs/api.md §9) and without. The rows are exact in bfloat16 and so is each
+    q - z, so the products are exact and only float32 accumulation and the bfloat16 output rounding
+    (u = 2^-8 of each element) remain. K = 288: an int8 row's one group spans two prefill blocks."""
+    E, N = 3, 37
     w = rng.standard_normal((E, N, K)).astype(np.float32)
     offsets = random_offsets(rng, E, counts=counts)
     a = rng.standard_normal((int(offsets[-1]), K)).astype(ml_dtypes.bfloat16)
@@ -142,9 +141,9 @@ def test_bfloat16_rows_on_int4(rng, bf16_dot, fmt, counts):
         assert np.all(np.abs(out[lo:hi].astype(np.float64) - want[lo:hi]) <= bound), e
 
 
-@pytest.mark.parametrize("fmt", [("int4", 32, False), ("int4", 64, True)], ids=_id)
+@pytest.mark.parametrize("fmt", [("int4", 32, False), ("int4", 64, True), ("int8", 32, False)], ids=_id)
 @pytest.mark.parametrize("T", [1, 4, 40])
-def test_bfloat16_experts_on_int4(rng, bf16_dot, fmt, T):
+def test_bfloat16_experts_weight_only(rng, bf16_dot, fmt, T):
     """experts on bfloat16 tokens: with vdpbf16ps the activation fed to the second GEMM is rounded to
     bfloat16 too (as for bfloat16 weights, docs/api.md "dtypes"), so two roundings of u = 2^-9 in norm."""
     d, f, E, k = 128, 64, 4, 2

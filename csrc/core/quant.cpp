@@ -382,7 +382,7 @@ void run_quant_gemm(const float* a, DType caller_dtype, const QuantView& w, cons
   p.a = a, p.w = &w, p.offsets = offsets, p.out = out, p.bias = bias;
   p.fuse_activation = fuse_activation, p.activation = activation;
   p.vnni = current_isa() == Isa::avx512 && vnni_enabled();
-  p.bf16_dot = caller_dtype == DType::bf16 && w.scheme == QuantScheme::int4 && !w.quantize_activations &&
+  p.bf16_dot = caller_dtype == DType::bf16 && !w.quantize_activations && w.K % kQuantBlock == 0 &&
                current_isa() == Isa::avx512 && bf16_dot_enabled();
   Workspace& ws = thread_workspace();
   const int64_t M = offsets[w.E];

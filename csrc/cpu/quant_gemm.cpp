@@ -420,7 +420,7 @@ void float_panel(const QuantGemmProblem& p, int64_t first, int64_t a_row, int64_
     const float* a = p.a + (a_row + m) * w.K;
     float* cm = c + m * kPanelRows;
 #if defined(__AVX512F__)
-    if (p.bf16_dot) {  // int4 only (QuantGemmProblem::bf16_dot)
+    if (p.bf16_dot && w.scheme == QuantScheme::int4) {  // int8 decode keeps the float32 form
       const uint16_t* a16 = p.a_bf16 + (a_row + m) * w.K;
       switch (min_i64(kFusedRows, rows - m) * 2 + (w.zeros ? 1 : 0)) {
 #define MOE_EXT_BF16_PANEL_CASE(R)                                          \
@@ -642,14 +642,15 @@ void dequantized_product(const QuantGemmProblem& p, const Tile& t, int segments,
 }
 
 #if defined(__AVX512F__)
-// --- weight-only int4 prefill on bfloat16 rows (QuantGemmProblem::bf16_dot): vdpbf16ps on the codes ----
+// --- weight-only prefill on bfloat16 rows (QuantGemmProblem::bf16_dot): vdpbf16ps on the codes --------
 
-// bfloat16 bits of small integers (|v| <= 15: exact), as the high halves of their float32 bits.
+// bfloat16 bits of small integers (|v| <= 255: exact), as the high halves of their float32 bits.
 inline __m256i bf16_high_halves(__m256i v) { return _mm256_castps_si256(_mm256_cvtepi32_ps(v)); }
 
 // words [depth / 2][kPanelCols] = the vdpbf16ps pair layout (core/packed.h) of q - z, not scaled (the
 // caller applies each group's scales): column c's word q holds depths k0 + 2q (low half) and k0 + 2q + 1
-// of flat weight row first + c, bfloat16 (exact); columns past `rows` zero. depth is whole blocks.
+// of flat weight row first + c, bfloat16 (exact: |q - z| <= 15 for int4, 127 for int8); columns past
+// `rows` zero. depth is whole blocks.
 void code_panel_block(const QuantView& w, int64_t first, int64_t rows, int64_t k0, int64_t depth, uint32_t* words) {
   const int64_t panel_block = kPanelRows * block_bytes(w), blocks = w.group / kQuantBlock;
   const __m256i low = _mm256_set1_epi32(15), high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
@@ -660,19 +661,30 @@ void code_panel_block(const QuantView& w, int64_t first, int64_t rows, int64_t k
       const uint8_t* zeros = w.zeros ? w.zeros + row * w.groups : nullptr;
       for (int64_t b = k0 / kQuantBlock; b * kQuantBlock < k0 + depth; ++b) {
         const int64_t g = b / blocks;
+        uint32_t* out = words + (b * kQuantBlock - k0) / 2 * kPanelCols + c0;
+        auto put = [&](int d, __m256i even, __m256i odd) {  // depths d, d + 1 of the block
+          const __m256i word = _mm256_or_si256(_mm256_srli_epi32(bf16_high_halves(even), 16),
+                                               _mm256_and_si256(bf16_high_halves(odd), high));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + d / 2 * kPanelCols), word);
+        };
+        if (w.scheme == QuantScheme::int8) {
+          for (int chunk = 0; chunk < 8; ++chunk) {  // lane i: row i's depths 4 chunk .. 4 chunk + 3
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + b * panel_block + 32 * chunk));
+            for (int k = 0; k < 4; k += 2)
+              put(4 * chunk + k, _mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * k), 24),
+                  _mm256_srai_epi32(_mm256_slli_epi32(v, 16 - 8 * k), 24));
+          }
+          continue;
+        }
         const __m256i zero = zeros ? _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zeros + g * kPanelRows)))
                                    : _mm256_set1_epi32(kInt4SymmetricZero);
-        uint32_t* out = words + (b * kQuantBlock - k0) / 2 * kPanelCols + c0;
         for (int chunk = 0; chunk < 4; ++chunk) {  // lane i: row i's bytes 4 chunk .. 4 chunk + 3
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + b * panel_block + 32 * chunk));
           for (int k = 0; k < 4; k += 2)
             for (int nibble = 0; nibble < 2; ++nibble) {  // depths 4 chunk + k, + 1 (+ 16 for high nibbles)
               const int shift = 8 * k + 4 * nibble;
-              const __m256i even = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(v, shift), low), zero);
-              const __m256i odd = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(v, shift + 8), low), zero);
-              const __m256i word = _mm256_or_si256(_mm256_srli_epi32(bf16_high_halves(even), 16),
-                                                   _mm256_and_si256(bf16_high_halves(odd), high));
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (16 * nibble + 4 * chunk + k) / 2 * kPanelCols), word);
+              put(16 * nibble + 4 * chunk + k, _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(v, shift), low), zero),
+                  _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(v, shift + 8), low), zero));
             }
         }
       }
@@ -684,9 +696,13 @@ void code_panel_block(const QuantView& w, int64_t first, int64_t rows, int64_t k
         uint32_t word = 0;
         for (int half = 0; half < 2 && c < rows; ++half) {
           const int64_t depth_at = k0 + d + half, b = depth_at / kQuantBlock, i = depth_at % kQuantBlock, g = b / blocks;
-          const uint8_t byte = at.values[b * at.block + (i % 16) / 4 * at.run + i % 4];
-          const int z = at.zeros ? at.zeros[g * at.group] : kInt4SymmetricZero;
-          const int code = (i < 16 ? byte & 15 : byte >> 4) - z;
+          int code;
+          if (w.scheme == QuantScheme::int8) {
+            code = static_cast<int8_t>(at.values[b * at.block + i / 4 * at.run + i % 4]);
+          } else {
+            const uint8_t byte = at.values[b * at.block + (i % 16) / 4 * at.run + i % 4];
+            code = (i < 16 ? byte & 15 : byte >> 4) - (at.zeros ? at.zeros[g * at.group] : kInt4SymmetricZero);
+          }
           word |= (f32_bits(static_cast<float>(code)) >> 16) << (16 * half);
         }
         words[d / 2 * kPanelCols + c] = word;
@@ -695,17 +711,19 @@ void code_panel_block(const QuantView& w, int64_t first, int64_t rows, int64_t k
   }
 }
 
-// As dequantized_product, on bfloat16 rows and int4 codes: per group, the codes' products with the
-// rows (exact, summed in float32 by vdpbf16ps) into `partial`, then each column's scale times that
-// added to the tile's results: the scale applied once per group, as the decode panels do. int4 groups
-// (32, 64 or 128 depths: core/quant.cpp's check_format) divide kDequantDepth, so blocks hold whole groups.
+// As dequantized_product, on bfloat16 rows and the codes: per group (or per block, for groups longer
+// than a block: int8 per row), the codes' products with the rows (exact, summed in float32 by vdpbf16ps)
+// into `partial`, then each column's scale times that added to the tile's results: the scale applied
+// once per group, as the decode panels do. Groups of 32 to 128 depths divide kDequantDepth, so blocks
+// hold whole groups; longer ones (multiples of 32: core/quant.cpp's check_format) are cut at blocks.
 static_assert(kDequantDepth / 2 * kPanelCols + kTileRows * kPanelCols <= kDequantDepth * kPanelCols,
               "the codes and the partial sums share the dequantised block's space");
 
 void coded_product(const QuantGemmProblem& p, const Tile& t, int segments, const int64_t* firsts, int64_t seg_rows,
                    float* local, uint32_t* words, float* partial) {
   const QuantView& w = *p.w;
-  const int64_t K = w.K, lda_pairs = K / 2;  // int4: K is a multiple of the group, so of 32
+  const int64_t K = w.K, lda_pairs = K / 2;  // K is a multiple of 32 (QuantGemmProblem::bf16_dot)
+  const int64_t span = min_i64(w.group, kDequantDepth);  // depths a scale covers within a block
   const uint32_t* a_pairs = reinterpret_cast<const uint32_t*>(p.a_bf16) + t.row_begin * lda_pairs;
   for (int64_t k0 = 0; k0 < K; k0 += kDequantDepth) {
     const int64_t depth = min_i64(kDequantDepth, K - k0);
@@ -713,7 +731,7 @@ void coded_product(const QuantGemmProblem& p, const Tile& t, int segments, const
       for (int64_t j = 0; j < seg_rows; j += kPanelCols) {
         const int64_t cols = min_i64(kPanelCols, seg_rows - j);
         code_panel_block(w, firsts[s] + j, cols, k0, depth, words);
-        for (int64_t d = 0; d < depth; d += w.group) {
+        for (int64_t d = 0; d < depth; d += span) {
           const int64_t g = (k0 + d) / w.group;
           for (int64_t m = 0; m < t.rows; m += kMicroRows) {
             const uint32_t* a_m = a_pairs + m * lda_pairs + (k0 + d) / 2;
@@ -721,7 +739,7 @@ void coded_product(const QuantGemmProblem& p, const Tile& t, int segments, const
             float* c = partial + m * kPanelCols;
             switch (min_i64(kMicroRows, t.rows - m)) {
 #define MOE_EXT_CODED_CASE(R) \
-  case R: micro_kernel_dpbf16<(R <= kMicroRows ? R : 1)>(a_m, lda_pairs, b, w.group / 2, c, kPanelCols, false); break;
+  case R: micro_kernel_dpbf16<(R <= kMicroRows ? R : 1)>(a_m, lda_pairs, b, min_i64(span, depth - d) / 2, c, kPanelCols, false); break;
               MOE_EXT_CODED_CASE(1) MOE_EXT_CODED_CASE(2) MOE_EXT_CODED_CASE(3) MOE_EXT_CODED_CASE(4)
               MOE_EXT_CODED_CASE(5) MOE_EXT_CODED_CASE(6) MOE_EXT_CODED_CASE(7) MOE_EXT_CODED_CASE(8)
 #undef MOE_EXT_CODED_CASE
@@ -800,7 +818,7 @@ void run_tile(const QuantGemmProblem& p, const Geometry& g, const Tile& t, const
   if (!w.quantize_activations && !fused_weight_only(w, t.rows)) {
     const int64_t firsts[2] = {t.expert * w.N + first, t.expert * w.N + g.half + first};
 #if defined(__AVX512F__)
-    if (p.bf16_dot) {  // int4 (QuantGemmProblem::bf16_dot): the dequantised block's space holds the codes and partial sums
+    if (p.bf16_dot) {  // the dequantised block's space holds the codes and the partial sums
       uint32_t* words = reinterpret_cast<uint32_t*>(buf.dequantized);
       coded_product(p, t, segments, firsts, seg_rows, local, words, buf.dequantized + kDequantDepth / 2 * kPanelCols);
     } else
