@@ -37,21 +37,31 @@ def _depth(fmt, multiple=1):
 @pytest.mark.parametrize("fmt", SCHEMES, ids=_id)
 @pytest.mark.parametrize("counts", [[0, 0, 0], [1, 0, 2], [5, 16, 3], [130, 7, 0]], ids=str)
 def test_grouped_gemm_weight_only(rng, fmt, counts):
-    E, N, K = 3, 37, _depth(fmt, 3)
+    out, want = _weight_only_gemm(rng, fmt, _depth(fmt, 3), counts, np.float32)
+    assert_close(out, want, GEMM_RTOL, "grouped_gemm")
+
+
+def _weight_only_gemm(rng, fmt, K, counts, dtype):
+    """grouped_gemm of random `dtype` rows on weight-only weights [3, 37, K], checked per element against
+    the float64 reference on the dequantised weights: the worst case of a float32 dot of length K on the
+    same weights, plus, for 16-bit outputs, their rounding (u = 2^-8 for bfloat16). Returns (out, want)."""
+    E, N = 3, 37
     w = rng.standard_normal((E, N, K)).astype(np.float32)
     offsets = random_offsets(rng, E, counts=counts)
-    a = rng.standard_normal((int(offsets[-1]), K)).astype(np.float32)
+    a = rng.standard_normal((int(offsets[-1]), K)).astype(dtype)
     q = _quantize(w, fmt, None)
     with unchanged(a):
         out = moe_ext.grouped_gemm(a, q, offsets)
-    want = reference.grouped_gemm(a.astype(np.float64), moe_ext.dequantize(q).astype(np.float64), offsets)
-    assert out.dtype == np.float32 and out.shape == (a.shape[0], N)
-    assert_close(out, want, GEMM_RTOL, "grouped_gemm")
-    w_dq = moe_ext.dequantize(q).astype(np.float64)
-    for e in range(E):  # per element: the worst case of a float32 dot of length K on the same weights
+    assert out.dtype == a.dtype and out.shape == (a.shape[0], N)
+    a64, w_dq = a.astype(np.float64), moe_ext.dequantize(q).astype(np.float64)
+    want = reference.grouped_gemm(a64, w_dq, offsets)
+    u_out = 0.0 if a.dtype == np.float32 else 2.0 ** -8
+    for e in range(E):
         lo, hi = offsets[e], offsets[e + 1]
-        bound = K * U * (np.abs(a[lo:hi]).astype(np.float64) @ np.abs(w_dq[e]).T)
-        assert np.all(np.abs(out[lo:hi] - want[lo:hi]) <= bound), e
+        acc = K * U * (np.abs(a64[lo:hi]) @ np.abs(w_dq[e]).T)
+        bound = acc + u_out * (np.abs(want[lo:hi]) + acc)
+        assert np.all(np.abs(out[lo:hi].astype(np.float64) - want[lo:hi]) <= bound), e
+    return out, want
 
 
 @pytest.mark.parametrize("fmt", SCHEMES, ids=_id)
@@ -124,21 +134,7 @@ def test_bfloat16_rows_weight_only(rng, bf16_dot, fmt, K, counts):
     for K a multiple of 32; docs/api.md §9) and without. The rows are exact in bfloat16 and so is each
     q - z, so the products are exact and only float32 accumulation and the bfloat16 output rounding
     (u = 2^-8 of each element) remain. K = 288: an int8 row's one group spans two prefill blocks."""
-    E, N = 3, 37
-    w = rng.standard_normal((E, N, K)).astype(np.float32)
-    offsets = random_offsets(rng, E, counts=counts)
-    a = rng.standard_normal((int(offsets[-1]), K)).astype(ml_dtypes.bfloat16)
-    q = _quantize(w, fmt, None)
-    with unchanged(a):
-        out = moe_ext.grouped_gemm(a, q, offsets)
-    assert out.dtype == a.dtype
-    a64, w_dq = a.astype(np.float64), moe_ext.dequantize(q).astype(np.float64)
-    want = reference.grouped_gemm(a64, w_dq, offsets)
-    for e in range(E):
-        lo, hi = offsets[e], offsets[e + 1]
-        acc = K * U * (np.abs(a64[lo:hi]) @ np.abs(w_dq[e]).T)
-        bound = acc + 2.0 ** -8 * (np.abs(want[lo:hi]) + acc)
-        assert np.all(np.abs(out[lo:hi].astype(np.float64) - want[lo:hi]) <= bound), e
+    _weight_only_gemm(rng, fmt, K, counts, ml_dtypes.bfloat16)
 
 
 @pytest.mark.parametrize("fmt", [("int4", 32, False), ("int4", 64, True), ("int8", 32, False)], ids=_id)

@@ -15,6 +15,9 @@ bool use_bf16_dot(DType activations, const WeightView& w);
 // then rounds into out.
 float* f32_target(void* out, DType dtype, int64_t n);
 void finish_f32(const float* result, int64_t n, DType dtype, void* out);
+// a [M, K] rounded to bfloat16 once (rows padded to even K with a zero), in the gemm_a_bf16 slot: the
+// vdpbf16ps operand (GemmProblem::a_bf16, QuantGemmProblem::a_bf16).
+const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K);
 // `data` as float32: itself, or a widened copy in the workspace slot.
 const float* as_f32(const void* data, DType dtype, int64_t n, Scratch slot);
 // The grouped GEMM kernels' per-thread scratch (kGemmScratchBytes each) for `threads` threads.

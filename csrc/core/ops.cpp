@@ -10,9 +10,8 @@
 
 namespace moe_ext {
 
-namespace {
+namespace detail {  // declared in core/gemm_call.h
 
-// a [M, K] rounded to bfloat16 once, rows padded to even K (see GemmProblem::a_bf16).
 const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K) {
   const int64_t stride = (K + 1) / 2 * 2;
   uint16_t* rows = thread_workspace().get<uint16_t>(Scratch::gemm_a_bf16, M * stride);
@@ -27,10 +26,6 @@ const uint16_t* round_rows_to_bf16(const float* a, int64_t M, int64_t K) {
   }
   return rows;
 }
-
-}  // namespace
-
-namespace detail {  // declared in core/gemm_call.h
 
 float* f32_target(void* out, DType dtype, int64_t n) {
   return dtype == DType::f32 ? static_cast<float*>(out) : thread_workspace().get<float>(Scratch::converted_out, n);

@@ -11,6 +11,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "core/gemm_call.h"
 #include "core/isa.h"
 #include "core/kernels.h"
 #include "core/threads.h"
@@ -386,16 +387,12 @@ void run_quant_gemm(const float* a, DType caller_dtype, const QuantView& w, cons
                current_isa() == Isa::avx512 && bf16_dot_enabled();
   Workspace& ws = thread_workspace();
   const int64_t M = offsets[w.E];
+  const int threads = num_threads();  // read once: the scratch is sized for exactly this many
   if (p.bf16_dot && M > 0) {  // as the bfloat16 weights' rule (docs/api.md "dtypes"): rows rounded once
-    const Kernels& kern = kernels();
-    const int threads = num_threads();
-    const std::size_t half_bytes = static_cast<std::size_t>(round_up(M * w.K * 2, 64));
-    char* buf = static_cast<char*>(ws.get(Scratch::quant_rows, half_bytes + static_cast<std::size_t>(M * w.K * 4)));
-    uint16_t* rows16 = reinterpret_cast<uint16_t*>(buf);
-    float* rows32 = reinterpret_cast<float*>(buf + half_bytes);
-    kern.narrow(a, M * w.K, DType::bf16, threads, rows16);
-    kern.widen(rows16, DType::bf16, M * w.K, threads, rows32);
-    p.a = rows32, p.a_bf16 = rows16;
+    p.a_bf16 = detail::round_rows_to_bf16(a, M, w.K);  // K is even: no padding
+    float* rows = ws.get<float>(Scratch::quant_rows, M * w.K);  // the same values for the float32 paths
+    kernels().widen(p.a_bf16, DType::bf16, M * w.K, threads, rows);
+    p.a = rows;
   }
   if (w.quantize_activations) {
     // One buffer: int8 rows, then the scales, then the group sums (each part 64-byte aligned).
@@ -406,7 +403,6 @@ void run_quant_gemm(const float* a, DType caller_dtype, const QuantView& w, cons
     p.a_scales = reinterpret_cast<float*>(buf + rows_bytes);
     p.a_sums = reinterpret_cast<int32_t*>(buf + rows_bytes + scales_bytes);
   }
-  const int threads = num_threads();  // read once: the scratch is sized for exactly this many
   const int64_t per_thread = quant_gemm_scratch_bytes();
   void* scratch = ws.get(Scratch::gemm_panels, static_cast<std::size_t>(threads * per_thread));
   kernels().quant_gemm(p, threads, scratch);

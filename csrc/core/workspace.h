@@ -23,7 +23,7 @@ enum class Scratch : int {
   gemm_a_bf16,     // a GEMM's rows rounded to bfloat16 for vdpbf16ps
   backward_marks,  // backward: rows seen (repeat detection) or ones (permute_backward's weights)
   quant_rows,      // quantised GEMM: the int8 activation rows, their scales and group sums (W8A8 /
-                   // W4A8), or the rows rounded to bfloat16 (QuantGemmProblem::bf16_dot)
+                   // W4A8), or the rows rounded to bfloat16, as float32 (QuantGemmProblem::bf16_dot)
   count
 };
 

@@ -590,6 +590,12 @@ void dequantize_kernel_panel(const QuantView& w, int64_t first, int64_t k0, int6
 }
 #endif
 
+// Whether the `rows_left` flat weight rows from `row` start with a whole kernel panel (8 rows, one a
+// lane): the blocks of a tile whose rows are read 8 at a time.
+inline bool whole_panel_at(const QuantView& w, int64_t row, int64_t rows_left) {
+  return rows_left >= kPanelRows && in_panel(w, row) && row % w.N % kPanelRows == 0;
+}
+
 // panel [depth][kPanelCols] (core/packed.h's float32 layout) = flat weight rows first .. first + rows - 1
 // at depths k0 .. k0 + depth - 1, dequantised; columns past `rows` zero. Whole kernel panels 8 columns
 // at a time (AVX2), other rows one by one through row_buf (kDequantDepth floats).
@@ -599,7 +605,7 @@ void dequantize_panel_block(const QuantView& w, int64_t first, int64_t rows, int
   for (int64_t c0 = 0; c0 < kPanelCols; c0 += kPanelRows) {
 #if defined(__AVX2__)
     const int64_t row = first + c0;
-    if (c0 + kPanelRows <= rows && in_panel(w, row) && row % w.N % kPanelRows == 0) {
+    if (whole_panel_at(w, row, rows - c0)) {
       dequantize_kernel_panel(w, row, k0, depth, panel + c0);
       continue;
     }
@@ -656,7 +662,7 @@ void code_panel_block(const QuantView& w, int64_t first, int64_t rows, int64_t k
   const __m256i low = _mm256_set1_epi32(15), high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   for (int64_t c0 = 0; c0 < kPanelCols; c0 += kPanelRows) {
     const int64_t row = first + c0;
-    if (c0 + kPanelRows <= rows && in_panel(w, row) && row % w.N % kPanelRows == 0) {  // a kernel panel
+    if (whole_panel_at(w, row, rows - c0)) {
       const uint8_t* values = w.values + row * w.row_bytes;
       const uint8_t* zeros = w.zeros ? w.zeros + row * w.groups : nullptr;
       for (int64_t b = k0 / kQuantBlock; b * kQuantBlock < k0 + depth; ++b) {
@@ -731,6 +737,8 @@ void coded_product(const QuantGemmProblem& p, const Tile& t, int segments, const
       for (int64_t j = 0; j < seg_rows; j += kPanelCols) {
         const int64_t cols = min_i64(kPanelCols, seg_rows - j);
         code_panel_block(w, firsts[s] + j, cols, k0, depth, words);
+        RowAt at[kPanelCols];  // where each column's scales are
+        for (int64_t c = 0; c < cols; ++c) at[c] = row_at(w, firsts[s] + j + c);
         for (int64_t d = 0; d < depth; d += span) {
           const int64_t g = (k0 + d) / w.group;
           for (int64_t m = 0; m < t.rows; m += kMicroRows) {
@@ -747,10 +755,7 @@ void coded_product(const QuantGemmProblem& p, const Tile& t, int segments, const
             }
           }
           float scale[kPanelCols] = {};
-          for (int64_t c = 0; c < cols; ++c) {
-            const RowAt at = row_at(w, firsts[s] + j + c);
-            scale[c] = scale_at(w, at.scales + g * at.group);
-          }
+          for (int64_t c = 0; c < cols; ++c) scale[c] = scale_at(w, at[c].scales + g * at[c].group);
           const bool first_group = k0 + d == 0;
           for (int64_t r = 0; r < t.rows; ++r) {
             float* dst = local + r * kLocalCols + s * kTileCols + j;
