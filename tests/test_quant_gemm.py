@@ -87,6 +87,65 @@ def test_grouped_gemm_activation_quantised(rng, vnni, fmt, counts):
         assert not out[0].any()
 
 
+# Formats whose K spans several 256-depth blocks of the prefill kernel, some with a group across two of
+# them (int8 g96 at K=288, int8 per row).
+LONG_ROWS = [(("int8", None, False), 300), (("int8", 96, False), 288), (("int4", 128, True), 640),
+             (("int4", 32, False), 288), (("int4", 64, False), 576)]
+
+
+@pytest.mark.parametrize("fmt,K", LONG_ROWS, ids=lambda v: _id(v) if isinstance(v, tuple) else str(v))
+def test_activation_quantised_prefill_is_decode(rng, vnni, fmt, K):
+    """Experts of many rows (the prefill tile on VNNI) give every row the bits it gets alone (decode, one
+    row a call) in the columns of whole kernel panels, and are within the bound of
+    test_grouped_gemm_activation_quantised everywhere: the same integer sums, converted and scaled in the
+    same order."""
+    E, N = 2, 44  # 40 rows in panels, 4 past them
+    w = rng.standard_normal((E, N, K)).astype(np.float32)
+    q = _quantize(w, fmt, "int8")
+    offsets = random_offsets(rng, E, counts=[70, 19])
+    a = (rng.standard_normal((89, K)) * rng.uniform(0.01, 100.0, (89, 1))).astype(np.float32)
+    out = moe_ext.grouped_gemm(a, q, offsets)
+    alone = np.concatenate([moe_ext.grouped_gemm(a[i:i + 1], q, np.array([0, int(i < 70), 1], np.int32))
+                            for i in range(89)])
+    np.testing.assert_array_equal(out[:, :40], alone[:, :40])
+    a_fq = reference.fake_quantize_activations(a)
+    w_dq = moe_ext.dequantize(q).astype(np.float64)
+    want = reference.grouped_gemm(a_fq, w_dq, offsets)
+    groups = q.scales.shape[-1]
+    for e in range(E):
+        lo, hi = offsets[e], offsets[e + 1]
+        bound = 2 * (groups + 4) * U * (np.abs(a_fq[lo:hi]) @ np.abs(w_dq[e]).T)
+        assert np.all(np.abs(out[lo:hi] - want[lo:hi]) <= bound), e
+
+
+@pytest.mark.parametrize("fmt,K", LONG_ROWS, ids=lambda v: _id(v) if isinstance(v, tuple) else str(v))
+def test_activation_quantised_tiers_agree(rng, fmt, K):
+    """The per-token quantisation (a vector form on avx512, a scalar one elsewhere) and the integer products
+    give the same bits on the avx2 and avx512 tiers, with and without VNNI, decode and prefill, in the
+    columns of whole kernel panels (the FMA tiers round alike)."""
+    tiers = [t for t in moe_ext.available_isas() if t != "scalar"]
+    if "avx512" not in tiers:
+        pytest.skip("one FMA tier only")
+    w = rng.standard_normal((2, 48, K)).astype(np.float32)
+    q = _quantize(w, fmt, "int8")
+    offsets = random_offsets(rng, 2, counts=[70, 5])
+    a = (rng.standard_normal((75, K)) * rng.uniform(0.01, 100.0, (75, 1))).astype(np.float32)
+    has_vnni = moe_ext._core.vnni_enabled()
+    previous = moe_ext.get_isa()
+    outs = []
+    try:
+        for tier in tiers:
+            moe_ext.set_isa(tier)
+            for v in ([True, False] if tier == "avx512" and has_vnni else [has_vnni]):
+                moe_ext._core._set_vnni_enabled(v)
+                outs.append(moe_ext.grouped_gemm(a, q, offsets))
+    finally:
+        moe_ext.set_isa(previous)
+        moe_ext._core._set_vnni_enabled(has_vnni)
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+
+
 def test_int8_paths_agree_exactly_on_the_integers(rng, isa):
     """Integer sums are exact on every path: with one group and power-of-two scales the whole result is
     exact, so every tier and both avx512 paths give the same bits."""

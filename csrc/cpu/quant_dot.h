@@ -356,4 +356,12 @@ void int_column(const QuantGemmProblem& p, int64_t row, int64_t a_row, int64_t r
 void int_column_vnni(const QuantGemmProblem& p, int64_t row, int64_t a_row, int64_t rows, float* c, int64_t ldc);
 void int_panel_vnni(const QuantGemmProblem& p, int64_t first, int64_t a_row, int64_t rows, float* c);
 
+// Prefill (quant_gemm_vnni.cpp): out [rows][...] = the `rows` quantised activation rows from a_row times
+// weight rows firsts[s] .. firsts[s] + seg_rows - 1 of each of `segments` segments, into
+// local[r * ldl + s * seg_stride + j] (scaled, before bias and activation), as panel_dot_rows computes
+// each. Scratch: `words` holds kCodeDepth / 4 x kCodeCols words, `sums` rows x kCodeCols int32.
+constexpr int64_t kCodeDepth = 256, kCodeCols = 32;
+void int_tile_vnni(const QuantGemmProblem& p, int64_t a_row, int64_t rows, const int64_t* firsts, int segments,
+                   int64_t seg_rows, float* local, int64_t ldl, int64_t seg_stride, uint32_t* words, int32_t* sums);
+
 }  // namespace moe_ext::cpu::MOE_EXT_CPU_NS

@@ -13,4 +13,224 @@ void int_panel_vnni(const QuantGemmProblem& p, int64_t first, int64_t a_row, int
   int_panel<PanelVnni>(p, first, a_row, rows, c);
 }
 
+// --- prefill: a tile's rows against blocks of unpacked codes ----------------------------------------
+// panel_dot_rows reads 4 activation rows against one 8-row panel: one weight load and four broadcasts for
+// four 8-lane vpdpbusd, and a float epilogue per group and row. With many rows (prefill) the loads and
+// the epilogue bound it (about half of vpdpbusd's peak on Zen 4). Here, as the float GEMM does, each
+// 256-depth block of kCodeCols weight rows is laid out once per tile as unsigned bytes [depth / 4]
+// [kCodeCols] (4 depths a 32-bit word: int8 w + 128, int4 the nibble), and a register tile of 8
+// activation rows x 32 weight rows runs on 16-lane vpdpbusd: two weight loads and eight broadcasts per
+// 16 instructions. The integers are the same exact sums as panel_dot_rows' (per group, less zero x the
+// activations' group sum), converted and scaled per group in the same order, so a panel row's result is
+// the same bits on either path.
+// GCC 12's AVX-512 intrinsics start from a self-initialised "undefined" vector, which -Wmaybe-uninitialized
+// reports at every inlined call: a false alarm, silenced for this part.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+namespace {
+
+constexpr int kCodeRows = 8;  // activation rows of the register tile
+
+// Whether the `rows_left` rows from flat row `row` start with a whole kernel panel.
+inline bool whole_panel(const QuantView& w, int64_t row, int64_t rows_left) {
+  return rows_left >= kPanelRows && in_panel(w, row) && row % w.N % kPanelRows == 0;
+}
+
+// words [depth / 4][kCodeCols] = weight rows first .. first + rows - 1 at depths k0 .. k0 + depth - 1
+// (whole 32-depth blocks), as vpdpbusd's unsigned bytes; columns past `rows` zero.
+void code_block_u8(const QuantView& w, int64_t first, int64_t rows, int64_t k0, int64_t depth, uint32_t* words) {
+  const bool int4 = w.scheme == QuantScheme::int4;
+  const int64_t panel_block = kPanelRows * block_bytes(w);
+  for (int64_t c0 = 0; c0 < kCodeCols; c0 += kPanelRows) {
+    const int64_t row = first + c0;
+    if (whole_panel(w, row, rows - c0)) {
+      // A kernel panel: chunk c of block b holds 4 bytes of each of its 8 rows, so its 32 bytes are 8
+      // consecutive words of one depth quad (int8: quad 8b + c; int4: 8b + c low nibbles, 8b + 4 + c high).
+      const uint8_t* values = w.values + row * w.row_bytes;
+      for (int64_t b = k0 / kQuantBlock; b * kQuantBlock < k0 + depth; ++b) {
+        uint32_t* out = words + (b * kQuantBlock - k0) / 4 * kCodeCols + c0;
+        const uint8_t* block = values + b * panel_block;
+        // The next block's lines, a block's products ahead (the hardware prefetchers fell behind: each
+        // block is read once per tile, between long runs of arithmetic).
+        for (int64_t line = 0; line < panel_block; line += 64)
+          __builtin_prefetch(block + kCodeDepth / kQuantBlock * panel_block + line, 0, 3);
+        for (int c = 0; c < (int4 ? 4 : 8); ++c) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c));
+          if (!int4) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c * kCodeCols), _mm256_xor_si256(v, _mm256_set1_epi8(-128)));
+            continue;
+          }
+          const __m256i low = _mm256_set1_epi8(15);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c * kCodeCols), _mm256_and_si256(v, low));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (c + 4) * kCodeCols),
+                              _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+        }
+      }
+      continue;
+    }
+    for (int64_t c = c0; c < c0 + kPanelRows; ++c) {  // a row outside a kernel panel, or none
+      for (int64_t q = 0; q < depth / 4; ++q) {
+        uint8_t bytes[4] = {};
+        for (int i = 0; i < 4 && c < rows; ++i) {
+          const int64_t d = k0 + 4 * q + i;
+          if (!int4) {
+            bytes[i] = w.values[value_offset(w, first + c, d)] ^ 0x80;
+            continue;
+          }
+          const int64_t in_block = d % kQuantBlock;
+          const uint8_t byte = w.values[value_offset(w, first + c, d / kQuantBlock * 16 + in_block % 16)];
+          bytes[i] = in_block < 16 ? byte & 15 : byte >> 4;
+        }
+        memcpy(words + q * kCodeCols + c, bytes, 4);
+      }
+    }
+  }
+}
+
+// Where the scales (and zeros) of a block's columns are: group g of column c at base[c] + g * stride[c];
+// a whole kernel panel's 8 columns (panel[c / 8]) have theirs side by side.
+struct ColumnGroups {
+  int64_t base[kCodeCols] = {}, stride[kCodeCols] = {};
+  bool panel[kCodeCols / kPanelRows] = {};
+};
+
+ColumnGroups column_groups(const QuantView& w, int64_t first, int64_t cols) {
+  ColumnGroups at;
+  for (int64_t c = 0; c < cols; ++c)
+    at.base[c] = group_offset(w, first + c, 0), at.stride[c] = in_panel(w, first + c) ? kPanelRows : 1;
+  for (int64_t c0 = 0; c0 < kCodeCols; c0 += kPanelRows) at.panel[c0 / kPanelRows] = whole_panel(w, first + c0, cols - c0);
+  return at;
+}
+
+// What closes a group (panel_dot_rows' epilogue): out[r * ldo + c] (+)= float(sum[r][c] - zero_c x row
+// r's group sum) * scale_c, columns past `cols` with scale 0. `first`: the first group (stores).
+struct GroupEnd {
+  __m512i zero[2];
+  __m512 scale[2];
+  int32_t constant_zero;      // zero_c where the weight has no zero points
+  bool zeros, first;
+  const int32_t* group_sums;  // row r's at group_sums[r * stride]
+  int64_t stride;
+  float* out;
+  int64_t ldo;
+};
+
+GroupEnd group_end(const QuantGemmProblem& p, const ColumnGroups& at, int64_t cols, int64_t g, int64_t a_row, float* out,
+                   int64_t ldo) {
+  const QuantView& w = *p.w;
+  alignas(64) float scale[kCodeCols] = {};
+  alignas(64) int32_t zero[kCodeCols] = {};
+  for (int64_t c0 = 0; c0 < cols; c0 += kPanelRows) {
+    if (at.panel[c0 / kPanelRows]) {  // 8 scales (and zeros) side by side
+      const int64_t i = at.base[c0] + g * kPanelRows;
+      const f32x8 s = panel_scales_at(w, i);
+      memcpy(scale + c0, &s, sizeof s);
+      for (int l = 0; l < kPanelRows && w.zeros; ++l) zero[c0 + l] = w.zeros[i + l];
+      continue;
+    }
+    for (int64_t c = c0; c < min_i64(cols, c0 + kPanelRows); ++c) {
+      const int64_t i = at.base[c] + g * at.stride[c];
+      scale[c] = scale_at(w, i);
+      zero[c] = w.zeros ? w.zeros[i] : 0;
+    }
+  }
+  GroupEnd e;
+  for (int h = 0; h < 2; ++h) e.zero[h] = _mm512_load_si512(zero + 16 * h), e.scale[h] = _mm512_load_ps(scale + 16 * h);
+  e.constant_zero = w.scheme == QuantScheme::int4 ? kInt4SymmetricZero : PanelVnni::kS8Bias;
+  e.zeros = w.zeros != nullptr;
+  e.first = g == 0;
+  e.group_sums = p.a_sums + a_row * w.groups + g;
+  e.stride = w.groups;
+  e.out = out;
+  e.ldo = ldo;
+  return e;
+}
+
+// Activation rows m .. m + R - 1 (a[r * lda ..], int8, 4 * quads depths) times the words' columns: the int32
+// sums (+)= into partial [R][kCodeCols], or, where `end` is given (the run closes its group), the group's
+// epilogue applied to them straight from the registers.
+template <int R>
+void dot_codes(const int8_t* a, int64_t lda, const uint32_t* words, int64_t quads, int32_t* partial, bool accumulate,
+               const GroupEnd* end, int64_t m) {
+  __m512i acc[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h)
+      acc[r][h] = accumulate ? _mm512_loadu_si512(partial + r * kCodeCols + 16 * h) : _mm512_setzero_si512();
+  for (int64_t q = 0; q < quads; ++q) {
+    const __m512i w0 = _mm512_loadu_si512(words + q * kCodeCols), w1 = _mm512_loadu_si512(words + q * kCodeCols + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      int32_t v;
+      memcpy(&v, a + r * lda + 4 * q, 4);
+      const __m512i x = _mm512_set1_epi32(v);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, x);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, x);
+    }
+  }
+  if (!end) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < 2; ++h) _mm512_storeu_si512(partial + r * kCodeCols + 16 * h, acc[r][h]);
+    return;
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const int32_t group_sum = end->group_sums[(m + r) * end->stride];
+    const __m512i x = _mm512_set1_epi32(group_sum), constant = _mm512_set1_epi32(end->constant_zero * group_sum);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i less = end->zeros ? _mm512_mullo_epi32(end->zero[h], x) : constant;
+      const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][h], less));
+      float* o = end->out + (m + r) * end->ldo + 16 * h;
+      _mm512_storeu_ps(o, end->first ? _mm512_mul_ps(f, end->scale[h]) : _mm512_fmadd_ps(f, end->scale[h], _mm512_loadu_ps(o)));
+    }
+  }
+}
+
+void dot_codes_rows(int64_t rows, const int8_t* a, int64_t lda, const uint32_t* words, int64_t quads, int32_t* partial,
+                    bool accumulate, const GroupEnd* end, int64_t m) {
+  switch (rows) {
+#define MOE_EXT_CODES_CASE(R) \
+  case R: dot_codes<R>(a, lda, words, quads, partial, accumulate, end, m); break;
+    MOE_EXT_CODES_CASE(1) MOE_EXT_CODES_CASE(2) MOE_EXT_CODES_CASE(3) MOE_EXT_CODES_CASE(4)
+    MOE_EXT_CODES_CASE(5) MOE_EXT_CODES_CASE(6) MOE_EXT_CODES_CASE(7) MOE_EXT_CODES_CASE(8)
+#undef MOE_EXT_CODES_CASE
+    default: break;
+  }
+}
+
+}  // namespace
+
+void int_tile_vnni(const QuantGemmProblem& p, int64_t a_row, int64_t rows, const int64_t* firsts, int segments,
+                   int64_t seg_rows, float* local, int64_t ldl, int64_t seg_stride, uint32_t* words, int32_t* sums) {
+  const QuantView& w = *p.w;
+  const int8_t* aq = p.a_q + a_row * w.row_depth;
+  for (int s = 0; s < segments; ++s)
+    for (int64_t j = 0; j < seg_rows; j += kCodeCols) {
+      const int64_t cols = min_i64(kCodeCols, seg_rows - j), first = firsts[s] + j;
+      float* out = local + s * seg_stride + j;
+      const ColumnGroups at = column_groups(w, first, cols);
+      for (int64_t k0 = 0; k0 < w.row_depth; k0 += kCodeDepth) {
+        const int64_t depth = min_i64(kCodeDepth, w.row_depth - k0);
+        code_block_u8(w, first, cols, k0, depth, words);
+        for (int64_t d = 0; d < depth;) {  // runs within one group: a group may span blocks (int8 per row)
+          const int64_t g = (k0 + d) / w.group, end = min_i64(depth, (g + 1) * w.group - k0);
+          const bool closes = (k0 + end) % w.group == 0;
+          const GroupEnd e = closes ? group_end(p, at, cols, g, a_row, out, ldl) : GroupEnd{};
+          for (int64_t m = 0; m < rows; m += kCodeRows)
+            dot_codes_rows(min_i64(kCodeRows, rows - m), aq + m * w.row_depth + k0 + d, w.row_depth,
+                           words + d / 4 * kCodeCols, (end - d) / 4, sums + m * kCodeCols, (k0 + d) % w.group != 0,
+                           closes ? &e : nullptr, m);
+          d = end;
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r)  // times the token's scale, last, as panel_dot_rows
+        for (int h = 0; h < 2; ++h) {
+          float* o = out + r * ldl + 16 * h;
+          _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_loadu_ps(o), _mm512_set1_ps(p.a_scales[a_row + r])));
+        }
+    }
+}
+#pragma GCC diagnostic pop
+
 }  // namespace moe_ext::cpu::MOE_EXT_CPU_NS
