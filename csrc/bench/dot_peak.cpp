@@ -112,8 +112,9 @@ int main(int argc, char** argv) {
       continue;
     }
     const double ops = in.ops * 16.0 * kSteps * threads;
-    std::printf("  %-16s median %7.1f GOP/s (%.2f G instructions/s a thread)\n", in.name, ops / median(in.seconds) / 1e9,
-                16.0 * kSteps / median(in.seconds) / 1e9);
+    const double seconds = median(in.seconds);
+    std::printf("  %-16s median %7.1f GOP/s (%.2f G instructions/s a thread)\n", in.name, ops / seconds / 1e9,
+                16.0 * kSteps / seconds / 1e9);
   }
   return 0;
 }

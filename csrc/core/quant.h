@@ -59,6 +59,11 @@ inline int64_t block_bytes(const QuantView& v) { return v.scheme == QuantScheme:
 inline int64_t panel_rows(const QuantView& v) { return v.N / kPanelRows * kPanelRows; }
 // Whether flat row `row` (e * N + n) is in a panel.
 inline bool in_panel(const QuantView& v, int64_t row) { return row % v.N < panel_rows(v); }
+// Whether the `rows_left` flat rows from `row` start with a whole panel (8 rows, one a lane): where the
+// kernels read 8 rows at a time.
+inline bool whole_panel_at(const QuantView& v, int64_t row, int64_t rows_left) {
+  return rows_left >= kPanelRows && in_panel(v, row) && row % v.N % kPanelRows == 0;
+}
 // Where byte j (0 <= j < row_bytes, exchange order) of flat row `row` is kept in values.
 inline int64_t value_offset(const QuantView& v, int64_t row, int64_t j) {
   if (!in_panel(v, row)) return row * v.row_bytes + j;

@@ -11,7 +11,9 @@
 //   on bfloat16 rows, int4 codes as bfloat16 panels, scales per group: coded_product);
 // - activation-quantised (W8A8 / W4A8): the rows of a are first quantised per token to int8 (below),
 //   then multiplied with the weights in integers (cpu/quant_dot.h), scales in the epilogue: rows a panel
-//   of 8 at a time (one row a lane, core/quant.h's kernel layout), an expert's last N % 8 rows one at a time.
+//   of 8 at a time (one row a lane, core/quant.h's kernel layout), an expert's last N % 8 rows one at a
+//   time; with VNNI, tiles of more than kIntTileRows rows (prefill) take a register-tiled kernel over
+//   the tile's codes laid out once per block (int_tile_vnni, cpu/quant_gemm_vnni.cpp), with the same sums.
 // Work is cut into tiles of (expert, block of up to kTileRows rows, block of kTileCols output columns)
 // scheduled dynamically. A tile reads its weight rows once, each against all its rows of a: with few
 // rows (decode) every quantised byte is read from memory once per call.
@@ -418,7 +420,8 @@ __attribute__((target("avx512bf16"))) void bf16_panel_rows(const QuantView& w, i
       const uint16_t* ab = a + b * kQuantBlock;
       if (!Int4) {
         for (int chunk = 0; chunk < 8; ++chunk) {  // word 4r + k: row r's depth 4 chunk + k, sign-extended
-          const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * chunk)));
+          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * chunk));
+          const __m512i v = _mm512_cvtepi8_epi16(bytes);
           const __m512 even = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 16));
           const __m512 odd = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 16));
           const __m512bh wv = (__m512bh)_mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(even), 16),
@@ -651,12 +654,6 @@ void dequantize_kernel_panel(const QuantView& w, int64_t first, int64_t k0, int6
   }
 }
 #endif
-
-// Whether the `rows_left` flat weight rows from `row` start with a whole kernel panel (8 rows, one a
-// lane): the blocks of a tile whose rows are read 8 at a time.
-inline bool whole_panel_at(const QuantView& w, int64_t row, int64_t rows_left) {
-  return rows_left >= kPanelRows && in_panel(w, row) && row % w.N % kPanelRows == 0;
-}
 
 // panel [depth][kPanelCols] (core/packed.h's float32 layout) = flat weight rows first .. first + rows - 1
 // at depths k0 .. k0 + depth - 1, dequantised; columns past `rows` zero. Whole kernel panels 8 columns

@@ -33,11 +33,6 @@ namespace {
 
 constexpr int kCodeRows = 4;  // activation rows of the register tile
 
-// Whether the `rows_left` rows from flat row `row` start with a whole kernel panel.
-inline bool whole_panel(const QuantView& w, int64_t row, int64_t rows_left) {
-  return rows_left >= kPanelRows && in_panel(w, row) && row % w.N % kPanelRows == 0;
-}
-
 // words [depth / 4][kCodeCols] = weight rows first .. first + rows - 1 at depths k0 .. k0 + depth - 1
 // (whole 32-depth blocks), as vpdpbusd's unsigned bytes; columns past `rows` zero.
 void code_block_u8(const QuantView& w, int64_t first, int64_t rows, int64_t k0, int64_t depth, uint32_t* words) {
@@ -45,7 +40,7 @@ void code_block_u8(const QuantView& w, int64_t first, int64_t rows, int64_t k0, 
   const int64_t panel_block = kPanelRows * block_bytes(w);
   for (int64_t c0 = 0; c0 < kCodeCols; c0 += kPanelRows) {
     const int64_t row = first + c0;
-    if (whole_panel(w, row, rows - c0)) {
+    if (whole_panel_at(w, row, rows - c0)) {
       // A kernel panel: chunk c of block b holds 4 bytes of each of its 8 rows, so its 32 bytes are 8
       // consecutive words of one depth quad (int8: quad 8b + c; int4: 8b + c low nibbles, 8b + 4 + c high).
       const uint8_t* values = w.values + row * w.row_bytes;
@@ -59,7 +54,8 @@ void code_block_u8(const QuantView& w, int64_t first, int64_t rows, int64_t k0, 
         for (int c = 0; c < (int4 ? 4 : 8); ++c) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c));
           if (!int4) {
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c * kCodeCols), _mm256_xor_si256(v, _mm256_set1_epi8(-128)));
+            const __m256i biased = _mm256_xor_si256(v, _mm256_set1_epi8(-128));  // w + 128
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c * kCodeCols), biased);
             continue;
           }
           const __m256i low = _mm256_set1_epi8(15);
@@ -100,7 +96,8 @@ ColumnGroups column_groups(const QuantView& w, int64_t first, int64_t cols) {
   ColumnGroups at;
   for (int64_t c = 0; c < cols; ++c)
     at.base[c] = group_offset(w, first + c, 0), at.stride[c] = in_panel(w, first + c) ? kPanelRows : 1;
-  for (int64_t c0 = 0; c0 < kCodeCols; c0 += kPanelRows) at.panel[c0 / kPanelRows] = whole_panel(w, first + c0, cols - c0);
+  for (int64_t c0 = 0; c0 < kCodeCols; c0 += kPanelRows)
+    at.panel[c0 / kPanelRows] = whole_panel_at(w, first + c0, cols - c0);
   return at;
 }
 
