@@ -75,14 +75,7 @@ def test_grouped_gemm_activation_quantised(rng, vnni, fmt, counts):
         a[0] = 0  # a row of zeros: scale 0, output 0
     q = _quantize(w, fmt, "int8")
     out = moe_ext.grouped_gemm(a, q, offsets)
-    a_fq = reference.fake_quantize_activations(a)
-    w_dq = moe_ext.dequantize(q).astype(np.float64)
-    want = reference.grouped_gemm(a_fq, w_dq, offsets)
-    groups = q.scales.shape[-1]
-    for e in range(E):
-        lo, hi = offsets[e], offsets[e + 1]
-        bound = 2 * (groups + 4) * U * (np.abs(a_fq[lo:hi]) @ np.abs(w_dq[e]).T)
-        assert np.all(np.abs(out[lo:hi] - want[lo:hi]) <= bound), e
+    _assert_activation_quantised_bound(out, a, q, offsets)
     if a.shape[0]:
         assert not out[0].any()
 
@@ -108,14 +101,7 @@ def test_activation_quantised_prefill_is_decode(rng, vnni, fmt, K):
     alone = np.concatenate([moe_ext.grouped_gemm(a[i:i + 1], q, np.array([0, int(i < 70), 1], np.int32))
                             for i in range(89)])
     np.testing.assert_array_equal(out[:, :40], alone[:, :40])
-    a_fq = reference.fake_quantize_activations(a)
-    w_dq = moe_ext.dequantize(q).astype(np.float64)
-    want = reference.grouped_gemm(a_fq, w_dq, offsets)
-    groups = q.scales.shape[-1]
-    for e in range(E):
-        lo, hi = offsets[e], offsets[e + 1]
-        bound = 2 * (groups + 4) * U * (np.abs(a_fq[lo:hi]) @ np.abs(w_dq[e]).T)
-        assert np.all(np.abs(out[lo:hi] - want[lo:hi]) <= bound), e
+    _assert_activation_quantised_bound(out, a, q, offsets)
 
 
 @pytest.mark.parametrize("fmt,K", LONG_ROWS, ids=lambda v: _id(v) if isinstance(v, tuple) else str(v))
@@ -144,6 +130,19 @@ def test_activation_quantised_tiers_agree(rng, fmt, K):
         moe_ext._core._set_vnni_enabled(has_vnni)
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
+
+
+def _assert_activation_quantised_bound(out, a, q, offsets):
+    """out (grouped_gemm of a on activation-quantised q) against the float64 reference that quantises the
+    activations by the same rule, per element: 2 (groups + 4) float32 roundings of |a_fq| . |w|."""
+    a_fq = reference.fake_quantize_activations(a)
+    w_dq = moe_ext.dequantize(q).astype(np.float64)
+    want = reference.grouped_gemm(a_fq, w_dq, offsets)
+    groups = q.scales.shape[-1]
+    for e in range(len(offsets) - 1):
+        lo, hi = offsets[e], offsets[e + 1]
+        bound = 2 * (groups + 4) * U * (np.abs(a_fq[lo:hi]) @ np.abs(w_dq[e]).T)
+        assert np.all(np.abs(out[lo:hi] - want[lo:hi]) <= bound), e
 
 
 def test_int8_paths_agree_exactly_on_the_integers(rng, isa):

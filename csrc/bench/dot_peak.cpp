@@ -16,6 +16,8 @@
 #include <cstring>
 #include <vector>
 
+#include "median.h"
+
 namespace {
 
 constexpr long kSteps = 1 << 22;  // per thread per round: 16 instructions a step
@@ -75,11 +77,6 @@ struct Instruction {
   bool supported;
   std::vector<double> seconds;
 };
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 }  // namespace
 

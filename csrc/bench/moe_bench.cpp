@@ -18,6 +18,7 @@
 #include "core/ops.h"
 #include "core/packed.h"
 #include "core/threads.h"
+#include "median.h"
 
 namespace {
 
@@ -31,8 +32,7 @@ double median_ms(int repeats, const std::function<void()>& stage) {
     stage();
     ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - start).count());
   }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
+  return median(ms);
 }
 
 std::vector<float> random_vector(size_t n, float scale, std::mt19937& gen) {

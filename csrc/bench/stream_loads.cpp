@@ -15,6 +15,8 @@
 #include <cstdlib>
 #include <vector>
 
+#include "median.h"
+
 namespace {
 
 volatile float g_sink;
@@ -54,11 +56,6 @@ double read_seconds(const float* buf, size_t n) {
   }
   g_sink = total;
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 }  // namespace

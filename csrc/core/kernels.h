@@ -61,8 +61,8 @@ struct QuantGemmProblem {
   bool vnni = false;  // avx512 tier: vpdpbusd (set only where the CPU has AVX512_VNNI)
   // Weight-only, K a multiple of 32, on the avx512 tier of a CPU with AVX512_BF16, the caller's
   // activations bfloat16: a's rows are rounded to bfloat16 (a_bf16; `a` then holds the same values in
-  // float32 for the paths that read float32), and int4 decode's panels and prefill's tiles multiply them
-  // with vdpbf16ps, as GemmProblem::bf16_dot.
+  // float32 for the paths that read float32), and decode's panels (int4; int8 from 2 rows) and
+  // prefill's tiles multiply them with vdpbf16ps, as GemmProblem::bf16_dot.
   bool bf16_dot = false;
   const uint16_t* a_bf16 = nullptr;  // with bf16_dot: [M, K]
   int8_t* a_q = nullptr;

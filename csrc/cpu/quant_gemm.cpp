@@ -8,7 +8,7 @@
 //   (float_panel_rows; on bfloat16 rows bf16_panel_rows), an expert's last N % 8 rows 32 weights by 4
 //   rows at a time (fused_dot_rows); larger tiles (prefill) dequantise each block of the tile's weights
 //   once into the float GEMM's panel layout and multiply it with its microkernels (dequantized_product;
-//   on bfloat16 rows, int4 codes as bfloat16 panels, scales per group: coded_product);
+//   on bfloat16 rows, the codes as bfloat16 panels, scales per group: coded_product);
 // - activation-quantised (W8A8 / W4A8): the rows of a are first quantised per token to int8 (below),
 //   then multiplied with the weights in integers (cpu/quant_dot.h), scales in the epilogue: rows a panel
 //   of 8 at a time (one row a lane, core/quant.h's kernel layout), an expert's last N % 8 rows one at a
@@ -714,7 +714,7 @@ inline __m256i bf16_high_halves(__m256i v) { return _mm256_castps_si256(_mm256_c
 
 // words [depth / 2][kPanelCols] = the vdpbf16ps pair layout (core/packed.h) of q - z, not scaled (the
 // caller applies each group's scales): column c's word q holds depths k0 + 2q (low half) and k0 + 2q + 1
-// of flat weight row first + c, bfloat16 (exact: |q - z| <= 15 for int4, 127 for int8); columns past
+// of flat weight row first + c, bfloat16 (exact: |q - z| <= 15 for int4, 128 for int8); columns past
 // `rows` zero. depth is whole blocks.
 void code_panel_block(const QuantView& w, int64_t first, int64_t rows, int64_t k0, int64_t depth, uint32_t* words) {
   const int64_t panel_block = kPanelRows * block_bytes(w), blocks = w.group / kQuantBlock;
@@ -884,16 +884,15 @@ void run_tile(const QuantGemmProblem& p, const Geometry& g, const Tile& t, const
   const int64_t first = g.interleaved ? 2 * t.col_begin : t.col_begin;  // w's first row of segment 0
   const int64_t seg_rows = g.interleaved ? 2 * t.cols : t.cols;
   float* local = buf.local;
+  const int64_t firsts[2] = {t.expert * w.N + first, t.expert * w.N + g.half + first};  // each segment's first row
 #if defined(__AVX512F__)
   if (w.quantize_activations && p.vnni && t.rows > kIntTileRows) {  // the dequantised block's space: codes, sums
-    const int64_t firsts[2] = {t.expert * w.N + first, t.expert * w.N + g.half + first};
     uint32_t* words = reinterpret_cast<uint32_t*>(buf.dequantized);
     int_tile_vnni(p, t.row_begin, t.rows, firsts, segments, seg_rows, local, kLocalCols, kTileCols, words,
                   reinterpret_cast<int32_t*>(words + kCodeDepth / 4 * kCodeCols));
   } else
 #endif
   if (!w.quantize_activations && !fused_weight_only(w, t.rows)) {
-    const int64_t firsts[2] = {t.expert * w.N + first, t.expert * w.N + g.half + first};
 #if defined(__AVX512F__)
     if (p.bf16_dot) {  // the dequantised block's space holds the codes and the partial sums
       uint32_t* words = reinterpret_cast<uint32_t*>(buf.dequantized);
@@ -904,7 +903,7 @@ void run_tile(const QuantGemmProblem& p, const Geometry& g, const Tile& t, const
   } else {
     Columns column{p, t, buf.panel};
     for (int s = 0; s < segments; ++s)
-      for (int64_t j = 0; j < seg_rows; ++j) column(t.expert * w.N + s * g.half + first + j, local + s * kTileCols + j);
+      for (int64_t j = 0; j < seg_rows; ++j) column(firsts[s] + j, local + s * kTileCols + j);
   }
   const float* bias = p.bias ? p.bias + t.expert * w.N : nullptr;
   for (int64_t r = 0; r < t.rows; ++r) {
